@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+# CPU machines pin the torch build that lies on local disk; a GPU machine (nvidia-smi
+# present) keeps whatever CUDA build the range in pyproject.toml resolves to.
+TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
+
+.PHONY: test install clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install --quiet $(TORCH_PIN)
+	$(VPY) -m pip install --quiet -e ".[dev]" $(TORCH_PIN)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
