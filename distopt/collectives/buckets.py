@@ -1,0 +1,104 @@
+"""Flat-buffer bucketing: many tensors live as views of one buffer cut into buckets.
+
+One collective per bucket serves every tensor in it. Tensors created through a
+:class:`FlatBuffer` are views, so nothing is copied in or out; loose tensors go through
+:func:`allreduce_tensors`, which packs them per bucket.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from distopt.collectives.base import Communicator
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+class Layout(NamedTuple):
+    """Where each tensor sits in the flat buffer, and how the buffer is cut into buckets."""
+
+    offsets: tuple[int, ...]  # start of tensor i
+    numels: tuple[int, ...]
+    buckets: tuple[tuple[int, int], ...]  # [start, end) of each bucket, end padded
+    total: int  # flat buffer length, padding included
+    bucket_of: tuple[int, ...]  # bucket index of tensor i
+
+    def members(self, bucket: int) -> list[int]:
+        """Indices of the tensors that live in ``bucket``."""
+        return [i for i, b in enumerate(self.bucket_of) if b == bucket]
+
+
+def layout(numels: Sequence[int], bucket_numel: int, pad_multiple: int = 1) -> Layout:
+    """Pack tensors in order into buckets of at most ``bucket_numel`` elements.
+
+    A tensor never straddles two buckets; one larger than the cap gets a bucket of its own.
+    Each bucket's length is rounded up to ``pad_multiple`` (zero padding), so it splits
+    evenly over ranks. A pure function: the same inputs give the same layout on every rank.
+    """
+    if bucket_numel < 1 or pad_multiple < 1:
+        raise ValueError(f"bucket_numel={bucket_numel} and pad_multiple={pad_multiple} must be >= 1")
+    offsets, buckets, bucket_of = [], [], []
+    start = pos = 0
+    for n in numels:
+        if n < 0:
+            raise ValueError(f"numel {n} is negative")
+        if pos > start and pos - start + n > bucket_numel:
+            pos = start = _close(buckets, start, pos, pad_multiple)
+        offsets.append(pos)
+        bucket_of.append(len(buckets))
+        pos += n
+    if pos > start or not buckets:
+        pos = _close(buckets, start, pos, pad_multiple)
+    return Layout(tuple(offsets), tuple(int(n) for n in numels), tuple(buckets), pos, tuple(bucket_of))
+
+
+def _close(buckets: list, start: int, pos: int, pad_multiple: int) -> int:
+    end = start + -(-(pos - start) // pad_multiple) * pad_multiple
+    buckets.append((start, end))
+    return end
+
+
+class FlatBuffer:
+    """A zero-initialised flat tensor with one shaped view per member tensor."""
+
+    def __init__(self, shapes: Sequence[torch.Size], lay: Layout, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.layout = lay
+        self.data = torch.zeros(lay.total, dtype=dtype, device=device)
+        self.views = [self.data[o:o + n].view(s) for o, n, s in zip(lay.offsets, lay.numels, shapes)]
+
+    def bucket(self, i: int) -> torch.Tensor:
+        """Bucket ``i`` as a 1-D view."""
+        start, end = self.layout.buckets[i]
+        return self.data[start:end]
+
+    def copy_in(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` into their views (one fused copy over the list)."""
+        torch._foreach_copy_(self.views, list(tensors))
+
+    def allreduce(self, comm: Communicator, op: str = "mean", wire_dtype: torch.dtype | None = None) -> None:
+        """Allreduce the whole buffer, one call per bucket, in bucket order on every rank."""
+        for i in range(len(self.layout.buckets)):
+            comm.allreduce(self.bucket(i), op, wire_dtype)
+
+
+def allreduce_tensors(
+    comm: Communicator, tensors: Sequence[torch.Tensor], op: str = "mean",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES, wire_dtype: torch.dtype | None = None,
+) -> None:
+    """Allreduce many loose tensors in place with one collective per bucket.
+
+    All ranks pass tensors of the same shapes, dtype and order. Tensors are packed into a
+    bucket, reduced, and copied back; use a :class:`FlatBuffer` to skip both copies.
+    """
+    if not tensors:
+        return
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(f"allreduce_tensors got mixed dtypes {sorted(map(str, dtypes))}: call it once per dtype")
+    lay = layout([t.numel() for t in tensors], max(1, bucket_bytes // tensors[0].element_size()))
+    for b in range(len(lay.buckets)):
+        group = [tensors[i] for i in lay.members(b)]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        comm.allreduce(flat, op, wire_dtype)
+        torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])

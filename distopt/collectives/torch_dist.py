@@ -1,0 +1,284 @@
+"""The torch.distributed backend: gloo on CPU tensors, NCCL on CUDA tensors.
+
+Each :class:`TorchCommunicator` owns its own process group built straight from a store,
+never torch's global default group, so a broken group can be closed and a new one formed
+in the same process (the recovery path), and several groups can live in one process (the
+in-process test bed).
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import (
+    AllgatherOptions, AllreduceOptions, AllToAllOptions, BarrierOptions, BroadcastOptions,
+    ProcessGroupGloo, ReduceOp, ReduceScatterOptions,
+)
+
+from distopt.collectives import compression
+from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
+
+BACKENDS = ("gloo", "nccl")
+# Low-precision sums can overflow before the division, so those are divided first.
+_PREDIVIDE = (torch.float16, torch.bfloat16)
+
+
+class TorchCommunicator:
+    """One rank of a torch.distributed group (see :class:`distopt.collectives.Communicator`).
+
+    Args:
+        rank: this process's rank, ``0 <= rank < world_size``.
+        world_size: number of ranks; 1 runs every method locally with no group at all.
+        host, port: rank 0's store address; rank 0 listens there, the others connect.
+        backend: ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors).
+        timeout_s: seconds any rendezvous or collective may take before it raises.
+        store: an existing ``torch.distributed.Store`` to rendezvous on instead of host/port.
+        group_name: key prefix in the store; a re-formed group takes a new name.
+        local_host: address this rank's gloo transport binds to (defaults to loopback
+            when ``host`` is loopback, else the machine's hostname).
+
+    Raises:
+        ValueError: bad rank, world size, backend or timeout.
+        CollectiveError: the group could not be formed within ``timeout_s``.
+    """
+
+    def __init__(
+        self, rank: int, world_size: int, host: str = "127.0.0.1", port: int = 29500,
+        backend: str = "gloo", timeout_s: float = 60.0, *, store: dist.Store | None = None,
+        group_name: str = "distopt", local_host: str | None = None,
+    ) -> None:
+        _validate(rank, world_size, backend, timeout_s)
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.timeout_s = float(timeout_s)
+        self._timeout = datetime.timedelta(seconds=self.timeout_s)
+        self._broken: str | None = None
+        self._store = None
+        self._pg = None
+        if world_size == 1:
+            return
+        try:
+            self._store = store if store is not None else self._connect_store(host, port)
+            self._pg = self._make_group(dist.PrefixStore(group_name + "/", self._store), host, local_host)
+        except Exception as e:  # store and group constructors raise several RuntimeError kinds
+            raise CollectiveError(
+                f"rank {rank} could not form a {backend} group of {world_size} at {host}:{port} "
+                f"within {self.timeout_s:g}s: {_first_line(e)}. Check that every rank started, "
+                f"that they share host/port, and that the port is reachable") from e
+
+    def _connect_store(self, host: str, port: int) -> dist.Store:
+        return dist.TCPStore(host, port, self.world_size, is_master=self.rank == 0,
+                             timeout=self._timeout, wait_for_workers=False)
+
+    def _make_group(self, store: dist.Store, host: str, local_host: str | None):
+        if self.backend == "nccl":
+            try:
+                from torch._C._distributed_c10d import ProcessGroupNCCL
+            except ImportError as e:
+                raise ValueError("backend='nccl' needs a CUDA build of torch: use backend='gloo'") from e
+            opts = ProcessGroupNCCL.Options()
+            opts._timeout = self._timeout
+            return ProcessGroupNCCL(store, self.rank, self.world_size, opts)
+        opts = ProcessGroupGloo._Options()
+        opts._timeout = self._timeout
+        bind = local_host or ("127.0.0.1" if _is_loopback(host) else None)
+        device = ProcessGroupGloo.create_device(hostname=bind) if bind else ProcessGroupGloo.create_default_device()
+        opts._devices = [device]
+        return ProcessGroupGloo(store, self.rank, self.world_size, opts)
+
+    # --- the collectives ------------------------------------------------------------
+    def allreduce(self, t: torch.Tensor, op: str = "sum", wire_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reduce ``t`` over all ranks, in place; returns ``t``.
+
+        With ``wire_dtype`` (bf16/fp16) values cross the wire narrowed and are summed in
+        ``t``'s dtype (see :mod:`distopt.collectives.compression`).
+        """
+        check_op(op, t.dtype)
+        check_wire_dtype(wire_dtype, t.dtype)
+        _check_contiguous(t, "allreduce")
+        if self.world_size == 1:
+            return t
+        if wire_dtype is not None and wire_dtype != t.dtype:
+            return compression.allreduce(self, t, op, wire_dtype)
+        self._prescale(t, op)
+        opts = AllreduceOptions()
+        opts.reduceOp = ReduceOp.SUM
+        self._run("allreduce", lambda: self._pg.allreduce([t], opts))
+        self._postscale(t, op)
+        return t
+
+    def reduce_scatter(
+        self, flat: torch.Tensor, op: str = "sum", wire_dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reduce the 1-D ``flat`` over all ranks; return this rank's chunk of the result.
+
+        Chunk ``r`` is ``flat[r*c:(r+1)*c]`` with ``c = ceil(numel / world_size)``, clipped
+        to ``numel`` (trailing chunks may be short or empty). ``flat`` is left unspecified.
+        ``out``, when given, receives the chunk and is returned.
+        """
+        check_op(op, flat.dtype)
+        check_wire_dtype(wire_dtype, flat.dtype)
+        _check_flat(flat, "reduce_scatter")
+        n, w = flat.numel(), self.world_size
+        start, end = chunk_range(n, w, self.rank)
+        if w == 1:
+            return _deliver(flat, out)
+        if wire_dtype is not None and wire_dtype != flat.dtype:
+            return _deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out)
+        c = chunk_numel(n, w)
+        send = flat if n == c * w else _padded(flat, c * w)
+        buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
+        self._prescale(send, op)
+        opts = ReduceScatterOptions()
+        opts.reduceOp = ReduceOp.SUM
+        self._run("reduce_scatter", lambda: self._pg._reduce_scatter_base(buf, send, opts))
+        self._postscale(buf, op)
+        return _deliver(buf[: end - start], out)
+
+    def allgather(self, shard: torch.Tensor, numel: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate every rank's 1-D shard in rank order.
+
+        Without ``numel`` all shards must have the same size. With ``numel`` the shards are
+        the chunks :meth:`reduce_scatter` hands out for a flat tensor of ``numel`` elements
+        and the result has ``numel`` elements. ``out`` may hold this rank's shard as a view
+        (an in-place gather, no copy).
+        """
+        _check_flat(shard, "allgather")
+        w = self.world_size
+        if numel is None:
+            c, n = shard.numel(), shard.numel() * w
+        else:
+            c, n = chunk_numel(numel, w), numel
+            start, end = chunk_range(numel, w, self.rank)
+            if shard.numel() != end - start:
+                raise ValueError(f"allgather: rank {self.rank} holds {shard.numel()} elements but its chunk "
+                                 f"of numel={numel} has {end - start}: pass the shard reduce_scatter returned")
+        if w == 1:
+            return _deliver(shard, out)
+        send = shard if shard.numel() == c else _padded(shard, c)
+        buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
+        self._run("allgather", lambda: self._pg._allgather_base(buf, send, AllgatherOptions()))
+        return _deliver(buf[:n], out)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Exchange equal chunks: chunk ``j`` of the result is chunk ``rank`` of rank ``j``'s ``t``."""
+        _check_flat(t, "all_to_all")
+        if t.numel() % self.world_size:
+            raise ValueError(f"all_to_all: numel={t.numel()} is not divisible by world_size={self.world_size}: pad it")
+        if self.world_size == 1:
+            return t.clone()
+        out = torch.empty_like(t)
+        self._run("all_to_all", lambda: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
+        return out
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``t`` on every rank with rank ``src``'s values; returns ``t``."""
+        if not 0 <= src < self.world_size:
+            raise ValueError(f"broadcast: src={src} is not a rank of a group of {self.world_size}")
+        _check_contiguous(t, "broadcast")
+        if self.world_size == 1:
+            return t
+        opts = BroadcastOptions()
+        opts.rootRank, opts.rootTensor = src, 0
+        self._run("broadcast", lambda: self._pg.broadcast([t], opts))
+        return t
+
+    def barrier(self) -> None:
+        """Block until every rank has called ``barrier``."""
+        if self.world_size > 1:
+            self._run("barrier", lambda: self._pg.barrier(BarrierOptions()))
+
+    def close(self) -> None:
+        """Shut the group down; later calls raise :class:`CollectiveError`."""
+        pg, self._pg, self._store = self._pg, None, None
+        self._broken = self._broken or "closed"
+        if pg is not None:
+            try:
+                pg.shutdown()
+            except Exception:  # a group that already failed may refuse a clean shutdown
+                pass
+
+    # --- helpers --------------------------------------------------------------------
+    def _run(self, name: str, start: Callable[[], object]) -> None:
+        if self._broken is not None or self._pg is None:
+            raise CollectiveError(f"{name} on rank {self.rank}: this group is unusable ({self._broken}); "
+                                  f"close() it and form a new communicator")
+        try:
+            start().wait(self._timeout)
+        except Exception as e:
+            self._broken = f"{name} failed: {_first_line(e)}"
+            raise CollectiveError(
+                f"{name} failed on rank {self.rank} of {self.world_size} ({self.backend}, timeout "
+                f"{self.timeout_s:g}s): {_first_line(e)}. A peer died, stalled or left; form a new group") from e
+
+    def _prescale(self, t: torch.Tensor, op: str) -> None:
+        if op == "mean" and t.dtype in _PREDIVIDE:
+            t.div_(self.world_size)
+
+    def _postscale(self, t: torch.Tensor, op: str) -> None:
+        if op == "mean" and t.dtype not in _PREDIVIDE:
+            t.div_(self.world_size)
+
+    def __repr__(self) -> str:
+        return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (for rank 0's store)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _validate(rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive int")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r} must be an int in [0, {world_size})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported: use 'gloo' (CPU tensors) or 'nccl' (CUDA tensors)")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be > 0 seconds")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_contiguous(t: torch.Tensor, name: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} needs a contiguous tensor: call .contiguous() first")
+
+
+def _check_flat(t: torch.Tensor, name: str) -> None:
+    _check_contiguous(t, name)
+    if t.dim() != 1:
+        raise ValueError(f"{name} takes a 1-D tensor, got shape {tuple(t.shape)}: pass t.view(-1)")
+
+
+def _padded(t: torch.Tensor, numel: int) -> torch.Tensor:
+    out = t.new_zeros(numel)
+    out[: t.numel()].copy_(t)
+    return out
+
+
+def _deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None or out.data_ptr() == result.data_ptr() and out.numel() == result.numel():
+        return result if out is None else out
+    if out.numel() != result.numel():
+        raise ValueError(f"out has {out.numel()} elements, the result has {result.numel()}")
+    return out.copy_(result)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
