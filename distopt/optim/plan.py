@@ -1,0 +1,68 @@
+"""The sharding plan: which elements of the flat parameter buffer each rank owns.
+
+Plain data from a pure function of tensor sizes and world size, so every rank derives
+the same plan without talking, and it can be logged, stored in a checkpoint and tested.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, Layout, layout
+
+# 32 fp32 elements = 128 bytes: shard starts stay cache-line and vector aligned.
+ALIGN = 32
+
+
+class ShardPlan(NamedTuple):
+    """Flat-buffer layout plus ownership: in every bucket, rank r owns the r-th of W equal slices."""
+
+    world_size: int
+    align: int
+    layout: Layout
+
+    def ranges(self, rank: int) -> list[tuple[int, int]]:
+        """``rank``'s ``[start, end)`` in the flat buffer, one contiguous range per bucket."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank} is not in a plan for {self.world_size} ranks")
+        out = []
+        for start, end in self.layout.buckets:
+            size = (end - start) // self.world_size
+            out.append((start + rank * size, start + (rank + 1) * size))
+        return out
+
+    def shard_numel(self, rank: int = 0) -> int:
+        """Elements ``rank`` owns (the same for every rank)."""
+        return sum(e - s for s, e in self.ranges(rank))
+
+    def to_dict(self) -> dict:
+        """The plan as JSON/msgpack-ready plain data."""
+        return {"world_size": self.world_size, "align": self.align, "numels": list(self.layout.numels),
+                "offsets": list(self.layout.offsets), "buckets": [list(b) for b in self.layout.buckets],
+                "total": self.layout.total}
+
+    def describe(self) -> str:
+        """One line for logs."""
+        n = sum(self.layout.numels)
+        return (f"plan: {len(self.layout.numels)} tensors, {n} elements in {len(self.layout.buckets)} buckets, "
+                f"{self.world_size} ranks x {self.shard_numel()} elements (padding {self.layout.total - n})")
+
+
+def plan(numels: Sequence[int], world_size: int, bucket_numel: int = DEFAULT_BUCKET_BYTES // 4,
+         align: int = ALIGN) -> ShardPlan:
+    """Shard tensors of ``numels`` elements over ``world_size`` ranks.
+
+    Tensors are packed in order into buckets of at most ``bucket_numel`` elements; each
+    bucket is zero-padded to a multiple of ``world_size * align`` and cut into
+    ``world_size`` equal contiguous slices. Every rank's shard therefore has the same size,
+    at most ``align`` elements per bucket above ``ceil(n / world_size)``.
+
+    Raises:
+        ValueError: ``world_size < 1``, ``align < 1`` or no tensors.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive int")
+    if align < 1:
+        raise ValueError(f"align={align} must be >= 1")
+    if len(numels) == 0:
+        raise ValueError("plan() needs at least one tensor")
+    return ShardPlan(world_size, align, layout(numels, bucket_numel, world_size * align))

@@ -1,0 +1,158 @@
+"""Update rules: SGD (with momentum, Nesterov, weight decay) and Adam/AdamW.
+
+A rule is plain hyperparameters plus two methods: ``init(params) -> state`` and
+``update(params, grads, state, step) -> state``. The arithmetic is the gradient API's
+(:func:`distopt.gradients.gradient_descent_update`, :func:`distopt.gradients.adam_update`),
+composed with weight decay and momentum; nothing here repeats it. ``params`` are lists of
+tensors (flat shards in the sharded optimizer) updated in place; ``step`` is the 1-based
+number of the update being made.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Union
+
+import torch
+
+from distopt.gradients import adam_update, gradient_descent_update
+
+LR = Union[float, Callable[[int], float]]
+
+
+class SGDState(NamedTuple):
+    momentum_buffer: list  # empty without momentum: plain SGD keeps no state
+
+
+class AdamState(NamedTuple):
+    exp_avg: list
+    exp_avg_sq: list
+
+
+def lr_at(lr: LR, step: int) -> float:
+    """The learning rate for update ``step`` (1-based), from a constant or a schedule."""
+    value = lr(step) if callable(lr) else lr
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"learning rate at step {step} is {value!r}: a schedule must return a finite float >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SGD:
+    """SGD as ``torch.optim.SGD`` (no dampening): decay, then momentum, then the step."""
+
+    lr: LR
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    name = "sgd"
+
+    def init(self, params: list[torch.Tensor]) -> SGDState:
+        """Zero momentum buffers shaped like ``params`` (none without momentum)."""
+        return SGDState([torch.zeros_like(p) for p in params] if self.momentum else [])
+
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: SGDState, step: int) -> SGDState:
+        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
+        lr = lr_at(self.lr, step)
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        if self.momentum:
+            buf = state.momentum_buffer
+            # With zero-initialised buffers the first step gives buf == grad, as torch's clone does.
+            torch._foreach_mul_(buf, self.momentum)
+            torch._foreach_add_(buf, grads)
+            grads = torch._foreach_add(grads, buf, alpha=self.momentum) if self.nesterov else buf
+        gradient_descent_update(params, grads, lr, inplace=True, f="torch")
+        return state
+
+    def config(self) -> dict:
+        """Hyperparameters as plain data (a schedule is recorded by name)."""
+        return _config(self)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam as ``torch.optim.Adam``; ``decoupled=True`` is AdamW (``torch.optim.AdamW``)."""
+
+    lr: LR
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    name = "adam"
+
+    def init(self, params: list[torch.Tensor]) -> AdamState:
+        """Zero first and second moments shaped like ``params``."""
+        return AdamState([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState, step: int) -> AdamState:
+        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
+        lr = lr_at(self.lr, step)
+        if self.weight_decay and self.decoupled:
+            torch._foreach_mul_(params, 1.0 - lr * self.weight_decay)
+        elif self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        adam_update(params, grads, lr, state.exp_avg, state.exp_avg_sq, step,
+                    beta1=self.betas[0], beta2=self.betas[1], epsilon=self.eps, inplace=True, f="torch")
+        return state
+
+    def config(self) -> dict:
+        """Hyperparameters as plain data (a schedule is recorded by name)."""
+        return _config(self)
+
+
+Rule = Union[SGD, Adam]
+
+
+def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> SGD:
+    """SGD with optional momentum, Nesterov momentum and L2 weight decay.
+
+    Raises:
+        ValueError: a negative lr, momentum or weight decay, or nesterov without momentum.
+    """
+    _check_lr(lr)
+    _check_nonneg(momentum=momentum, weight_decay=weight_decay)
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov=True needs momentum > 0: pass e.g. momentum=0.9")
+    return SGD(lr, float(momentum), bool(nesterov), float(weight_decay))
+
+
+def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+         weight_decay: float = 0.0, decoupled: bool = False) -> Adam:
+    """Adam; with ``decoupled=True`` the weight decay is AdamW's (``w *= 1 - lr * wd``).
+
+    Raises:
+        ValueError: a negative lr or weight decay, betas outside [0, 1), eps <= 0.
+    """
+    _check_lr(lr)
+    _check_nonneg(weight_decay=weight_decay)
+    if len(betas) != 2:
+        raise ValueError(f"betas={betas!r} must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"betas[{i}]={b!r} is outside [0, 1): use e.g. betas=(0.9, 0.999)")
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} must be > 0: use e.g. eps=1e-8")
+    return Adam(lr, (float(betas[0]), float(betas[1])), float(eps), float(weight_decay), bool(decoupled))
+
+
+def _check_lr(lr: LR) -> None:
+    if callable(lr):
+        return
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr={lr!r} must be a finite float >= 0 or a schedule step -> lr")
+
+
+def _check_nonneg(**values: float) -> None:
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{name}={v!r} must be >= 0")
+
+
+def _config(rule: Rule) -> dict:
+    out = {"rule": rule.name, **asdict(rule)}
+    if callable(rule.lr):
+        out["lr"] = f"schedule:{getattr(rule.lr, '__qualname__', type(rule.lr).__name__)}"
+    if "betas" in out:
+        out["betas"] = list(out["betas"])
+    return out
