@@ -18,6 +18,14 @@ T = TypeVar("T")
 _groups = itertools.count()
 
 
+class RankFailure(RuntimeError):
+    """A rank's function raised in :func:`run_ranks`; ``rank`` says which, ``__cause__`` holds it."""
+
+    def __init__(self, rank: int, error: BaseException) -> None:
+        super().__init__(f"rank {rank} failed: {type(error).__name__}: {error}")
+        self.rank = rank
+
+
 def in_process(world_size: int, timeout_s: float = 30.0) -> list[TorchCommunicator]:
     """Form a gloo group of ``world_size`` ranks inside this process.
 
@@ -43,8 +51,8 @@ def run_ranks(per_rank: Sequence[T], fn: Callable[[T], object], timeout_s: float
     """Call ``fn(per_rank[r])`` for every ``r`` in its own thread; return results in rank order.
 
     Raises:
-        RuntimeError: a rank raised (the first failing rank's exception is chained) or did
-            not finish within ``timeout_s``.
+        RankFailure: a rank raised (the lowest failing rank; its exception is chained).
+        RuntimeError: a rank did not finish within ``timeout_s``.
     """
     results: list = [None] * len(per_rank)
     errors: list[BaseException | None] = [None] * len(per_rank)
@@ -65,5 +73,5 @@ def run_ranks(per_rank: Sequence[T], fn: Callable[[T], object], timeout_s: float
         raise RuntimeError(f"ranks {stuck} did not finish within {timeout_s}s")
     for r, e in enumerate(errors):
         if e is not None:
-            raise RuntimeError(f"rank {r} failed: {type(e).__name__}: {e}") from e
+            raise RankFailure(r, e) from e
     return results
