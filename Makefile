@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # present) keeps whatever CUDA build the range in pyproject.toml resolves to.
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: test install clean
+.PHONY: run test install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml | $(VPY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+run: $(STAMP)
+	$(VPY) launch/demo.py
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

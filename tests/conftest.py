@@ -1,7 +1,12 @@
 """Shared fixtures: in-process gloo groups, built once per world size per test session."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helper modules (trainer_task) import by name
 
 from distopt.collectives import in_process
 
@@ -20,3 +25,15 @@ def groups():
     for comms in cache.values():
         for c in comms:
             c.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded 2-CPU Ray cluster for the whole session (a Ray start costs seconds)."""
+    import ray
+    if not ray.is_initialized():
+        paths = os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))])
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": paths}})
+    yield ray
+    ray.shutdown()

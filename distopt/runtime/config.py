@@ -1,0 +1,95 @@
+"""Everything a run needs, checked on the driver before any worker starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from distopt.optim.rules import Rule
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A validated run description, shipped to every worker."""
+
+    model: Callable[[], Any]
+    loss: Callable[[Any, Any], Any]
+    data: Any
+    optimizer: Rule
+    global_batch_size: int
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 1
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    bucket_bytes: int = 25 * 2**20
+    num_cpus_per_worker: float = 1
+    placement_strategy: str = "PACK"
+    collective_timeout_s: float = 60.0
+    placement_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_callables(self)
+        _check_counts(self)
+        _check_batch(self)
+
+    @property
+    def per_rank_batch(self) -> int:
+        """Samples each rank takes per step (all micro-batches together)."""
+        return self.global_batch_size // self.num_workers
+
+    @property
+    def backend(self) -> str:
+        """The collective backend: NCCL for GPU workers, gloo otherwise."""
+        return "nccl" if self.use_gpu else "gloo"
+
+
+def _check_callables(c: TrainConfig) -> None:
+    if not callable(c.model) or isinstance(c.model, torch.nn.Module):
+        raise TypeError(f"model must be a zero-arg callable returning an nn.Module, got {type(c.model).__name__}: "
+                        f"pass the class or a factory (model=MyNet), not an instance")
+    if not callable(c.loss):
+        raise TypeError("loss must be a callable (model, batch) -> scalar tensor or (loss, metrics)")
+    if not (hasattr(c.data, "__len__") and hasattr(c.data, "__getitem__")):
+        raise TypeError(f"data must be a map-style dataset (__len__ and __getitem__), got {type(c.data).__name__}")
+    if not all(hasattr(c.optimizer, m) for m in ("init", "update", "config")):
+        raise TypeError(f"optimizer={c.optimizer!r} is not an update rule: use distopt.optim.adam(lr=...) "
+                        f"or distopt.optim.sgd(lr=...)")
+
+
+def _check_counts(c: TrainConfig) -> None:
+    for name in ("global_batch_size", "num_workers", "gradient_accumulation_steps", "bucket_bytes"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    if c.zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage={c.zero_stage!r} must be 0, 1 or 2")
+    if not isinstance(c.seed, int):
+        raise ValueError(f"seed={c.seed!r} must be an int")
+    if c.max_grad_norm is not None and not c.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={c.max_grad_norm!r} must be > 0, or None for no clipping")
+    if c.placement_strategy not in STRATEGIES:
+        raise ValueError(f"placement_strategy={c.placement_strategy!r} must be one of {STRATEGIES}")
+    if not c.num_cpus_per_worker > 0:
+        raise ValueError(f"num_cpus_per_worker={c.num_cpus_per_worker!r} must be > 0")
+    for name in ("collective_timeout_s", "placement_timeout_s"):
+        if not getattr(c, name) > 0:
+            raise ValueError(f"{name}={getattr(c, name)!r} must be > 0 seconds")
+
+
+def _check_batch(c: TrainConfig) -> None:
+    split = c.num_workers * c.gradient_accumulation_steps
+    if c.global_batch_size % split:
+        lower = c.global_batch_size // split * split
+        hint = f"{lower} or {lower + split}" if lower else f"{split}"
+        raise ValueError(
+            f"global_batch_size={c.global_batch_size} is not divisible by num_workers * gradient_accumulation_steps"
+            f" = {c.num_workers} * {c.gradient_accumulation_steps} = {split}: use a multiple of {split} (e.g. {hint})")
+    n = len(c.data)
+    if n < c.global_batch_size:
+        raise ValueError(f"dataset has {n} samples, fewer than one global batch of {c.global_batch_size}: "
+                         f"lower global_batch_size or add data")

@@ -1,0 +1,57 @@
+"""The same workers without Ray: one thread per rank over an in-process gloo group.
+
+Used by tests and benchmarks to run the runtime's exact step code with no scheduler.
+"""
+from __future__ import annotations
+
+import threading
+
+from distopt.collectives.in_process import RankFailure, in_process, run_ranks
+from distopt.runtime.config import TrainConfig
+from distopt.runtime.errors import WorkerError
+from distopt.runtime.worker import StepReport, Worker
+
+_build_lock = threading.Lock()  # torch.manual_seed is process-global: build models one at a time
+
+
+class LocalWorkerGroup:
+    """``num_workers`` Workers in this process, driven like the Ray group."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.workers = [self._build(config, r) for r in range(config.num_workers)]
+        comms = in_process(config.num_workers, timeout_s=config.collective_timeout_s)
+        self._call("setup", lambda wc: wc[0].attach(wc[1]), list(zip(self.workers, comms)))
+
+    @staticmethod
+    def _build(config: TrainConfig, rank: int) -> Worker:
+        with _build_lock:
+            try:
+                return Worker(config, rank)
+            except Exception as e:
+                raise WorkerError(rank, "setup", f"{type(e).__name__}: {e}", e) from e
+
+    def run_step(self, step: int) -> list[StepReport]:
+        """Run 0-based ``step`` on every rank; reports in rank order."""
+        return self._call(f"step {step}", lambda w: w.run_step(step), self.workers)
+
+    def state_dict(self) -> dict:
+        """Rank 0's model weights on CPU."""
+        return self.workers[0].state_dict()
+
+    def info(self) -> list[dict]:
+        """Every rank's :meth:`Worker.info`."""
+        return [w.info() for w in self.workers]
+
+    def close(self) -> None:
+        """Release every rank's group."""
+        for w in self.workers:
+            w.close()
+
+    @staticmethod
+    def _call(phase: str, fn, per_rank: list) -> list:
+        try:
+            return run_ranks(per_rank, fn)
+        except RankFailure as e:
+            cause = e.__cause__
+            raise WorkerError(e.rank, phase, f"{type(cause).__name__}: {cause}", cause) from cause

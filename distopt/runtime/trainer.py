@@ -1,0 +1,173 @@
+"""``distopt.Trainer``: the user's model trained data-parallel on Ray (or in-process).
+
+The driver is the step controller: it sends step k to every worker, collects their
+reports as data, and commits k when all are in. Ray is set up here and torn down after
+``fit`` (also when it raises) when this Trainer started it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from distopt.optim.rules import Rule
+from distopt.runtime.config import TrainConfig
+from distopt.runtime.progress import RunLog
+from distopt.runtime.worker import StepReport
+
+log = logging.getLogger("distopt")
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    state_dict: dict  # final model weights, name -> CPU tensor
+    history: list[dict]  # one dict per step: step, loss, time_s, ... and user metrics
+    failures: list[dict] = field(default_factory=list)  # what failed and how it was recovered
+    summary: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Data-parallel training with sharded optimizer state (contract in DESIGN.md).
+
+    Args:
+        model: zero-arg callable returning an ``nn.Module``; every worker seeds then calls it.
+        loss: ``(model, batch) -> loss`` or ``(loss, metrics_dict)``; ``loss`` a scalar tensor.
+        data: map-style dataset; a batch is ``default_collate([data[i] for i in indices])``.
+        optimizer: ``distopt.optim.adam(...)`` or ``distopt.optim.sgd(...)``.
+        global_batch_size: samples per step over all workers and micro-batches.
+        num_workers: data-parallel ranks (Ray actors).
+        use_gpu: one GPU per worker, CUDA tensors and NCCL.
+        zero_stage: 0 (replicated state), 1 (sharded state) or 2 (sharded state and gradients).
+        seed: model initialisation and sampling seed.
+        gradient_accumulation_steps: micro-batches per worker per step.
+        max_grad_norm: clip the global gradient norm (None: off).
+        log_every: plain log line every N steps when not on a terminal (0: silent).
+        out_dir: write ``metrics.jsonl``, ``loss.png`` and ``summary.json`` here.
+        progress: progress bar on/off (None: only when stderr is a terminal).
+        ray_address: None starts an embedded loopback cluster; ``"auto"`` or
+            ``"ray://host:port"`` joins one; ``"local"`` runs without Ray (threads).
+        num_cpus_per_worker, placement_strategy: Ray placement of each worker.
+        collective_timeout_s: seconds a collective may block before the step fails.
+        max_failures: failures tolerated before the run gives up.
+        checkpoint_dir: not available yet (fault-tolerance milestone); must be None.
+
+    Raises:
+        TypeError, ValueError: bad arguments, before anything starts.
+    """
+
+    def __init__(self, model: Callable[[], Any], loss: Callable, data: Any, optimizer: Rule,
+                 global_batch_size: int, num_workers: int = 2, use_gpu: bool = False, zero_stage: int = 1,
+                 seed: int = 0, gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None,
+                 log_every: int = 10, out_dir: str | None = None, progress: bool | None = None,
+                 ray_address: str | None = None, num_cpus_per_worker: float = 1, placement_strategy: str = "PACK",
+                 collective_timeout_s: float = 60.0, placement_timeout_s: float = 30.0,
+                 bucket_bytes: int = 25 * 2**20, max_failures: int = 3, checkpoint_dir: str | None = None) -> None:
+        self.config = TrainConfig(
+            model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
+            num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
+            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
+            bucket_bytes=bucket_bytes, num_cpus_per_worker=num_cpus_per_worker,
+            placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
+            placement_timeout_s=placement_timeout_s)
+        if not isinstance(log_every, int) or log_every < 0:
+            raise ValueError(f"log_every={log_every!r} must be an int >= 0 (0: no log lines)")
+        if not isinstance(max_failures, int) or max_failures < 0:
+            raise ValueError(f"max_failures={max_failures!r} must be an int >= 0")
+        if checkpoint_dir is not None:
+            raise ValueError("checkpoint_dir is not supported yet (it arrives with fault-tolerant checkpoints): "
+                             "pass checkpoint_dir=None")
+        self.log_every, self.out_dir, self.progress = log_every, out_dir, progress
+        self.ray_address, self.max_failures = ray_address, max_failures
+
+    def fit(self, steps: int) -> FitResult:
+        """Train until the step count reaches ``steps``; returns weights, history, failures.
+
+        Raises:
+            ValueError: ``steps`` is not a positive int.
+            WorkerError: user code raised in a worker (rank and traceback in the message).
+            WorkerLost: a worker died (fault tolerance arrives in a later milestone).
+            PlacementError: the cluster cannot hold the workers.
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be a positive int")
+        with _Cluster(self.ray_address, self.config) as cluster:
+            group = cluster.group()
+            try:
+                return self._loop(group, steps)
+            finally:
+                group.close()
+
+    def _loop(self, group: Any, steps: int) -> FitResult:
+        c = self.config
+        run_log = RunLog(steps, c.global_batch_size, self.out_dir, self.log_every, self.progress)
+        history = []
+        for k in range(steps):
+            t0 = time.perf_counter()
+            reports = group.run_step(k)
+            entry = _history_entry(k + 1, reports, time.perf_counter() - t0, c.global_batch_size)
+            history.append(entry)
+            run_log.record(entry)
+        infos = group.info()
+        summary = run_log.close()
+        summary.update(state_bytes_per_worker=infos[0]["state_bytes"],
+                       state_bytes_unsharded=infos[0]["state_bytes_unsharded"],
+                       num_params=infos[0]["num_params"], num_workers=c.num_workers, zero_stage=c.zero_stage)
+        return FitResult(group.state_dict(), history, [], summary)
+
+
+def _history_entry(step: int, reports: list[StepReport], wall: float, batch: int) -> dict:
+    n = len(reports)
+    entry = {"step": step, "loss": sum(r.loss for r in reports) / n, "time_s": wall,
+             "samples_per_s": batch / wall if wall > 0 else 0.0,
+             "data_s": max(r.data_s for r in reports), "compute_s": max(r.compute_s for r in reports),
+             "comm_s": max(r.comm_s for r in reports), "update_s": max(r.update_s for r in reports),
+             "grad_norm": reports[0].grad_norm, "skipped": reports[0].skipped}
+    for key in reports[0].metrics:
+        entry[key] = sum(r.metrics.get(key, 0.0) for r in reports) / n
+    return entry
+
+
+class _Cluster:
+    """Ray for the length of one ``fit``: joined, started embedded, or skipped (``"local"``)."""
+
+    def __init__(self, address: str | None, config: TrainConfig) -> None:
+        self.address, self.config, self.started = address, config, False
+
+    def __enter__(self) -> "_Cluster":
+        if self.address == "local":
+            return self
+        import ray
+        if ray.is_initialized():
+            return self
+        if self.address is None:
+            c = self.config
+            ray.init(num_cpus=max(1, int(c.num_workers * c.num_cpus_per_worker + 0.999)),
+                     num_gpus=c.num_workers if c.use_gpu else 0, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
+        else:
+            ray.init(address=self.address, configure_logging=False)
+        self.started = True
+        return self
+
+    def group(self) -> Any:
+        if self.address == "local":
+            from distopt.runtime.local import LocalWorkerGroup
+            return LocalWorkerGroup(self.config)
+        from distopt.runtime.group import RayWorkerGroup
+        return RayWorkerGroup(self.config, loopback=self.address is None)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            import ray
+            ray.shutdown()
+
+
+def _import_paths() -> list[str]:
+    # Workers must import the user's modules (model, loss, data) exactly as the driver does.
+    import sys
+    return [p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p)]

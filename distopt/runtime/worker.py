@@ -1,0 +1,160 @@
+"""The worker: a plain class that builds the model, takes its data shard and runs a step.
+
+No Ray here: the Ray actor (``group.py``) and the in-process thread group (``local.py``)
+both wrap this class, so it is tested in one process and runs on a GPU box as it is.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from distopt.collectives.base import Communicator
+from distopt.collectives.torch_dist import TorchCommunicator
+from distopt.gradients import execute_with_gradients
+from distopt.optim.sharded import ShardedOptimizer
+from distopt.runtime import sampling
+from distopt.runtime.config import TrainConfig
+
+
+@dataclass
+class StepReport:
+    """One worker's account of one step, returned to the controller as data."""
+
+    rank: int
+    step: int  # 0-based sampling position of the step
+    loss: float  # mean loss over this rank's samples
+    metrics: dict = field(default_factory=dict)
+    data_s: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    update_s: float = 0.0
+    time_s: float = 0.0
+    grad_norm: float = 0.0
+    skipped: bool = False
+
+
+class Worker:
+    """One data-parallel rank: model, optimizer shard and the step loop body.
+
+    Call order: ``Worker(config, rank, world_size)``, then ``attach(comm)`` (or
+    ``connect(host, port)``), then ``run_step(k)`` for each step, identically on every rank.
+    """
+
+    def __init__(self, config: TrainConfig, rank: int, world_size: int | None = None) -> None:
+        self.config, self.rank = config, rank
+        self.world_size = world_size or config.num_workers
+        self.device = _device(config.use_gpu)
+        torch.manual_seed(config.seed)  # every rank builds the same initial weights
+        model = config.model()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model() returned {type(model).__name__}, not a torch.nn.Module")
+        self.model = model.to(self.device)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        self.comm: Communicator | None = None
+        self.optimizer: ShardedOptimizer | None = None
+
+    def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None) -> None:
+        """Join the collective group at rank 0's ``host:port`` and build the optimizer.
+
+        ``local_host`` is the address this rank's transport binds to (its node's IP).
+        """
+        c = self.config
+        self.attach(TorchCommunicator(self.rank, self.world_size, host, port, c.backend, c.collective_timeout_s,
+                                      group_name=group_name, local_host=local_host or _local_host(host)))
+
+    def attach(self, comm: Communicator) -> None:
+        """Use an existing communicator (in-process groups) and build the optimizer."""
+        c = self.config
+        self.comm = comm
+        self.optimizer = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage,
+                                          bucket_bytes=c.bucket_bytes, max_grad_norm=c.max_grad_norm)
+
+    def run_step(self, step: int) -> StepReport:
+        """Compute this rank's gradients for 0-based ``step``, then the sharded update."""
+        start = time.perf_counter()
+        c = self.config
+        indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
+        losses, metrics, total, data_s = [], {}, None, 0.0
+        for chunk in sampling.micro_batches(indices, c.gradient_accumulation_steps):
+            t0 = time.perf_counter()
+            batch = _to_device(default_collate([c.data[i] for i in chunk]), self.device)
+            data_s += time.perf_counter() - t0
+            loss, grads, extra = self._gradients(batch)
+            losses.append(loss)
+            _add_metrics(metrics, extra)
+            total = grads if total is None else _accumulate(total, grads)
+        if len(losses) > 1:
+            torch._foreach_div_(list(total.values()), float(len(losses)))
+        compute_s = time.perf_counter() - start - data_s
+        info = self.optimizer.step(total)
+        return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
+                          data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
+                          info.grad_norm, info.skipped)
+
+    def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
+        # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
+        out = execute_with_gradients(lambda ps: self.config.loss(self.model, batch), self.params)
+        y, grads = out[0], out[1]
+        extra = out[2] if len(out) > 2 else {}
+        if not isinstance(extra, dict):
+            raise TypeError(f"loss returned (loss, {type(extra).__name__}): the second item must be a metrics dict")
+        return float(y), grads, {k: float(v) for k, v in extra.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict()`` with every tensor copied to CPU."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def info(self) -> dict:
+        """Facts the driver reports: state bytes, parameter count, process."""
+        opt = self.optimizer
+        numel = sum(p.numel() for p in self.params.values())
+        fields = sum(1 for f in opt.state if f) if opt else 0
+        elem = next(iter(self.params.values())).element_size()
+        return {"rank": self.rank, "pid": os.getpid(), "num_params": numel,
+                "state_bytes": opt.state_bytes() if opt else 0, "state_bytes_unsharded": numel * fields * elem}
+
+    def close(self) -> None:
+        """Release the collective group."""
+        if self.comm is not None and hasattr(self.comm, "close"):
+            self.comm.close()
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("use_gpu=True but this worker sees no CUDA device: check the node's GPUs and drivers")
+    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
+
+
+def _local_host(host: str) -> str | None:
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost") else None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _accumulate(total: dict, grads: dict) -> dict:
+    torch._foreach_add_(list(total.values()), list(grads.values()))
+    return total
+
+
+def _add_metrics(into: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        into[k] = into.get(k, 0.0) + v

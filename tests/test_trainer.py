@@ -1,0 +1,115 @@
+"""distopt.Trainer on Ray against one process running torch.optim, plus its errors."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import distopt
+from distopt.optim import adam, sgd
+from trainer_task import loss, make_data, make_model, reference
+
+STEPS, BATCH = 12, 16  # 96 samples: 6 steps per epoch, so the run crosses an epoch boundary
+RULES = {
+    "sgd": (lambda: sgd(0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    "adam": (lambda: adam(1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2)),
+}
+
+
+def _fit(rule="adam", address=None, **kw):
+    kw = {"num_workers": 2, "zero_stage": 1, **kw}
+    trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=RULES[rule][0](),
+                              global_batch_size=BATCH, seed=0, log_every=0, ray_address=address,
+                              collective_timeout_s=20, **kw)
+    return trainer.fit(steps=STEPS)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_trainer_matches_single_process_torch_optim(ray_cluster, workers, stage, rule):
+    result = _fit(rule, num_workers=workers, zero_stage=stage)
+    expected = reference(RULES[rule][1], STEPS, BATCH)
+    assert set(result.state_dict) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-5)
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert all({"loss", "time_s", "mae", "compute_s", "comm_s"} <= set(h) for h in result.history)
+    assert result.failures == []
+
+
+def test_same_configuration_twice_gives_the_same_bits(ray_cluster):
+    a, b = _fit(zero_stage=2), _fit(zero_stage=2)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_in_process_runtime_gives_the_ray_bits(ray_cluster):
+    ray_run, local_run = _fit(zero_stage=1), _fit(zero_stage=1, address="local")
+    assert all(torch.equal(ray_run.state_dict[k], local_run.state_dict[k]) for k in ray_run.state_dict)
+
+
+def test_gradient_accumulation_and_clipping_match_reference(ray_cluster):
+    result = _fit("sgd", address="local", gradient_accumulation_steps=2, max_grad_norm=0.05)
+
+    class Clipped(torch.optim.SGD):
+        def step(self):
+            torch.nn.utils.clip_grad_norm_(self.param_groups[0]["params"], 0.05)
+            super().step()
+
+    expected = reference(lambda ps: Clipped(ps, lr=0.1, momentum=0.9), STEPS, BATCH)
+    for name, value in expected.items():
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-5)
+
+
+def _raise_in_model():
+    raise RuntimeError("boom in the model builder")
+
+
+def _vector_loss(model, batch):
+    return (model(batch[0]) - batch[1]) ** 2
+
+
+def test_model_builder_that_raises_names_the_rank(ray_cluster):
+    trainer = distopt.Trainer(model=_raise_in_model, loss=loss, data=make_data(), optimizer=adam(1e-3),
+                              global_batch_size=BATCH, num_workers=2, log_every=0)
+    t0 = time.monotonic()
+    with pytest.raises(distopt.WorkerError, match=r"worker rank \d failed during setup: .*boom in the model builder"):
+        trainer.fit(steps=2)
+    assert time.monotonic() - t0 < 60
+
+
+def test_non_scalar_loss_is_a_clear_error(ray_cluster):
+    trainer = distopt.Trainer(model=make_model, loss=_vector_loss, data=make_data(), optimizer=adam(1e-3),
+                              global_batch_size=BATCH, num_workers=2, log_every=0, collective_timeout_s=10)
+    t0 = time.monotonic()
+    with pytest.raises(distopt.WorkerError, match=r"during step 0: .*scalar"):
+        trainer.fit(steps=2)
+    assert time.monotonic() - t0 < 60
+
+
+def test_more_workers_than_the_cluster_can_place(ray_cluster):
+    trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-3),
+                              global_batch_size=BATCH, num_workers=4, log_every=0, placement_timeout_s=5)
+    with pytest.raises(distopt.PlacementError, match=r"num_workers=4 .* lower num_workers"):
+        trainer.fit(steps=1)
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    ({"global_batch_size": 30, "num_workers": 4}, ValueError,
+     r"global_batch_size=30 is not divisible by num_workers \* gradient_accumulation_steps = 4 \* 1 = 4: "
+     r"use a multiple of 4"),
+    ({"global_batch_size": 16, "num_workers": 2, "gradient_accumulation_steps": 3}, ValueError,
+     r"use a multiple of 6"),
+    ({"global_batch_size": 128}, ValueError, r"dataset has 96 samples, fewer than one global batch of 128"),
+    ({"model": make_model()}, TypeError, r"pass the class or a factory"),
+    ({"zero_stage": 3}, ValueError, r"zero_stage=3 must be 0, 1 or 2"),
+    ({"optimizer": torch.optim.Adam}, TypeError, r"is not an update rule"),
+    ({"checkpoint_dir": "/tmp/x"}, ValueError, r"checkpoint_dir is not supported yet"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, exc, message):
+    args = {"model": make_model, "loss": loss, "data": make_data(), "optimizer": adam(1e-3),
+            "global_batch_size": 16, "num_workers": 2, **kwargs}
+    with pytest.raises(exc, match=message):
+        distopt.Trainer(**args)
