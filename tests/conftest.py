@@ -27,13 +27,22 @@ def groups():
             c.close()
 
 
+RAY_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__),
+                                                       os.path.dirname(os.path.dirname(__file__))])}}
+
+
+def init_local_ray():
+    """Connect to (or start) the session's embedded 2-CPU Ray cluster."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+                 log_to_driver=False, runtime_env=RAY_ENV)
+    return ray
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One embedded 2-CPU Ray cluster for the whole session (a Ray start costs seconds)."""
-    import ray
-    if not ray.is_initialized():
-        paths = os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))])
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": paths}})
+    ray = init_local_ray()
     yield ray
     ray.shutdown()

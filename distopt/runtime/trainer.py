@@ -115,7 +115,8 @@ class Trainer:
         summary = run_log.close()
         summary.update(state_bytes_per_worker=infos[0]["state_bytes"],
                        state_bytes_unsharded=infos[0]["state_bytes_unsharded"],
-                       num_params=infos[0]["num_params"], num_workers=c.num_workers, zero_stage=c.zero_stage)
+                       num_params=infos[0]["num_params"], num_workers=c.num_workers, zero_stage=c.zero_stage,
+                       nodes=len({i.get("node_id") for i in infos}))
         return FitResult(group.state_dict(), history, [], summary)
 
 
