@@ -70,8 +70,13 @@ class TorchCommunicator:
                 f"that they share host/port, and that the port is reachable") from e
 
     def _connect_store(self, host: str, port: int) -> dist.Store:
-        return dist.TCPStore(host, port, self.world_size, is_master=self.rank == 0,
-                             timeout=self._timeout, wait_for_workers=False)
+        listen_fd = None
+        if self.rank == 0:
+            # Bind the store's socket ourselves: it then listens on `host` only (loopback
+            # stays loopback), where TCPStore alone would listen on every interface.
+            listen_fd = socket.create_server((host, port)).detach()  # the store owns the fd
+        return dist.TCPStore(host, port, self.world_size, is_master=self.rank == 0, timeout=self._timeout,
+                             wait_for_workers=False, master_listen_fd=listen_fd)
 
     def _make_group(self, store: dist.Store, host: str, local_host: str | None):
         if self.backend == "nccl":
