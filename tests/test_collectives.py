@@ -63,16 +63,17 @@ def test_allgather_equal_shards_and_in_place(groups, w):
 
 
 @pytest.mark.parametrize("w", WORLD_SIZES)
-def test_broadcast_all_to_all_barrier(groups, w):
+def test_broadcast_all_to_all_shift_barrier(groups, w):
     xs = inputs(w, 3 * w)
     src = w - 1
 
     def body(c):
         c.barrier()
-        return c.broadcast(xs[c.rank].clone(), src=src), c.all_to_all(xs[c.rank])
+        return c.broadcast(xs[c.rank].clone(), src=src), c.all_to_all(xs[c.rank]), c.shift(xs[c.rank])
 
-    for r, (b, a2a) in enumerate(run_ranks(groups(w), body)):
+    for r, (b, a2a, shifted) in enumerate(run_ranks(groups(w), body)):
         np.testing.assert_array_equal(b.numpy(), xs[src].numpy())
+        np.testing.assert_array_equal(shifted.numpy(), xs[(r - 1) % w].numpy())
         ref = np.concatenate([xs[j].numpy()[3 * r:3 * (r + 1)] for j in range(w)])
         np.testing.assert_array_equal(a2a.numpy(), ref)
 

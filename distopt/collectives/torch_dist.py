@@ -180,6 +180,21 @@ class TorchCommunicator:
         self._run("all_to_all", lambda: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
         return out
 
+    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Send ``t`` to rank ``rank + 1`` and return what rank ``rank - 1`` sent (mod world size).
+
+        Every rank passes a 1-D tensor of the same size and dtype.
+        """
+        _check_flat(t, "shift")
+        out = out if out is not None else torch.empty_like(t)
+        if self.world_size == 1:
+            return out.copy_(t)
+        w, n = self.world_size, t.numel()
+        send, recv = [0] * w, [0] * w
+        send[(self.rank + 1) % w], recv[(self.rank - 1) % w] = n, n
+        self._run("shift", lambda: self._pg.alltoall_base(out, t, recv, send, AllToAllOptions()))
+        return out
+
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``t`` on every rank with rank ``src``'s values; returns ``t``."""
         if not 0 <= src < self.world_size:

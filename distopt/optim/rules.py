@@ -1,7 +1,9 @@
 """Update rules: SGD (with momentum, Nesterov, weight decay) and Adam/AdamW.
 
-A rule is plain hyperparameters plus two methods: ``init(params) -> state`` and
-``update(params, grads, state, step) -> state``. The arithmetic is the gradient API's
+A rule is plain hyperparameters plus ``init(params) -> state`` and
+``update(params, grads, state, step) -> state``, which is ``apply(prepare(grads))``:
+``prepare`` folds L2 decay into the gradients the state sees, ``apply`` changes state and
+parameters. The split lets a replica replay an update from the prepared gradients alone. The arithmetic is the gradient API's
 (:func:`distopt.gradients.gradient_descent_update`, :func:`distopt.gradients.adam_update`),
 composed with weight decay and momentum; nothing here repeats it. ``params`` are lists of
 tensors (flat shards in the sharded optimizer) updated in place; ``step`` is the 1-based
@@ -51,11 +53,13 @@ class SGD:
         """Zero momentum buffers shaped like ``params`` (none without momentum)."""
         return SGDState([torch.zeros_like(p) for p in params] if self.momentum else [])
 
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: SGDState, step: int) -> SGDState:
-        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
+    def prepare(self, params: list[torch.Tensor], grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """The gradients the state update sees: ``grads`` plus L2 decay (new tensors if any)."""
+        return torch._foreach_add(grads, params, alpha=self.weight_decay) if self.weight_decay else grads
+
+    def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: SGDState, step: int) -> SGDState:
+        """Momentum and the descent step from prepared gradients, in place."""
         lr = lr_at(self.lr, step)
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         if self.momentum:
             buf = state.momentum_buffer
             # With zero-initialised buffers the first step gives buf == grad, as torch's clone does.
@@ -64,6 +68,10 @@ class SGD:
             grads = torch._foreach_add(grads, buf, alpha=self.momentum) if self.nesterov else buf
         gradient_descent_update(params, grads, lr, inplace=True, f="torch")
         return state
+
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: SGDState, step: int) -> SGDState:
+        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
+        return self.apply(params, self.prepare(params, grads, step), state, step)
 
     def config(self) -> dict:
         """Hyperparameters as plain data (a schedule is recorded by name)."""
@@ -85,16 +93,24 @@ class Adam:
         """Zero first and second moments shaped like ``params``."""
         return AdamState([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
 
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState, step: int) -> AdamState:
-        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
+    def prepare(self, params: list[torch.Tensor], grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """The gradients the moments see: ``grads`` plus L2 decay unless decay is decoupled."""
+        if self.weight_decay and not self.decoupled:
+            return torch._foreach_add(grads, params, alpha=self.weight_decay)
+        return grads
+
+    def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState, step: int) -> AdamState:
+        """Decoupled decay and the Adam step from prepared gradients, in place."""
         lr = lr_at(self.lr, step)
         if self.weight_decay and self.decoupled:
             torch._foreach_mul_(params, 1.0 - lr * self.weight_decay)
-        elif self.weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         adam_update(params, grads, lr, state.exp_avg, state.exp_avg_sq, step,
                     beta1=self.betas[0], beta2=self.betas[1], epsilon=self.eps, inplace=True, f="torch")
         return state
+
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState, step: int) -> AdamState:
+        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
+        return self.apply(params, self.prepare(params, grads, step), state, step)
 
     def config(self) -> dict:
         """Hyperparameters as plain data (a schedule is recorded by name)."""

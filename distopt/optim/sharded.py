@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Mapping, NamedTuple, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
 import torch
 
@@ -24,6 +24,7 @@ from distopt.collectives.base import Communicator, check_wire_dtype
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, FlatBuffer
 from distopt.optim import state_io
 from distopt.optim.plan import ShardPlan, plan
+from distopt.optim.redundancy import RecoveryError, Redundancy
 from distopt.optim.rules import Rule
 
 log = logging.getLogger("distopt")
@@ -52,6 +53,8 @@ class ShardedOptimizer:
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
         wire_dtype: ``torch.bfloat16``/``torch.float16`` to narrow gradients on the wire.
         sync_params: broadcast rank 0's parameters at construction, so all ranks start equal.
+        replicate: keep the in-memory redundancy that lets a lost rank be rebuilt and a
+            failed step be undone (:mod:`distopt.optim.redundancy`).
 
     Raises:
         TypeError, ValueError: bad arguments, before any communication.
@@ -59,7 +62,7 @@ class ShardedOptimizer:
 
     def __init__(self, params: Params, rule: Rule, comm: Communicator, zero_stage: int = 1,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
-                 wire_dtype: torch.dtype | None = None, sync_params: bool = True) -> None:
+                 wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False) -> None:
         self.names, self._tensors = _named_tensors(params)
         _check_args(self._tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype)
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
@@ -80,6 +83,9 @@ class ShardedOptimizer:
             if zero_stage == 2 else None
         self.state = rule.init(self._p_shards)
         self.step_count = 0
+        # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
+        self.on_phase: Callable[[str, int], None] | None = None
+        self.redundancy = Redundancy(self) if replicate else None
 
     # --- set-up ---------------------------------------------------------------------
     def _adopt_params(self, dtype: torch.dtype, device: torch.device) -> FlatBuffer:
@@ -121,7 +127,11 @@ class ShardedOptimizer:
             CollectiveError: a peer failed; parameters and state are then unspecified.
         """
         given = None if grads is None else _match_grads(grads, self.names, self._tensors)
+        if self.redundancy is not None:
+            self.redundancy.commit(self.step_count)  # being called again means the last step committed
+        step = self.step_count + 1
         t0 = time.perf_counter()
+        self._phase("grad_collective", step)
         self._reduce(given)
         norm = self._global_norm()
         t1 = time.perf_counter()
@@ -131,13 +141,42 @@ class ShardedOptimizer:
             return StepInfo(self.step_count, norm, True, t1 - t0, 0.0)
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             torch._foreach_mul_(self._g_shards, self.max_grad_norm / (norm + 1e-6))
-        self.rule.update(self._p_shards, self._g_shards, self.state, self.step_count + 1)
+        self._update(step)
         t2 = time.perf_counter()
+        self._phase("param_gather", step)
         if self.zero_stage >= 1:
             for b, shard in enumerate(self._p_shards):
                 self.comm.allgather(shard, out=self._params.bucket(b))
         self.step_count += 1
         return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
+
+    def _update(self, step: int) -> None:
+        if self.redundancy is None:
+            self._phase("shard_update", step)
+            self.rule.update(self._p_shards, self._g_shards, self.state, step)
+            return
+        prepared = self.rule.prepare(self._p_shards, self._g_shards, step)
+        self.redundancy.before_update(prepared, step)
+        self._phase("shard_update", step)
+        self.rule.apply(self._p_shards, prepared, self.state, step)
+        self.redundancy.after_update(step)
+
+    def _phase(self, phase: str, step: int) -> None:
+        if self.on_phase is not None:
+            self.on_phase(phase, step)
+
+    def rollback(self, committed: int) -> None:
+        """Undo a step that did not commit: this rank's shard returns to update ``committed``.
+
+        Local, no communication; the other ranks' parameter shards are restored by the
+        recovery's gather. Needs ``replicate=True``.
+
+        Raises:
+            RecoveryError: this rank cannot return to ``committed``.
+        """
+        if self.redundancy is None:
+            raise RecoveryError("rollback needs ShardedOptimizer(..., replicate=True)")
+        self.redundancy.rollback(committed)
 
     def _reduce(self, given: list[torch.Tensor] | None) -> None:
         if self._grads is not None and given is not None:

@@ -64,16 +64,23 @@ def full_state_dict(opt: "ShardedOptimizer") -> dict:
 
 
 def load_full_state_dict(opt: "ShardedOptimizer", full: dict) -> None:
-    """Cut this rank's shard out of a full state dict, one bucket at a time."""
+    """Cut this rank's shard (and, with redundancy, its neighbour's replica) out of a full state dict."""
     if not isinstance(full, dict) or full.get("format") != FORMAT + ".full":
         raise ValueError("not a distopt full state dict: pass the output of full_state_dict()")
     _check_rule(opt, full["rule"])
     missing = sorted(set(opt.names) - set(full["state"]))
     if missing:
         raise ValueError(f"full state dict has no state for parameters {missing[:5]}")
+    fill_shard(opt, full, opt.comm.rank if opt.zero_stage >= 1 else 0, opt.state)
+    opt.step_count = int(full["step"])
+    if opt.redundancy is not None:
+        opt.redundancy.load_full(full)
+
+
+def fill_shard(opt: "ShardedOptimizer", full: dict, shard_rank: int, state) -> None:
+    """Copy rank ``shard_rank``'s slice of every field of ``full`` into ``state`` (per-bucket lists)."""
     lay = opt.plan.layout
-    shard_rank = opt.comm.rank if opt.zero_stage >= 1 else 0
-    for field, shards in opt.state._asdict().items():
+    for field, shards in state._asdict().items():
         for b, ((start, end), (s, e)) in enumerate(zip(lay.buckets, opt.plan.ranges(shard_rank))):
             bucket = shards[b].new_zeros(end - start)
             for i in lay.members(b):
@@ -83,7 +90,6 @@ def load_full_state_dict(opt: "ShardedOptimizer", full: dict) -> None:
                                      f"the parameter has {lay.numels[i]}")
                 bucket[lay.offsets[i] - start: lay.offsets[i] - start + lay.numels[i]].copy_(src.reshape(-1))
             shards[b].copy_(bucket[s - start: e - start])
-    opt.step_count = int(full["step"])
 
 
 def _check_rule(opt: "ShardedOptimizer", saved: dict) -> None:

@@ -1,0 +1,84 @@
+"""Rebuilding the last committed state on a new group after ranks were lost.
+
+Every rank of the new group calls :func:`assemble` with the shards it can vouch for: a
+survivor its own (rolled back) shard and its replica of its left neighbour. For each shard
+of the old plan one holder broadcasts it; every rank ends with the full parameters and
+optimizer state of the last commit, from which a new ShardedOptimizer (same or another
+world size) takes its shard. Holders are chosen by the caller with :func:`holders`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from distopt.collectives.base import Communicator
+from distopt.optim.plan import ShardPlan
+from distopt.optim.redundancy import RecoveryError, Shard
+from distopt.optim.rules import Rule
+from distopt.optim.state_io import FORMAT
+
+
+def holders(old_plan_ranks: int, alive: dict[int, int], replicated: bool) -> list[int]:
+    """For each old shard, the new rank that holds it at the last commit.
+
+    Args:
+        old_plan_ranks: number of shards in the old plan (1 at stage 0).
+        alive: old rank -> new rank, for the ranks that survived.
+        replicated: whether rank ``o + 1`` holds a replica of shard ``o``.
+
+    Raises:
+        RecoveryError: a shard and its replica were both lost.
+    """
+    if not alive:
+        raise RecoveryError("no rank survived: restore from a checkpoint")
+    if old_plan_ranks == 1:
+        return [min(alive.values())]
+    old_world = old_plan_ranks
+    out = []
+    for o in range(old_plan_ranks):
+        if o in alive:
+            out.append(alive[o])
+        elif replicated and (o + 1) % old_world in alive:
+            out.append(alive[(o + 1) % old_world])
+        else:
+            raise RecoveryError(f"shard {o} and its replica on rank {(o + 1) % old_world} were both lost: "
+                                f"restore from a checkpoint")
+    return out
+
+
+def packets(opt, old_rank: int) -> dict[int, torch.Tensor]:
+    """The shards a surviving optimizer can contribute, keyed by old shard index."""
+    own = 0 if opt.zero_stage == 0 else old_rank
+    out = {own: Shard(opt._p_shards, opt.state, opt.step_count).packet()}
+    red = opt.redundancy
+    if red is not None and red.sharded:
+        out[red.left] = red.replica.packet()
+    return out
+
+
+def assemble(comm: Communicator, old_plan: ShardPlan, rule: Rule, names: Sequence[str],
+             shapes: Sequence[torch.Size], holder_of: list[int], mine: dict[int, torch.Tensor],
+             step: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
+    """Broadcast every old shard from its holder; return ``(params, full_state_dict)``.
+
+    A collective: every rank of ``comm`` calls it with the same plan and holders.
+    """
+    fields = [f for f, ts in rule.init([torch.zeros(1)])._asdict().items() if ts]
+    full = [torch.zeros(old_plan.layout.total, dtype=dtype, device=device) for _ in range(1 + len(fields))]
+    for o in range(old_plan.world_size):
+        ranges = old_plan.ranges(o)
+        size = sum(e - s for s, e in ranges)
+        if comm.rank == holder_of[o]:
+            buf = mine[o].to(device=device, dtype=dtype)
+        else:
+            buf = torch.empty(size * len(full), dtype=dtype, device=device)
+        comm.broadcast(buf, src=holder_of[o])
+        for dst, part in zip(full, buf.split(size)):
+            for (s, e), piece in zip(ranges, part.split([e - s for s, e in ranges])):
+                dst[s:e].copy_(piece)
+    lay = old_plan.layout
+    views = [[flat[o:o + n].view(shape) for o, n, shape in zip(lay.offsets, lay.numels, shapes)] for flat in full]
+    params = dict(zip(names, views[0]))
+    state = {name: {f: views[1 + j][i].clone() for j, f in enumerate(fields)} for i, name in enumerate(names)}
+    return params, {"format": FORMAT + ".full", "step": step, "rule": rule.config(), "state": state}

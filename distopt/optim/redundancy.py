@@ -1,0 +1,144 @@
+"""In-memory redundancy: every shard, as of the last commit, also lives on a second rank.
+
+Rank ``r`` keeps
+
+* a snapshot of its own shard (parameters and state) taken just before each update, so it
+  can roll back to the last commit whatever point of the step a failure interrupted;
+* a replica of rank ``r - 1``'s shard as of the last commit, so a replacement for a lost
+  ``r - 1`` gets it from memory instead of a checkpoint;
+* rank ``r - 1``'s prepared gradients of the step in flight (sent with one ring shift),
+  which it replays onto the replica once the step commits.
+
+Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
+recovery changes no bit of the result. At stage 0 every rank holds everything, so only
+the snapshot is kept. A step commits when the controller has every rank's report; the
+workers learn it from the next step's start (or from ``rollback``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from distopt.optim.sharded import ShardedOptimizer
+
+
+class RecoveryError(RuntimeError):
+    """The state of the last commit cannot be rebuilt from memory (a shard and its replica
+    were both lost). Restore from a checkpoint instead."""
+
+
+class Redundancy:
+    """The snapshot, replica and in-flight gradients of one rank (see the module docstring)."""
+
+    def __init__(self, opt: "ShardedOptimizer") -> None:
+        self.opt = opt
+        self.snapshot = Shard.like(opt._p_shards, opt.rule)
+        self.live_step = opt.step_count  # updates applied to the live shard
+        self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
+        self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded else None
+        self.pending = [torch.empty_like(t) for t in opt._p_shards] if self.sharded else []
+        self._pending_flat = torch.empty(sum(t.numel() for t in opt._p_shards), dtype=opt._params.data.dtype,
+                                         device=opt._params.data.device) if self.sharded else None
+        self.pending_step: int | None = None
+        self.reset_replica()
+
+    @property
+    def left(self) -> int:
+        """The rank whose shard this rank replicates."""
+        return (self.opt.comm.rank - 1) % self.opt.comm.world_size
+
+    def reset_replica(self) -> None:
+        """Take the left neighbour's shard from the (identical everywhere) parameters, zero state."""
+        if not self.sharded:
+            return
+        ranges = self.opt.plan.ranges(self.left)
+        torch._foreach_copy_(self.replica.params, [self.opt._params.data[s:e] for s, e in ranges])
+        for field in self.replica.state:
+            for t in field:
+                t.zero_()
+        self.replica.step = self.opt.step_count
+
+    def load_full(self, full: dict) -> None:
+        """After a full-state load: the replica is the left neighbour's slice of it, committed."""
+        from distopt.optim.state_io import fill_shard
+        self.live_step = self.opt.step_count
+        self.pending_step = None
+        if self.sharded:
+            self.reset_replica()
+            fill_shard(self.opt, full, self.left, self.replica.state)
+
+    def before_update(self, prepared: list[torch.Tensor], step: int) -> None:
+        """Snapshot the committed shard and ship the prepared gradients to the right neighbour."""
+        self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
+        if self.sharded:
+            flat = torch.cat([g.reshape(-1) for g in prepared])
+            self.opt.comm.shift(flat, out=self._pending_flat)
+            torch._foreach_copy_(self.pending, list(self._pending_flat.split([t.numel() for t in self.pending])))
+            self.pending_step = step
+
+    def after_update(self, step: int) -> None:
+        """Record that the live shard now holds update ``step``."""
+        self.live_step = step
+
+    def commit(self, committed: int) -> None:
+        """Every rank finished update ``committed``: replay the neighbour's in-flight update."""
+        if self.sharded and self.pending_step is not None and self.pending_step <= committed:
+            if self.replica.step != self.pending_step - 1:
+                raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
+                                    f"update {self.pending_step}")
+            self.opt.rule.apply(self.replica.params, self.pending, self.replica.state, self.pending_step)
+            self.replica.step, self.pending_step = self.pending_step, None
+
+    def rollback(self, committed: int) -> None:
+        """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
+        if self.live_step == committed + 1 and self.snapshot.step == committed:
+            self.snapshot.copy_to(self.opt._p_shards, self.opt.state)
+            self.live_step = committed
+        if self.live_step != committed:
+            raise RecoveryError(f"rank {self.opt.comm.rank} holds update {self.live_step} and cannot return to "
+                                f"update {committed}")
+        self.commit(committed)
+        self.pending_step = None
+        if self.sharded and self.replica.step != committed:
+            raise RecoveryError(f"replica of rank {self.left} holds update {self.replica.step}, not {committed}")
+        self.opt.step_count = committed
+
+    def nbytes(self) -> int:
+        """Memory this redundancy costs on this rank."""
+        total = self.snapshot.nbytes() + (self.replica.nbytes() if self.replica else 0)
+        return total + sum(t.numel() * t.element_size() for t in self.pending) * (2 if self.sharded else 0)
+
+
+class Shard:
+    """Parameters and state of one shard, as lists of per-bucket tensors."""
+
+    def __init__(self, params: list[torch.Tensor], state, step: int) -> None:
+        self.params, self.state, self.step = params, state, step
+
+    @classmethod
+    def like(cls, params: list[torch.Tensor], rule) -> "Shard":
+        return cls([torch.empty_like(p) for p in params], rule.init(params), -1)
+
+    def copy_from(self, params: list[torch.Tensor], state, step: int) -> None:
+        torch._foreach_copy_(self.params, params)
+        for mine, theirs in zip(self.state, state):
+            if mine:
+                torch._foreach_copy_(mine, theirs)
+        self.step = step
+
+    def copy_to(self, params: list[torch.Tensor], state) -> None:
+        torch._foreach_copy_(params, self.params)
+        for mine, theirs in zip(self.state, state):
+            if mine:
+                torch._foreach_copy_(theirs, mine)
+
+    def packet(self) -> torch.Tensor:
+        """Parameters then each state field, flattened into one tensor (for a broadcast)."""
+        parts = [t.reshape(-1) for t in self.params] + [t.reshape(-1) for f in self.state for t in f]
+        return torch.cat(parts)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.params) + \
+            sum(t.numel() * t.element_size() for f in self.state for t in f)

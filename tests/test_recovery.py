@@ -1,0 +1,163 @@
+"""Redundancy and recovery in one process: a rank lost at each phase costs no bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distopt.collectives import CollectiveError, in_process, run_ranks
+from distopt.optim import ShardedOptimizer, adam, plan, sgd
+from distopt.optim.recovery import assemble, holders, packets
+from distopt.optim.redundancy import RecoveryError
+
+SHAPES = [(7, 5), (13,), (1,), (3, 3, 3), (101,)]
+RULES = {
+    "adam_l2": lambda: adam(1e-2, weight_decay=0.05),
+    "adamw": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
+    "sgd_nesterov": lambda: sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+
+
+def _init():
+    g = torch.Generator().manual_seed(0)
+    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+
+
+def _grads(step, rank):
+    g = torch.Generator().manual_seed(10_000 * step + rank)
+    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+
+
+def _opt(comm, rule, stage, replicate=True, params=None, sync=True):
+    params = params if params is not None else _init()
+    return params, ShardedOptimizer(params, RULES[rule](), comm, zero_stage=stage, bucket_bytes=512,
+                                    replicate=replicate, sync_params=sync)
+
+
+def _run(w, rule, stage, steps, replicate):
+    def body(comm):
+        params, opt = _opt(comm, rule, stage, replicate)
+        for k in range(steps):
+            opt.step(_grads(k, comm.rank))
+        return params, opt
+    return run_ranks(in_process(w, timeout_s=10), body)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("stage", [1, 2])
+def test_redundancy_changes_no_bit_and_replicas_match_their_owner(rule, stage):
+    plain, kept = _run(3, rule, stage, 6, False), _run(3, rule, stage, 6, True)
+    for (p1, _), (p2, _) in zip(plain, kept):
+        assert all(torch.equal(p1[n], p2[n]) for n in p1)
+    opts = [opt for _, opt in kept]
+    for opt in opts:
+        opt.redundancy.commit(opt.step_count)
+    for r, opt in enumerate(opts):
+        left = opts[(r - 1) % 3]
+        rep = opt.redundancy.replica
+        assert rep.step == 6
+        assert all(torch.equal(a, b) for a, b in zip(rep.params, left._p_shards))
+        for mine, theirs in zip(rep.state, left.state):
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def _recover(comm, old_rank, opt, params, alive, old_world, rule, stage, committed):
+    """What a worker does after a failure: roll back, assemble on the new group, rebuild."""
+    mine = {}
+    if opt is not None:
+        opt.rollback(committed)
+        mine = packets(opt, old_rank)
+    old_plan = plan([t.numel() for t in params.values()], old_world if stage else 1, 512 // 4)
+    hold = holders(old_plan.world_size, alive, stage >= 1)
+    full_params, full = assemble(comm, old_plan, RULES[rule](), list(params), [t.shape for t in params.values()],
+                                 hold, mine, committed, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        for name, t in params.items():
+            t.copy_(full_params[name])
+    _, new = _opt(comm, rule, stage, params=params, sync=False)
+    new.load_full_state_dict(full)
+    return new
+
+
+@pytest.mark.parametrize("phase", ["grad_collective", "shard_update", "param_gather"])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_rank_lost_mid_step_is_replaced_bit_for_bit(phase, stage):
+    rule, w, fail_step, total = "adam_l2", 3, 5, 8
+    expected = _run(w, rule, stage, total, False)
+    comms = in_process(w, timeout_s=5)
+
+    def first_part(comm):
+        params, opt = _opt(comm, rule, stage)
+        for k in range(fail_step - 1):
+            opt.step(_grads(k, comm.rank))
+        if comm.rank == 1:
+            def die(p, step):
+                if p == phase:
+                    comm.close()  # the process is gone: its sockets close
+                    raise SystemExit("killed")
+            opt.on_phase = die
+        try:
+            opt.step(_grads(fail_step - 1, comm.rank))
+        except (CollectiveError, SystemExit):
+            return params, opt, True
+        return params, opt, False
+
+    state = run_ranks(comms, first_part)
+    assert all(failed for _, _, failed in state), "every rank must have seen the failure"
+    for c in comms:
+        c.close()
+    new_comms = in_process(w, timeout_s=5)
+
+    def second_part(comm):
+        if comm.rank == 1:
+            params, opt = _init(), None  # a fresh replacement
+        else:
+            params, opt, _ = state[comm.rank]
+        opt = _recover(comm, comm.rank, opt, params, {0: 0, 2: 2}, w, rule, stage, fail_step - 1)
+        for k in range(fail_step - 1, total):
+            opt.step(_grads(k, comm.rank))
+        return params
+
+    for got, (want, _) in zip(run_ranks(new_comms, second_part), expected):
+        assert all(torch.equal(got[n], want[n]) for n in want), "recovery changed bits"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_shrink_from_three_to_two_ranks_keeps_the_math(stage):
+    rule, total = "adamw", 8
+    same = lambda k: _grads(k, 0)  # every rank sees the global gradient: the mean is independent of N
+
+    def uninterrupted(comm):
+        params, opt = _opt(comm, rule, stage)
+        for k in range(total):
+            opt.step(same(k))
+        return params
+
+    expected = run_ranks(in_process(3), uninterrupted)[0]
+
+    def first_part(comm):
+        params, opt = _opt(comm, rule, stage)
+        for k in range(4):
+            opt.step(same(k))
+        return params, opt
+
+    state = run_ranks(in_process(3), first_part)
+    alive = {0: 0, 2: 1}  # old rank 1 is gone; old 2 becomes new 1
+
+    def second_part(args):
+        comm, old = args
+        params, opt = state[old]
+        opt = _recover(comm, old, opt, params, alive, 3, rule, stage, 4)
+        for k in range(4, total):
+            opt.step(same(k))
+        return params
+
+    for got in run_ranks(list(zip(in_process(2), [0, 2])), second_part):
+        for n in expected:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-6)
+
+
+def test_shard_and_its_replica_both_lost_is_refused():
+    with pytest.raises(RecoveryError, match="shard 1 and its replica on rank 2 were both lost"):
+        holders(4, {0: 0, 3: 1}, True)
+    assert holders(4, {0: 0, 2: 1, 3: 2}, True) == [0, 1, 1, 2]
+    assert holders(1, {2: 1, 3: 0}, False) == [0]
