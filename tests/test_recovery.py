@@ -102,7 +102,7 @@ def test_rank_lost_mid_step_is_replaced_bit_for_bit(phase, stage):
         return params, opt, False
 
     state = run_ranks(comms, first_part)
-    assert all(failed for _, _, failed in state), "every rank must have seen the failure"
+    assert state[1][2], "rank 1 must have died"  # survivors may finish: the step is still not committed
     for c in comms:
         c.close()
     new_comms = in_process(w, timeout_s=5)
