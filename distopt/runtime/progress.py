@@ -21,7 +21,8 @@ from typing import Any, Mapping, TextIO
 BAR_WIDTH = 20
 RECENT = 20  # steps averaged for the rate and ETA: recent, so the slow first step fades
 REDRAW_S = 0.1  # at most ten bar redraws a second, however fast the steps are
-STANDARD_KEYS = ("step", "loss", "time_s", "samples_per_s", "compute_s", "comm_s", "update_s", "grad_norm")
+STANDARD_KEYS = ("step", "loss", "time_s", "samples_per_s", "data_s", "compute_s", "comm_s", "update_s",
+                 "grad_norm", "skipped")
 
 
 class RunLog:
@@ -120,7 +121,7 @@ class RunLog:
         if entry.get("grad_norm") is not None:
             parts.append(f"grad_norm {_num(entry['grad_norm'])}")
         parts += [f"{k} {_num(v)}" for k, v in entry.items()
-                  if k not in STANDARD_KEYS and isinstance(v, (int, float))]
+                  if k not in STANDARD_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
         parts += [f"{samples_s:,.0f} samples/s", f"{step_s:.3f} s/step", f"ETA {_clock(left)}"]
         return "  ".join(parts)
 

@@ -1,0 +1,1 @@
+"""Runnable jobs: the demo (``make run``), the ``distopt`` command and Ray cluster configs."""
