@@ -81,6 +81,8 @@ def fill_shard(opt: "ShardedOptimizer", full: dict, shard_rank: int, state) -> N
     """Copy rank ``shard_rank``'s slice of every field of ``full`` into ``state`` (per-bucket lists)."""
     lay = opt.plan.layout
     for field, shards in state._asdict().items():
+        if not shards:  # a rule without this state (SGD without momentum)
+            continue
         for b, ((start, end), (s, e)) in enumerate(zip(lay.buckets, opt.plan.ranges(shard_rank))):
             bucket = shards[b].new_zeros(end - start)
             for i in lay.members(b):

@@ -31,6 +31,16 @@ class TrainConfig:
     placement_strategy: str = "PACK"
     collective_timeout_s: float = 60.0
     placement_timeout_s: float = 30.0
+    max_failures: int = 3  # 0 turns fault tolerance (and its in-memory redundancy) off
+    min_workers: int = 1
+    replace_timeout_s: float = 30.0
+    step_timeout_s: float = 300.0
+    faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
+
+    @property
+    def fault_tolerant(self) -> bool:
+        """Whether workers keep the redundancy that lets a failed step be undone."""
+        return self.max_failures > 0
 
     def __post_init__(self) -> None:
         _check_callables(self)
@@ -76,7 +86,11 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"placement_strategy={c.placement_strategy!r} must be one of {STRATEGIES}")
     if not c.num_cpus_per_worker > 0:
         raise ValueError(f"num_cpus_per_worker={c.num_cpus_per_worker!r} must be > 0")
-    for name in ("collective_timeout_s", "placement_timeout_s"):
+    if not isinstance(c.max_failures, int) or c.max_failures < 0:
+        raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
+    if not isinstance(c.min_workers, int) or not 1 <= c.min_workers <= c.num_workers:
+        raise ValueError(f"min_workers={c.min_workers!r} must be an int in [1, num_workers={c.num_workers}]")
+    for name in ("collective_timeout_s", "placement_timeout_s", "replace_timeout_s", "step_timeout_s"):
         if not getattr(c, name) > 0:
             raise ValueError(f"{name}={getattr(c, name)!r} must be > 0 seconds")
 

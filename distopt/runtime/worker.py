@@ -16,8 +16,11 @@ from torch.utils.data import default_collate
 from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.gradients import execute_with_gradients
+from distopt.optim import recovery
+from distopt.optim.plan import plan
 from distopt.optim.sharded import ShardedOptimizer
 from distopt.runtime import sampling
+from distopt.runtime.faults import maybe_fire
 from distopt.runtime.config import TrainConfig
 
 
@@ -45,9 +48,10 @@ class Worker:
     ``connect(host, port)``), then ``run_step(k)`` for each step, identically on every rank.
     """
 
-    def __init__(self, config: TrainConfig, rank: int, world_size: int | None = None) -> None:
-        self.config, self.rank = config, rank
+    def __init__(self, config: TrainConfig, rank: int, world_size: int | None = None, incarnation: int = 0) -> None:
+        self.config, self.rank, self.incarnation = config, rank, incarnation
         self.world_size = world_size or config.num_workers
+        self._step = -1  # 0-based step in flight, for fault injection
         self.device = _device(config.use_gpu)
         torch.manual_seed(config.seed)  # every rank builds the same initial weights
         model = config.model()
@@ -73,19 +77,62 @@ class Worker:
         """Use an existing communicator (in-process groups) and build the optimizer."""
         c = self.config
         self.comm = comm
-        self.optimizer = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage,
-                                          bucket_bytes=c.bucket_bytes, max_grad_norm=c.max_grad_norm)
+        self.optimizer = self._optimizer(comm, sync_params=True)
+
+    def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
+        c = self.config
+        opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
+                               max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant)
+        if c.faults:
+            opt.on_phase = lambda phase, _: self._inject(phase)
+        return opt
+
+    def _inject(self, phase: str) -> None:
+        maybe_fire(self.config.faults, self.rank, self.incarnation, self._step, phase)
+
+    def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
+                holder_of: list[int], old_world: int, local_host: str | None = None) -> None:
+        """Rejoin a re-formed group and return to update ``committed``; a collective.
+
+        Survivors roll back their shard and offer it (and their neighbour's replica); a
+        fresh replacement offers nothing. Every rank then rebuilds the committed parameters
+        and state and takes its shard of the new plan (``world_size`` may have shrunk).
+        """
+        mine = {}
+        if self.optimizer is not None:
+            self.optimizer.rollback(committed)
+            mine = recovery.packets(self.optimizer, self.rank)
+        if self.comm is not None:
+            self.comm.close()
+        self.rank, self.world_size = rank, world_size
+        c = self.config
+        comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
+                                 group_name=group_name, local_host=local_host or _local_host(host))
+        names, tensors = list(self.params), list(self.params.values())
+        shards = old_world if c.zero_stage >= 1 else 1
+        old_plan = plan([t.numel() for t in tensors], shards, max(1, c.bucket_bytes // tensors[0].element_size()))
+        params, full = recovery.assemble(comm, old_plan, c.optimizer, names, [t.shape for t in tensors], holder_of,
+                                         mine, committed, tensors[0].dtype, tensors[0].device)
+        with torch.no_grad():
+            for name, t in self.params.items():
+                t.copy_(params[name])
+        self.comm = comm
+        self.optimizer = self._optimizer(comm, sync_params=False)
+        self.optimizer.load_full_state_dict(full)
 
     def run_step(self, step: int) -> StepReport:
         """Compute this rank's gradients for 0-based ``step``, then the sharded update."""
         start = time.perf_counter()
         c = self.config
+        self._step = step
+        self._inject("data")
         indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
         losses, metrics, total, data_s = [], {}, None, 0.0
         for chunk in sampling.micro_batches(indices, c.gradient_accumulation_steps):
             t0 = time.perf_counter()
             batch = _to_device(default_collate([c.data[i] for i in chunk]), self.device)
             data_s += time.perf_counter() - t0
+            self._inject("compute")
             loss, grads, extra = self._gradients(batch)
             losses.append(loss)
             _add_metrics(metrics, extra)

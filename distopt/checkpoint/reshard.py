@@ -1,0 +1,111 @@
+"""Reshard on load: per-rank flat optimizer shards back into per-parameter state.
+
+A shard only fits the plan that cut it. Rebuilding the per-parameter full state dict from
+the saved plan lets a checkpoint written by N workers at any zero_stage load on M workers
+at any stage: the loader passes the result to ``ShardedOptimizer.load_full_state_dict``,
+which cuts the new rank's shard out of it.
+
+Memory: the whole optimizer state plus one field's flat buffer. A bounded-memory variant
+(one bucket at a time, reading only the byte ranges a new rank needs) is not written yet.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+
+import torch
+
+from distopt.checkpoint.format import CheckpointError
+from distopt.collectives.buckets import Layout
+from distopt.optim.plan import ShardPlan
+from distopt.optim.state_io import FORMAT as STATE_FORMAT
+
+
+def full_state_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, torch.Tensor]]) -> dict:
+    """Rebuild ``{param_name: {field: tensor shaped like the param}}`` from saved flat shards.
+
+    Args:
+        manifest: the checkpoint's manifest (plan, params, state_fields, rule, optimizer_step).
+        shard_tensors: shard rank -> field -> this rank's flat shard, for every rank of the
+            plan (at zero_stage 0 the plan has one rank: rank 0 holds everything).
+
+    Returns:
+        ``{"format": "distopt.sharded_state.v1.full", "step", "rule", "state"}``, the shape
+        of ``ShardedOptimizer.full_state_dict()``; tensors are new (not views of the shards).
+
+    Raises:
+        CheckpointError: the plan is inconsistent, ranks or fields are missing, or a shard
+            has the wrong size or dtype for the plan.
+    """
+    plan = plan_from_dict(manifest["plan"])
+    fields = list(manifest["state_fields"])
+    _check_shards(plan, fields, shard_tensors)
+    lay = plan.layout
+    state: dict[str, dict[str, torch.Tensor]] = {p["name"]: {} for p in manifest["params"]}
+    for field in fields:
+        flat = _gather(plan, [shard_tensors[r][field] for r in range(plan.world_size)])
+        for p, offset, numel in zip(manifest["params"], lay.offsets, lay.numels):
+            state[p["name"]][field] = flat[offset:offset + numel].reshape(p["shape"]).clone()
+    return {"format": STATE_FORMAT + ".full", "step": manifest["optimizer_step"], "rule": manifest["rule"],
+            "state": state}
+
+
+def plan_from_dict(d: dict) -> ShardPlan:
+    """Rebuild a :class:`ShardPlan` from ``ShardPlan.to_dict()`` output, checking it is consistent.
+
+    Raises:
+        CheckpointError: the dict is not a plan ``plan()`` could have made.
+    """
+    try:
+        buckets = tuple((int(s), int(e)) for s, e in d["buckets"])
+        offsets, numels = tuple(int(o) for o in d["offsets"]), tuple(int(n) for n in d["numels"])
+        starts = [s for s, _ in buckets]
+        # Which bucket holds each tensor: the last one starting at or before its offset.
+        bucket_of = tuple(max(0, bisect_right(starts, o) - 1) for o in offsets)
+        plan = ShardPlan(int(d["world_size"]), int(d["align"]), Layout(offsets, numels, buckets, int(d["total"]),
+                                                                       bucket_of))
+        ok = plan.world_size >= 1 and _covers(plan) and plan.to_dict() == d
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"saved plan is malformed ({type(e).__name__}: {e}). Fix: use another checkpoint") \
+            from None
+    if not ok:
+        raise CheckpointError(f"saved plan {d!r} is inconsistent (buckets do not tile the buffer, split evenly "
+                              f"over its ranks or hold their tensors). Fix: use another checkpoint")
+    return plan
+
+
+def _covers(plan: ShardPlan) -> bool:
+    lay, pos = plan.layout, 0
+    for start, end in lay.buckets:
+        if start != pos or end < start or (end - start) % plan.world_size:
+            return False
+        pos = end
+    inside = all(lay.buckets[b][0] <= o and o + n <= lay.buckets[b][1]
+                 for o, n, b in zip(lay.offsets, lay.numels, lay.bucket_of))
+    return pos == lay.total and inside and len(lay.offsets) == len(lay.numels)
+
+
+def _check_shards(plan: ShardPlan, fields: list[str], shard_tensors: dict) -> None:
+    want = list(range(plan.world_size))
+    if sorted(shard_tensors) != want:
+        raise CheckpointError(f"got shards of ranks {sorted(shard_tensors)}; the saved plan needs exactly {want}. "
+                              f"Fix: read every shard of the checkpoint (read_shards)")
+    numel = plan.shard_numel()
+    for rank, shard in shard_tensors.items():
+        if sorted(shard) != sorted(fields):
+            raise CheckpointError(f"shard {rank} holds fields {sorted(shard)}, the manifest lists {sorted(fields)}. "
+                                  f"Fix: use another checkpoint")
+        for field, t in shard.items():
+            if t.numel() != numel or t.dtype != shard_tensors[0][field].dtype:
+                raise CheckpointError(f"shard {rank} field {field!r} has {t.numel()} {t.dtype} elements; the plan "
+                                      f"gives every rank {numel}. Fix: use another checkpoint")
+
+
+def _gather(plan: ShardPlan, shards: list[torch.Tensor]) -> torch.Tensor:
+    # The inverse of the optimizer's cut: rank r's flat shard is its range of every bucket, in bucket order.
+    flat = shards[0].new_zeros(plan.layout.total)
+    for rank, shard in enumerate(shards):
+        shard, pos = shard.reshape(-1), 0
+        for start, end in plan.ranges(rank):
+            flat[start:end].copy_(shard[pos:pos + end - start])
+            pos += end - start
+    return flat
