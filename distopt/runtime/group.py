@@ -1,13 +1,15 @@
 """The Ray side: worker actors in a placement group, rendezvous through Ray.
 
-``ray.remote`` is applied here, to a thin actor around the plain :class:`Worker`. The
-driver never blocks on one actor while another has failed: results are collected with
-``ray.wait`` and the first failure is raised at once, with the worker's rank.
+``ray.remote`` is applied here, to a thin actor around the plain :class:`Worker`. Step
+results come back as :class:`Outcome` records (report or failure, per rank) collected with
+``ray.wait`` against deadlines, so a dead, stopped or failing worker is seen in seconds
+and never waited on forever.
 """
 from __future__ import annotations
 
 import re
 import socket
+import time
 import uuid
 
 import ray
@@ -15,23 +17,26 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distopt.collectives.base import CollectiveError
 from distopt.runtime.config import TrainConfig
-from distopt.runtime.errors import PlacementError, WorkerError, WorkerLost
+from distopt.runtime.errors import PlacementError, TrainingError, WorkerError, WorkerLost
+from distopt.runtime.policy import Outcome, WorkerStatus
 from distopt.runtime.worker import StepReport, Worker
 
 
 class WorkerActor:
     """Holds one :class:`Worker` in a Ray actor process."""
 
-    def __init__(self, config: TrainConfig, rank: int, num_threads: int) -> None:
+    def __init__(self, config: TrainConfig, rank: int, num_threads: int, incarnation: int = 0) -> None:
         import torch
         torch.set_num_threads(max(1, num_threads))  # one actor per CPU bundle: no oversubscription
-        self.config, self.rank = config, rank
+        self.config, self.rank, self.incarnation = config, rank, incarnation
         self.worker: Worker | None = None
 
-    def setup(self) -> None:
+    def setup(self) -> dict:
         # Not in __init__: an error in a method reaches the driver as the user's exception.
-        self.worker = Worker(self.config, self.rank)
+        self.worker = Worker(self.config, self.rank, incarnation=self.incarnation)
+        return {"node_id": ray.get_runtime_context().get_node_id()}
 
     def address(self, loopback: bool) -> tuple[str, int]:
         """This node's address and a port that was free on it, for rank 0's store."""
@@ -41,8 +46,12 @@ class WorkerActor:
             return host, s.getsockname()[1]
 
     def connect(self, host: str, port: int, group_name: str, loopback: bool) -> None:
-        local = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-        self.worker.connect(host, port, group_name, local_host=local)
+        self.worker.connect(host, port, group_name, local_host=_local(loopback))
+
+    def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
+                holder_of: list[int], old_world: int, keep: int, loopback: bool) -> None:
+        self.worker.recover(host, port, group_name, rank, world_size, committed, holder_of, old_world,
+                            keep=keep, local_host=_local(loopback))
 
     def run_step(self, step: int) -> StepReport:
         return self.worker.run_step(step)
@@ -53,40 +62,109 @@ class WorkerActor:
     def info(self) -> dict:
         return {**self.worker.info(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    def close(self) -> None:
-        self.worker.close()
+
+def _local(loopback: bool) -> str:
+    return "127.0.0.1" if loopback else ray.util.get_node_ip_address()
 
 
 class RayWorkerGroup:
     """``num_workers`` actors, one per placement-group bundle, joined in one collective group."""
 
     def __init__(self, config: TrainConfig, loopback: bool) -> None:
-        self.config = config
+        self.config, self.loopback = config, loopback
         self.pg = _place(config)
-        self.actors = []
+        self.actors: list = []
+        self.bundles: list[int] = []  # placement-group bundle of each rank's actor
+        self.incarnations = 0
+        self.nodes: list[str] = []
+        self._actor_cls = ray.remote(WorkerActor)
+        self._cfg_ref = ray.put(config)
         try:
-            self._start(config, loopback)
+            self.actors = [self._spawn(r, r) for r in range(config.num_workers)]
+            self.bundles = list(range(config.num_workers))
+            self.nodes = [i["node_id"] for i in self._gather([a.setup.remote() for a in self.actors], "setup")]
+            self._rendezvous(lambda r, a, host, port, name: a.connect.remote(host, port, name, loopback))
         except BaseException:
             self.close()
             raise
 
-    def _start(self, config: TrainConfig, loopback: bool) -> None:
-        resources = {"num_cpus": config.num_cpus_per_worker, "num_gpus": 1 if config.use_gpu else 0}
-        actor_cls = ray.remote(WorkerActor)
-        cfg_ref = ray.put(config)
-        for rank in range(config.num_workers):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=rank)
-            self.actors.append(actor_cls.options(scheduling_strategy=strategy, max_restarts=0, **resources)
-                               .remote(cfg_ref, rank, int(config.num_cpus_per_worker)))
-        self._gather([a.setup.remote() for a in self.actors], "setup")
-        host, port = self._gather([self.actors[0].address.remote(loopback)], "setup", ranks=[0])[0]
+    def _spawn(self, rank: int, bundle: int, incarnation: int = 0):
+        c = self.config
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
+        return self._actor_cls.options(scheduling_strategy=strategy, max_restarts=0, num_cpus=c.num_cpus_per_worker,
+                                       num_gpus=1 if c.use_gpu else 0).remote(
+            self._cfg_ref, rank, int(c.num_cpus_per_worker), incarnation)
+
+    def _rendezvous(self, call) -> None:
+        host, port = self._gather([self.actors[0].address.remote(self.loopback)], "rendezvous", ranks=[0])[0]
         name = f"distopt-{uuid.uuid4().hex[:8]}"
-        self._gather([a.connect.remote(host, port, name, loopback) for a in self.actors], "setup")
+        self._gather([call(r, a, host, port, name) for r, a in enumerate(self.actors)], "rendezvous")
 
-    def run_step(self, step: int) -> list[StepReport]:
-        """Run 0-based ``step`` on every actor; reports in rank order."""
-        return self._gather([a.run_step.remote(step) for a in self.actors], f"step {step}")
+    # --- steps ----------------------------------------------------------------------
+    def run_step(self, step: int) -> list[Outcome]:
+        """Run 0-based ``step`` on every actor; one :class:`Outcome` per rank, in rank order.
 
+        Waits at most ``step_timeout_s``; once a rank has failed, the others get
+        ``collective_timeout_s`` plus a margin to report before they count as hung.
+        """
+        refs = [a.run_step.remote(step) for a in self.actors]
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        outcomes: dict[int, Outcome] = {}
+        deadline = time.monotonic() + self.config.step_timeout_s
+        pending = list(refs)
+        while pending:
+            left = deadline - time.monotonic()
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, left))
+            if not done:
+                break
+            for ref in done:
+                outcome = _outcome(ref, rank_of[ref])
+                outcomes[outcome.status.rank] = outcome
+                if not outcome.status.ok:
+                    deadline = min(deadline, time.monotonic() + self.config.collective_timeout_s + 5.0)
+        for ref in pending:
+            r = rank_of[ref]
+            outcomes[r] = Outcome(WorkerStatus(r, ok=False, hung=True))
+        return [outcomes[r] for r in range(len(refs))]
+
+    # --- recovery -------------------------------------------------------------------
+    def replace(self, lost: tuple[int, ...]) -> bool:
+        """Start new actors for ``lost`` ranks in their bundles; False if none fits in time."""
+        self.kill(lost)
+        self.incarnations += 1
+        fresh = {r: self._spawn(r, self.bundles[r], self.incarnations) for r in lost}
+        refs = {r: a.setup.remote() for r, a in fresh.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.replace_timeout_s)
+        if len(ready) < len(refs):
+            for a in fresh.values():
+                ray.kill(a, no_restart=True)
+            return False
+        for r, a in fresh.items():
+            self.nodes[r] = _get(refs[r], r, "replacement setup")["node_id"]
+            self.actors[r] = a
+        return True
+
+    def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int, keep: int) -> None:
+        """Re-form the collective group from ``order`` (old ranks, new rank = position)."""
+        self.actors = [self.actors[o] for o in order]
+        self.bundles = [self.bundles[o] for o in order]
+        self.nodes = [self.nodes[o] for o in order]
+        world = len(order)
+        self._rendezvous(lambda r, a, host, port, name: a.recover.remote(
+            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback))
+        if keep < world:
+            self.kill(tuple(range(keep, world)))
+            del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
+
+    def kill(self, ranks: tuple[int, ...]) -> None:
+        """Kill the actors of ``ranks`` (dead, hung or dropped)."""
+        for r in ranks:
+            try:
+                ray.kill(self.actors[r], no_restart=True)
+            except Exception:  # already gone
+                pass
+
+    # --- results --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Rank 0's model weights on CPU."""
         return self._gather([self.actors[0].state_dict.remote()], "state_dict", ranks=[0])[0]
@@ -97,11 +175,7 @@ class RayWorkerGroup:
 
     def close(self) -> None:
         """Kill the actors and free their bundles; safe after any failure."""
-        for a in self.actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:  # an actor that already died is fine
-                pass
+        self.kill(tuple(range(len(self.actors))))
         self.actors = []
         if self.pg is not None:
             remove_placement_group(self.pg)
@@ -113,22 +187,51 @@ class RayWorkerGroup:
         rank_of = {ref: r for ref, r in zip(refs, ranks)}
         results, pending = {}, list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.config.step_timeout_s)
+            if not done:
+                raise TrainingError(f"{phase}: ranks {[rank_of[p] for p in pending]} did not answer within "
+                                    f"step_timeout_s={self.config.step_timeout_s:g}")
             for ref in done:
                 results[ref] = _get(ref, rank_of[ref], phase)
         return [results[ref] for ref in refs]
+
+
+def _outcome(ref, rank: int) -> Outcome:
+    try:
+        return Outcome(WorkerStatus(rank), ray.get(ref))
+    except RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+        if isinstance(cause, CollectiveError):
+            return Outcome(WorkerStatus(rank, ok=False, collective_error=str(cause)[:300]), cause=cause)
+        return Outcome(WorkerStatus(rank, ok=False, user_error=_headline(e, cause)), cause=e)
+    except RayActorError as e:
+        return Outcome(WorkerStatus(rank, ok=False, dead=True), cause=e)
 
 
 def _get(ref, rank: int, phase: str):
     try:
         return ray.get(ref)
     except RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
-        headline = f"{type(cause).__name__}: {cause}" if cause is not None else "see the traceback"
-        trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        raise WorkerError(rank, phase, f"{headline}\n\nworker traceback:\n{trace}", cause) from None
+        raise _worker_error(e, rank, phase) from None
     except RayActorError as e:
         raise WorkerLost(rank, phase, str(e).strip().splitlines()[0] if str(e).strip() else "actor died") from None
+
+
+def _headline(e: RayTaskError, cause: BaseException | None) -> str:
+    return f"{type(cause).__name__}: {cause}" if cause is not None else "see the traceback"
+
+
+def _worker_error(e: RayTaskError, rank: int, phase: str) -> WorkerError:
+    cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
+    trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    return WorkerError(rank, phase, f"{_headline(e, cause)}\n\nworker traceback:\n{trace}", cause)
+
+
+def worker_error(outcome: Outcome, phase: str) -> WorkerError:
+    """The exception to raise for a user error reported in ``outcome``."""
+    if isinstance(outcome.cause, RayTaskError):
+        return _worker_error(outcome.cause, outcome.status.rank, phase)
+    return WorkerError(outcome.status.rank, phase, outcome.status.user_error or "failed", outcome.cause)
 
 
 def _place(config: TrainConfig):

@@ -9,7 +9,8 @@ import threading
 from distopt.collectives.in_process import RankFailure, in_process, run_ranks
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import WorkerError
-from distopt.runtime.worker import StepReport, Worker
+from distopt.runtime.policy import Outcome, WorkerStatus
+from distopt.runtime.worker import Worker
 
 _build_lock = threading.Lock()  # torch.manual_seed is process-global: build models one at a time
 
@@ -31,9 +32,10 @@ class LocalWorkerGroup:
             except Exception as e:
                 raise WorkerError(rank, "setup", f"{type(e).__name__}: {e}", e) from e
 
-    def run_step(self, step: int) -> list[StepReport]:
-        """Run 0-based ``step`` on every rank; reports in rank order."""
-        return self._call(f"step {step}", lambda w: w.run_step(step), self.workers)
+    def run_step(self, step: int) -> list[Outcome]:
+        """Run 0-based ``step`` on every rank; any failure raises (threads cannot be replaced)."""
+        reports = self._call(f"step {step}", lambda w: w.run_step(step), self.workers)
+        return [Outcome(WorkerStatus(r.rank), r) for r in reports]
 
     def state_dict(self) -> dict:
         """Rank 0's model weights on CPU."""

@@ -5,7 +5,7 @@ No Ray and no cluster: it is tested with made-up status records.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,15 @@ class WorkerStatus:
     hung: bool = False  # alive but missed the step deadline (it will be killed)
     user_error: str | None = None  # user code raised: not something a retry fixes
     collective_error: str | None = None  # a peer failed under it
+
+
+@dataclass
+class Outcome:
+    """One rank's end of a step: its report, or how it failed (with the exception, if any)."""
+
+    status: WorkerStatus
+    report: Any = None
+    cause: BaseException | None = None
 
 
 class Decision(NamedTuple):

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
+from distopt.runtime.controller import Controller, RunFailed
 from distopt.runtime.progress import RunLog
-from distopt.runtime.worker import StepReport
 
 log = logging.getLogger("distopt")
 
@@ -52,7 +52,13 @@ class Trainer:
             ``"ray://host:port"`` joins one; ``"local"`` runs without Ray (threads).
         num_cpus_per_worker, placement_strategy: Ray placement of each worker.
         collective_timeout_s: seconds a collective may block before the step fails.
-        max_failures: failures tolerated before the run gives up.
+        max_failures: worker failures survived before the run gives up; 0 turns fault
+            tolerance (and its in-memory redundancy) off.
+        min_workers: fewest workers a shrink may leave when no replacement can be placed.
+        replace_timeout_s: seconds to wait for a replacement worker before shrinking.
+        step_timeout_s: a step that takes longer counts its silent workers as hung.
+        faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
+            purpose (chaos testing).
         checkpoint_dir: not available yet (fault-tolerance milestone); must be None.
 
     Raises:
@@ -65,23 +71,24 @@ class Trainer:
                  log_every: int = 10, out_dir: str | None = None, progress: bool | None = None,
                  ray_address: str | None = None, num_cpus_per_worker: float = 1, placement_strategy: str = "PACK",
                  collective_timeout_s: float = 60.0, placement_timeout_s: float = 30.0,
-                 bucket_bytes: int = 25 * 2**20, max_failures: int = 3, checkpoint_dir: str | None = None) -> None:
+                 bucket_bytes: int = 25 * 2**20, max_failures: int = 3, min_workers: int = 1,
+                 replace_timeout_s: float = 30.0, step_timeout_s: float = 300.0, faults: tuple = (),
+                 checkpoint_dir: str | None = None) -> None:
         self.config = TrainConfig(
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
             num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
             gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
             bucket_bytes=bucket_bytes, num_cpus_per_worker=num_cpus_per_worker,
             placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
-            placement_timeout_s=placement_timeout_s)
+            placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
+            replace_timeout_s=replace_timeout_s, step_timeout_s=step_timeout_s, faults=tuple(faults))
         if not isinstance(log_every, int) or log_every < 0:
             raise ValueError(f"log_every={log_every!r} must be an int >= 0 (0: no log lines)")
-        if not isinstance(max_failures, int) or max_failures < 0:
-            raise ValueError(f"max_failures={max_failures!r} must be an int >= 0")
         if checkpoint_dir is not None:
             raise ValueError("checkpoint_dir is not supported yet (it arrives with fault-tolerant checkpoints): "
                              "pass checkpoint_dir=None")
         self.log_every, self.out_dir, self.progress = log_every, out_dir, progress
-        self.ray_address, self.max_failures = ray_address, max_failures
+        self.ray_address = ray_address
 
     def fit(self, steps: int) -> FitResult:
         """Train until the step count reaches ``steps``; returns weights, history, failures.
@@ -104,32 +111,18 @@ class Trainer:
     def _loop(self, group: Any, steps: int) -> FitResult:
         c = self.config
         run_log = RunLog(steps, c.global_batch_size, self.out_dir, self.log_every, self.progress)
-        history = []
-        for k in range(steps):
-            t0 = time.perf_counter()
-            reports = group.run_step(k)
-            entry = _history_entry(k + 1, reports, time.perf_counter() - t0, c.global_batch_size)
-            history.append(entry)
-            run_log.record(entry)
+        controller = Controller(group, c, run_log.record)
+        try:
+            controller.run(0, steps)
+        except RunFailed as e:
+            run_log.close()
+            raise
         infos = group.info()
-        summary = run_log.close()
-        summary.update(state_bytes_per_worker=infos[0]["state_bytes"],
-                       state_bytes_unsharded=infos[0]["state_bytes_unsharded"],
-                       num_params=infos[0]["num_params"], num_workers=c.num_workers, zero_stage=c.zero_stage,
-                       nodes=len({i.get("node_id") for i in infos}))
-        return FitResult(group.state_dict(), history, [], summary)
-
-
-def _history_entry(step: int, reports: list[StepReport], wall: float, batch: int) -> dict:
-    n = len(reports)
-    entry = {"step": step, "loss": sum(r.loss for r in reports) / n, "time_s": wall,
-             "samples_per_s": batch / wall if wall > 0 else 0.0,
-             "data_s": max(r.data_s for r in reports), "compute_s": max(r.compute_s for r in reports),
-             "comm_s": max(r.comm_s for r in reports), "update_s": max(r.update_s for r in reports),
-             "grad_norm": reports[0].grad_norm, "skipped": reports[0].skipped}
-    for key in reports[0].metrics:
-        entry[key] = sum(r.metrics.get(key, 0.0) for r in reports) / n
-    return entry
+        summary = run_log.close({
+            "state_bytes_per_worker": infos[0]["state_bytes"], "state_bytes_unsharded": infos[0]["state_bytes_unsharded"],
+            "num_params": infos[0]["num_params"], "num_workers": len(infos), "zero_stage": c.zero_stage,
+            "nodes": len({i.get("node_id") for i in infos}), "failures": len(controller.failures)})
+        return FitResult(group.state_dict(), controller.history, controller.failures, summary)
 
 
 class _Cluster:

@@ -39,6 +39,7 @@ class StepReport:
     time_s: float = 0.0
     grad_norm: float = 0.0
     skipped: bool = False
+    updates: int = 0  # optimizer updates applied so far
 
 
 class Worker:
@@ -91,12 +92,13 @@ class Worker:
         maybe_fire(self.config.faults, self.rank, self.incarnation, self._step, phase)
 
     def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
-                holder_of: list[int], old_world: int, local_host: str | None = None) -> None:
+                holder_of: list[int], old_world: int, keep: int | None = None, local_host: str | None = None) -> None:
         """Rejoin a re-formed group and return to update ``committed``; a collective.
 
         Survivors roll back their shard and offer it (and their neighbour's replica); a
         fresh replacement offers nothing. Every rank then rebuilds the committed parameters
-        and state and takes its shard of the new plan (``world_size`` may have shrunk).
+        and state. The first ``keep`` ranks (all by default) go on in a group of their own
+        and take their shard of the new plan; the others are left idle, to be dropped.
         """
         mine = {}
         if self.optimizer is not None:
@@ -116,9 +118,17 @@ class Worker:
         with torch.no_grad():
             for name, t in self.params.items():
                 t.copy_(params[name])
-        self.comm = comm
-        self.optimizer = self._optimizer(comm, sync_params=False)
-        self.optimizer.load_full_state_dict(full)
+        keep = world_size if keep is None else keep
+        if keep < world_size:
+            # The kept ranks need a group of their own size; rank 0's store serves it too.
+            kept = TorchCommunicator(rank, keep, host, port, c.backend, c.collective_timeout_s, store=comm._store,
+                                     group_name=group_name + "/kept") if rank < keep else None
+            comm.close()
+            comm, self.world_size = kept, keep
+        self.comm, self.optimizer = comm, None
+        if comm is not None:
+            self.optimizer = self._optimizer(comm, sync_params=False)
+            self.optimizer.load_full_state_dict(full)
 
     def run_step(self, step: int) -> StepReport:
         """Compute this rank's gradients for 0-based ``step``, then the sharded update."""
@@ -143,7 +153,7 @@ class Worker:
         info = self.optimizer.step(total)
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
-                          info.grad_norm, info.skipped)
+                          info.grad_norm, info.skipped, info.step)
 
     def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
         # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.

@@ -1,0 +1,136 @@
+"""The step controller: run a step everywhere, commit it, or recover and redo it.
+
+Commit, then step: step k enters the history only when every rank reported it. After a
+failure the survivors return to the last commit, lost ranks are replaced (or the group
+shrinks), the group is re-formed, and step k is redone on the same data, so the history
+holds every step exactly once and the weights match a run without the failure.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from distopt.optim.recovery import holders
+from distopt.runtime import policy
+from distopt.runtime.config import TrainConfig
+from distopt.runtime.errors import TrainingError
+from distopt.runtime.worker import StepReport
+
+log = logging.getLogger("distopt")
+
+_PHASE_OF_OP = {"reduce_scatter": "grad_collective", "allreduce": "grad_collective", "shift": "shard_update",
+                "allgather": "param_gather", "broadcast": "recovery"}
+
+
+class RunFailed(TrainingError):
+    """The run gave up: past ``max_failures``, or no way to go on. ``failures`` has every record."""
+
+    def __init__(self, message: str, failures: list[dict]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+class Controller:
+    """Drives a worker group through ``steps``; ``on_commit(entry)`` sees each committed step."""
+
+    def __init__(self, group: Any, config: TrainConfig, on_commit: Callable[[dict], None]) -> None:
+        self.group, self.config, self.on_commit = group, config, on_commit
+        self.history: list[dict] = []
+        self.failures: list[dict] = []
+        self.committed_updates = 0
+
+    def run(self, start: int, steps: int) -> None:
+        """Run 0-based steps ``start .. steps-1``, recovering from failures on the way."""
+        k = start
+        while k < steps:
+            t0 = time.perf_counter()
+            outcomes = self.group.run_step(k)
+            statuses = [o.status for o in outcomes]
+            decision = self._decide(statuses, can_replace=True)
+            if decision.action == "continue":
+                self._commit(k, [o.report for o in outcomes], time.perf_counter() - t0)
+                k += 1
+                continue
+            self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
+
+    def _decide(self, statuses, can_replace: bool) -> policy.Decision:
+        c = self.config
+        return policy.decide(statuses, len(self.failures), c.max_failures, c.min_workers, c.global_batch_size,
+                             c.gradient_accumulation_steps, can_replace)
+
+    def _commit(self, k: int, reports: list[StepReport], wall: float) -> None:
+        self.committed_updates = reports[0].updates
+        entry = history_entry(k + 1, reports, wall, self.config.global_batch_size)
+        self.history.append(entry)
+        self.on_commit(entry)
+
+    def _recover(self, k: int, outcomes, decision: policy.Decision, detect_s: float) -> None:
+        if decision.action == "fail" or not self.config.fault_tolerant:
+            self._give_up(k, outcomes, decision)
+        t1 = time.perf_counter()
+        if decision.action == "replace" and not self.group.replace(decision.lost):
+            decision = self._decide([o.status for o in outcomes], can_replace=False)
+            if decision.action == "fail":
+                self._give_up(k, outcomes, decision)
+        t2 = time.perf_counter()
+        old_world = len(outcomes)
+        if decision.action == "replace" or decision.action == "retry":
+            order, alive = list(range(old_world)), {r: r for r in range(old_world) if r not in decision.lost}
+        else:
+            order = [r for r in range(old_world) if r not in decision.lost]
+            alive = {o: n for n, o in enumerate(order)}
+        shards = old_world if self.config.zero_stage >= 1 else 1
+        self.group.regroup(self.committed_updates, order, holders(shards, alive, shards > 1), old_world,
+                           keep=decision.world_size)
+        t3 = time.perf_counter()
+        self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2)
+
+    def _record(self, k: int, outcomes, decision: policy.Decision, detect_s: float, replace_s: float,
+                restore_s: float) -> None:
+        observed = _observed_phase(outcomes)
+        nodes = getattr(self.group, "nodes", [])
+        lost = decision.lost or (None,)
+        for rank in lost:
+            status = outcomes[rank].status if rank is not None else None
+            record = {"step": k + 1, "rank": rank, "node": nodes[rank] if rank is not None and rank < len(nodes)
+                      else None, "phase": observed,
+                      "cause": "hung (missed the step deadline)" if status and status.hung else
+                      "process died" if status else "collective failed, every worker alive",
+                      "action": decision.action, "world_size": decision.world_size,
+                      "detect_s": detect_s, "replace_s": replace_s, "restore_s": restore_s}
+            self.failures.append(record)
+            log.warning("step %d: rank %s failed (%s, seen in %s); %s -> %d workers, detect %.2fs replace %.2fs "
+                        "restore %.2fs", k + 1, rank, record["cause"], observed, decision.action,
+                        decision.world_size, detect_s, replace_s, restore_s)
+
+    def _give_up(self, k: int, outcomes, decision: policy.Decision) -> None:
+        from distopt.runtime.group import worker_error
+        for o in outcomes:
+            if o.status.user_error:
+                raise worker_error(o, f"step {k}")
+        lost = [o.status.rank for o in outcomes if o.status.dead or o.status.hung]
+        self._record(k, outcomes, decision, 0.0, 0.0, 0.0) if lost else None
+        raise RunFailed(f"step {k + 1}: {decision.reason}; ranks lost {lost}", self.failures)
+
+
+def history_entry(step: int, reports: list[StepReport], wall: float, batch: int) -> dict:
+    """One committed step as the history keeps it: means over ranks, slowest phase times."""
+    n = len(reports)
+    entry = {"step": step, "loss": sum(r.loss for r in reports) / n, "time_s": wall,
+             "samples_per_s": batch / wall if wall > 0 else 0.0,
+             "data_s": max(r.data_s for r in reports), "compute_s": max(r.compute_s for r in reports),
+             "comm_s": max(r.comm_s for r in reports), "update_s": max(r.update_s for r in reports),
+             "grad_norm": reports[0].grad_norm, "skipped": reports[0].skipped}
+    for key in reports[0].metrics:
+        entry[key] = sum(r.metrics.get(key, 0.0) for r in reports) / n
+    return entry
+
+
+def _observed_phase(outcomes) -> str:
+    for o in outcomes:
+        message = o.status.collective_error or ""
+        for op, phase in _PHASE_OF_OP.items():
+            if message.startswith(op):
+                return phase
+    return "unknown (no survivor reached a collective)"
