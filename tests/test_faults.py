@@ -1,0 +1,66 @@
+"""Real process kills during training: every step redone once, the same bits at the end."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import distopt
+from distopt.optim import adam
+from distopt.runtime.faults import Fault
+from trainer_task import loss, make_data, make_model
+
+STEPS = 8
+
+
+def _fit(stage, faults=(), workers=2, **kw):
+    trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2, weight_decay=0.01),
+                              global_batch_size=16, num_workers=workers, zero_stage=stage, seed=0, log_every=0,
+                              collective_timeout_s=4, replace_timeout_s=20, faults=faults, **kw)
+    return trainer.fit(steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def clean(ray_cluster):
+    return {stage: _fit(stage) for stage in (1, 2)}
+
+
+def _same(a, b):
+    return all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+@pytest.mark.parametrize("phase", ["data", "compute", "grad_collective", "shard_update", "param_gather"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sigkill_at_each_phase_costs_no_step_and_no_bit(clean, stage, phase):
+    t0 = time.monotonic()
+    result = _fit(stage, faults=(Fault(rank=1, step=4, phase=phase),))
+    assert _same(result, clean[stage]), "recovery changed the final weights"
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in clean[stage].history]
+    (failure,) = result.failures
+    assert failure["rank"] == 1 and failure["step"] == 5 and failure["action"] == "replace"
+    assert failure["cause"] == "process died"
+    assert time.monotonic() - t0 < 90
+
+
+def test_two_failures_in_one_run(clean):
+    faults = (Fault(rank=0, step=2, phase="grad_collective"), Fault(rank=1, step=5, phase="param_gather"))
+    result = _fit(1, faults=faults)
+    assert _same(result, clean[1])
+    assert [(f["rank"], f["step"]) for f in result.failures] == [(0, 3), (1, 6)]
+
+
+def test_stopped_worker_is_detected_by_deadline_and_replaced(clean):
+    result = _fit(2, faults=(Fault(rank=0, step=3, phase="compute", action="stop"),))
+    assert _same(result, clean[2])
+    (failure,) = result.failures
+    assert failure["rank"] == 0 and failure["cause"].startswith("hung")
+    assert failure["detect_s"] < 4 + 5 + 5  # collective timeout + margin + the step itself
+
+
+def test_past_max_failures_the_run_raises_with_the_records(ray_cluster):
+    faults = (Fault(rank=0, step=1, phase="compute"), Fault(rank=1, step=3, phase="compute"))
+    with pytest.raises(distopt.TrainingError, match="exceed max_failures=1") as info:
+        _fit(1, faults=faults, max_failures=1)
+    assert [f["step"] for f in info.value.failures] == [2, 4]
