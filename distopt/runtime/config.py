@@ -36,6 +36,9 @@ class TrainConfig:
     replace_timeout_s: float = 30.0
     step_timeout_s: float = 300.0
     faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end of fit
+    keep_last: int = 3
 
     @property
     def fault_tolerant(self) -> bool:
@@ -88,6 +91,10 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"num_cpus_per_worker={c.num_cpus_per_worker!r} must be > 0")
     if not isinstance(c.max_failures, int) or c.max_failures < 0:
         raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
+    if not isinstance(c.checkpoint_every, int) or c.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={c.checkpoint_every!r} must be an int >= 0 (0: only at the end)")
+    if not isinstance(c.keep_last, int) or c.keep_last < 1:
+        raise ValueError(f"keep_last={c.keep_last!r} must be an int >= 1")
     if not isinstance(c.min_workers, int) or not 1 <= c.min_workers <= c.num_workers:
         raise ValueError(f"min_workers={c.min_workers!r} must be an int in [1, num_workers={c.num_workers}]")
     for name in ("collective_timeout_s", "placement_timeout_s", "replace_timeout_s", "step_timeout_s"):

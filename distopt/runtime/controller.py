@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from distopt.optim.recovery import holders
 from distopt.runtime import policy
+from distopt.runtime.checkpointing import Coordinator
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import TrainingError
 from distopt.runtime.worker import StepReport
@@ -34,12 +35,28 @@ class RunFailed(TrainingError):
 class Controller:
     """Drives a worker group through ``steps``; ``on_commit(entry)`` sees each committed step."""
 
-    def __init__(self, group: Any, config: TrainConfig, on_commit: Callable[[dict], None]) -> None:
+    def __init__(self, group: Any, config: TrainConfig, on_commit: Callable[[dict], None],
+                 committed_updates: int = 0) -> None:
         self.group, self.config, self.on_commit = group, config, on_commit
         self.history: list[dict] = []
         self.failures: list[dict] = []
-        self.committed_updates = 0
+        self.committed_updates = committed_updates
+        self.world_size = config.num_workers
+        self.checkpoints = Coordinator(config.checkpoint_dir, config.keep_last) if config.checkpoint_dir else None
 
+    def _shard_ranks(self) -> int:
+        return self.world_size if self.config.zero_stage >= 1 else 1
+
+    def finish(self, steps: int) -> list[int]:
+        """After the last step: wait for checkpoint writes, write the final one; steps checkpointed."""
+        if self.checkpoints is None:
+            return []
+        self.checkpoints.add(self.group.flush_checkpoints())
+        self.checkpoints.finish(steps, self._shard_ranks())
+        if steps not in self.checkpoints.written and not _exists(self.config.checkpoint_dir, steps):
+            self.checkpoints.add(self.group.checkpoint(steps))
+            self.checkpoints.finish(steps, self._shard_ranks())
+        return self.checkpoints.written
     def run(self, start: int, steps: int) -> None:
         """Run 0-based steps ``start .. steps-1``, recovering from failures on the way."""
         k = start
@@ -61,6 +78,9 @@ class Controller:
 
     def _commit(self, k: int, reports: list[StepReport], wall: float) -> None:
         self.committed_updates = reports[0].updates
+        if self.checkpoints is not None:
+            self.checkpoints.add([r for rep in reports for r in rep.checkpoints])
+            self.checkpoints.finish(k + 1, self._shard_ranks())
         entry = history_entry(k + 1, reports, wall, self.config.global_batch_size)
         self.history.append(entry)
         self.on_commit(entry)
@@ -83,6 +103,9 @@ class Controller:
         shards = old_world if self.config.zero_stage >= 1 else 1
         self.group.regroup(self.committed_updates, order, holders(shards, alive, shards > 1), old_world,
                            keep=decision.world_size)
+        self.world_size = decision.world_size
+        if self.checkpoints is not None:
+            self.checkpoints.forget_after(k)
         t3 = time.perf_counter()
         self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2)
 
@@ -125,6 +148,11 @@ def history_entry(step: int, reports: list[StepReport], wall: float, batch: int)
     for key in reports[0].metrics:
         entry[key] = sum(r.metrics.get(key, 0.0) for r in reports) / n
     return entry
+
+
+def _exists(root: str, step: int) -> bool:
+    from distopt.checkpoint import list_checkpoints, step_dir
+    return step_dir(root, step) in list_checkpoints(root)
 
 
 def _observed_phase(outcomes) -> str:

@@ -56,6 +56,15 @@ class WorkerActor:
     def run_step(self, step: int) -> StepReport:
         return self.worker.run_step(step)
 
+    def checkpoint(self, steps_done: int) -> list[dict]:
+        return self.worker.checkpoint(steps_done, wait=True)
+
+    def flush_checkpoints(self) -> list[dict]:
+        return self.worker.flush_checkpoints()
+
+    def load(self, model_state: dict, full_state: dict) -> None:
+        self.worker.load(model_state, full_state)
+
     def state_dict(self) -> dict:
         return self.worker.state_dict()
 
@@ -163,6 +172,22 @@ class RayWorkerGroup:
                 ray.kill(self.actors[r], no_restart=True)
             except Exception:  # already gone
                 pass
+
+    # --- checkpoints ----------------------------------------------------------------
+    def checkpoint(self, steps_done: int) -> list[dict]:
+        """Every rank writes its part now and waits; their file records."""
+        return [r for rs in self._gather([a.checkpoint.remote(steps_done) for a in self.actors], "checkpoint")
+                for r in rs]
+
+    def flush_checkpoints(self) -> list[dict]:
+        """Wait for background checkpoint writes; their file records."""
+        return [r for rs in self._gather([a.flush_checkpoints.remote() for a in self.actors], "checkpoint")
+                for r in rs]
+
+    def load(self, model_state: dict, full_state: dict) -> None:
+        """Every rank takes weights and optimizer state from a checkpoint."""
+        refs = ray.put(model_state), ray.put(full_state)
+        self._gather([a.load.remote(*refs) for a in self.actors], "resume")
 
     # --- results --------------------------------------------------------------------
     def state_dict(self) -> dict:

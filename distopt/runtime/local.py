@@ -37,6 +37,19 @@ class LocalWorkerGroup:
         reports = self._call(f"step {step}", lambda w: w.run_step(step), self.workers)
         return [Outcome(WorkerStatus(r.rank), r) for r in reports]
 
+    def checkpoint(self, steps_done: int) -> list[dict]:
+        """Every rank writes its part now and waits; their file records."""
+        return [r for rs in self._call("checkpoint", lambda w: w.checkpoint(steps_done, wait=True), self.workers)
+                for r in rs]
+
+    def flush_checkpoints(self) -> list[dict]:
+        """Wait for background checkpoint writes; their file records."""
+        return [r for w in self.workers for r in w.flush_checkpoints()]
+
+    def load(self, model_state: dict, full_state: dict) -> None:
+        """Every rank takes weights and optimizer state from a checkpoint."""
+        self._call("resume", lambda w: w.load(model_state, full_state), self.workers)
+
     def state_dict(self) -> dict:
         """Rank 0's model weights on CPU."""
         return self.workers[0].state_dict()

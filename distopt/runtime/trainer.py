@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
+from distopt.runtime.checkpointing import load_for_resume
 from distopt.runtime.controller import Controller, RunFailed
 from distopt.runtime.progress import RunLog
 
@@ -59,7 +60,11 @@ class Trainer:
         step_timeout_s: a step that takes longer counts its silent workers as hung.
         faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
             purpose (chaos testing).
-        checkpoint_dir: not available yet (fault-tolerance milestone); must be None.
+        checkpoint_dir: write checkpoints here (``step-N`` folders); one at the end of ``fit``.
+        checkpoint_every: also every N steps, written in the background (0: only at the end).
+        keep_last: complete checkpoints kept; older ones are removed.
+        resume_from: a checkpoint folder, or a checkpoint root (the newest that verifies);
+            any ``num_workers`` and ``zero_stage`` may resume it.
 
     Raises:
         TypeError, ValueError: bad arguments, before anything starts.
@@ -73,7 +78,8 @@ class Trainer:
                  collective_timeout_s: float = 60.0, placement_timeout_s: float = 30.0,
                  bucket_bytes: int = 25 * 2**20, max_failures: int = 3, min_workers: int = 1,
                  replace_timeout_s: float = 30.0, step_timeout_s: float = 300.0, faults: tuple = (),
-                 checkpoint_dir: str | None = None) -> None:
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
+                 resume_from: str | None = None) -> None:
         self.config = TrainConfig(
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
             num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
@@ -81,12 +87,14 @@ class Trainer:
             bucket_bytes=bucket_bytes, num_cpus_per_worker=num_cpus_per_worker,
             placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
             placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
-            replace_timeout_s=replace_timeout_s, step_timeout_s=step_timeout_s, faults=tuple(faults))
+            replace_timeout_s=replace_timeout_s, step_timeout_s=step_timeout_s, faults=tuple(faults),
+            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
+            keep_last=keep_last)
         if not isinstance(log_every, int) or log_every < 0:
             raise ValueError(f"log_every={log_every!r} must be an int >= 0 (0: no log lines)")
-        if checkpoint_dir is not None:
-            raise ValueError("checkpoint_dir is not supported yet (it arrives with fault-tolerant checkpoints): "
-                             "pass checkpoint_dir=None")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError(f"checkpoint_every={checkpoint_every} needs a checkpoint_dir to write to")
+        self.resume_from = None if resume_from is None else str(resume_from)
         self.log_every, self.out_dir, self.progress = log_every, out_dir, progress
         self.ray_address = ray_address
 
@@ -101,20 +109,26 @@ class Trainer:
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be a positive int")
+        resume = load_for_resume(self.resume_from) if self.resume_from else None  # a bad checkpoint fails here
         with _Cluster(self.ray_address, self.config) as cluster:
             group = cluster.group()
             try:
-                return self._loop(group, steps)
+                return self._loop(group, steps, resume)
             finally:
                 group.close()
 
-    def _loop(self, group: Any, steps: int) -> FitResult:
+    def _loop(self, group: Any, steps: int, resume: Any) -> FitResult:
         c = self.config
-        run_log = RunLog(steps, c.global_batch_size, self.out_dir, self.log_every, self.progress)
-        controller = Controller(group, c, run_log.record)
+        start, updates = 0, 0
+        if resume is not None:
+            group.load(resume.model_state, resume.optimizer_state)
+            start, updates = resume.manifest["next_step"], resume.manifest["optimizer_step"]
+        run_log = RunLog(max(steps - start, 0), c.global_batch_size, self.out_dir, self.log_every, self.progress)
+        controller = Controller(group, c, run_log.record, committed_updates=updates)
         try:
-            controller.run(0, steps)
-        except RunFailed as e:
+            controller.run(start, steps)
+            controller.finish(max(steps, start))
+        except RunFailed:
             run_log.close()
             raise
         infos = group.info()

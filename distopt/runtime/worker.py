@@ -20,6 +20,7 @@ from distopt.optim import recovery
 from distopt.optim.plan import plan
 from distopt.optim.sharded import ShardedOptimizer
 from distopt.runtime import sampling
+from distopt.runtime.checkpointing import ShardWriter, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.config import TrainConfig
 
@@ -40,6 +41,7 @@ class StepReport:
     grad_norm: float = 0.0
     skipped: bool = False
     updates: int = 0  # optimizer updates applied so far
+    checkpoints: list = field(default_factory=list)  # finished background checkpoint writes
 
 
 class Worker:
@@ -64,6 +66,7 @@ class Worker:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
+        self._writer = ShardWriter()
 
     def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None) -> None:
         """Join the collective group at rank 0's ``host:port`` and build the optimizer.
@@ -151,9 +154,11 @@ class Worker:
             torch._foreach_div_(list(total.values()), float(len(losses)))
         compute_s = time.perf_counter() - start - data_s
         info = self.optimizer.step(total)
+        if c.checkpoint_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
+            self.checkpoint(step + 1)
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
-                          info.grad_norm, info.skipped, info.step)
+                          info.grad_norm, info.skipped, info.step, self._writer.drain())
 
     def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
         # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
@@ -163,6 +168,24 @@ class Worker:
         if not isinstance(extra, dict):
             raise TypeError(f"loss returned (loss, {type(extra).__name__}): the second item must be a metrics dict")
         return float(y), grads, {k: float(v) for k, v in extra.items()}
+
+    def checkpoint(self, steps_done: int, wait: bool = False) -> list[dict]:
+        """Copy this rank's part of the checkpoint after ``steps_done`` steps; write it in the background."""
+        self._inject("checkpoint")
+        c = self.config
+        shard, model, fields = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0)
+        if shard is not None or model is not None:
+            self._writer.start(c.checkpoint_dir, steps_done, self.rank, shard, model, fields)
+        return self._writer.drain(wait=True) if wait else []
+
+    def flush_checkpoints(self) -> list[dict]:
+        """Wait for background writes; their records."""
+        return self._writer.drain(wait=True)
+
+    def load(self, model_state: dict, full_state: dict) -> None:
+        """Take weights and optimizer state from a checkpoint (any world size or stage wrote it)."""
+        self.model.load_state_dict(model_state)  # copies into the flat buffer's views
+        self.optimizer.load_full_state_dict(full_state)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's ``state_dict()`` with every tensor copied to CPU."""

@@ -1,0 +1,134 @@
+"""Checkpoints during training: workers write their shards in the background, the driver
+writes the manifest once the step has committed and every shard is on disk.
+
+Worker side (:class:`ShardWriter`): at a checkpoint step the shard and (rank 0) the model
+weights are copied in memory, then written by a thread while training goes on; finished
+file records ride back on the next step reports. Driver side (:class:`Coordinator`): the
+manifest, written last, makes the checkpoint complete; older ones are pruned.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from distopt import checkpoint as ckpt
+from distopt.checkpoint.format import MANIFEST
+
+
+class ShardWriter:
+    """One rank's background checkpoint writes."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._done: list[dict] = []
+        self._lock = threading.Lock()
+
+    def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
+              fields: dict | None) -> None:
+        """Write ``shard`` (flat state tensors) and ``model`` for ``step`` in a thread.
+
+        The tensors must be copies nobody changes meanwhile.
+        """
+        thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields),
+                                  name=f"ckpt-{step}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
+               fields: dict | None) -> None:
+        record: dict = {"step": step, "rank": rank}
+        try:
+            folder = ckpt.make_checkpoint_dir(root, step)
+            if shard is not None:
+                record["shard"] = ckpt.write_shard(folder, rank, shard)
+            if model is not None:
+                record["model"] = ckpt.write_model(folder, model)
+                record["fields"] = fields
+        except FileExistsError:
+            record["complete"] = True  # a redone step whose checkpoint was already finished
+        except Exception as e:  # reported to the driver, which warns and skips this checkpoint
+            record["error"] = f"{type(e).__name__}: {e}"
+        with self._lock:
+            self._done.append(record)
+
+    def drain(self, wait: bool = False) -> list[dict]:
+        """Records of the writes finished so far (all of them, with ``wait``)."""
+        if wait:
+            for t in self._threads:
+                t.join()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+
+def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool):
+    """Copies of what a checkpoint needs from this rank: (shard, model, manifest fields)."""
+    state = opt.state_dict()  # tensors are copies already
+    writes_shard = opt.zero_stage >= 1 or rank == 0
+    shard = dict(state["state"]) if writes_shard else None
+    if shard is not None and not shard:
+        shard = {}
+    if not with_model:
+        return shard, None, None
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    params = dict(zip(opt.names, opt._tensors))
+    return shard, weights, ckpt.manifest_fields(state, params, seed=seed, next_step=next_step)
+
+
+class Coordinator:
+    """Driver side: collect records per step; finish a checkpoint once its step committed."""
+
+    def __init__(self, root: str, keep_last: int) -> None:
+        self.root, self.keep_last = root, keep_last
+        self.records: dict[int, dict[int, dict]] = {}
+        self.written: list[int] = []
+
+    def add(self, records: list[dict]) -> None:
+        """Take file records reported by workers."""
+        for r in records:
+            self.records.setdefault(r["step"], {})[r["rank"]] = r
+
+    def finish(self, committed_step: int, shard_ranks: int) -> None:
+        """Write the manifest of every checkpoint at or before ``committed_step`` that is whole."""
+        for step in sorted(s for s in self.records if s <= committed_step):
+            recs = self.records[step]
+            errors = [r["error"] for r in recs.values() if "error" in r]
+            if errors:
+                warnings.warn(f"checkpoint of step {step} abandoned: {errors[0]}")
+                del self.records[step]
+                continue
+            if any(r.get("complete") for r in recs.values()):
+                del self.records[step]
+                continue
+            if 0 not in recs or any(r not in recs or "shard" not in recs[r] for r in range(shard_ranks)):
+                continue  # still being written
+            head = recs[0]
+            shards = [recs[r]["shard"] for r in range(shard_ranks)]
+            folder = ckpt.step_dir(self.root, step)
+            ckpt.write_manifest(folder, ckpt.build_manifest(step, head["fields"], head["model"], shards))
+            self.written.append(step)
+            del self.records[step]
+            ckpt.prune(self.root, self.keep_last)
+
+    def forget_after(self, committed_step: int) -> None:
+        """Drop records of steps that never committed (a failed attempt's writes)."""
+        for step in [s for s in self.records if s > committed_step]:
+            del self.records[step]
+
+
+def load_for_resume(path: str) -> ckpt.Checkpoint:
+    """The checkpoint to resume from: ``path`` itself, or the newest that verifies under it.
+
+    Raises:
+        CheckpointError: ``path`` is a damaged checkpoint, or a root with none that verifies.
+    """
+    p = Path(path)
+    if (p / MANIFEST).exists():
+        ckpt.verify(p)
+        return ckpt.load_checkpoint(p)
+    good, skipped = ckpt.latest_valid(p)
+    return ckpt.load_checkpoint(good)

@@ -1,0 +1,83 @@
+"""Checkpoints through the Trainer: background writes, resume on 1-3 workers, damage refused."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import distopt
+from distopt.checkpoint import CheckpointError, list_checkpoints, step_dir, verify
+from distopt.optim import adam
+from distopt.runtime.faults import Fault
+from trainer_task import loss, make_data, make_model
+
+BATCH = 12  # divisible by 1, 2 and 3 workers
+
+
+def _trainer(address="local", **kw):
+    kw = {"num_workers": 2, "zero_stage": 1, **kw}
+    return distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2, weight_decay=0.01),
+                           global_batch_size=BATCH, seed=0, log_every=0, ray_address=address,
+                           collective_timeout_s=5, **kw)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    result = _trainer(checkpoint_dir=root, checkpoint_every=4, keep_last=3).fit(steps=12)
+    return root, result
+
+
+def test_checkpoints_are_written_verified_and_pruned(saved, tmp_path):
+    root, _ = saved
+    assert list_checkpoints(root) == [step_dir(root, s) for s in (12, 8, 4)]
+    for folder in list_checkpoints(root):
+        manifest = verify(folder)
+        assert manifest["world_size"] == 2 and manifest["next_step"] == int(folder.name.split("-")[1])
+    more = tmp_path / "more"
+    _trainer(checkpoint_dir=more, checkpoint_every=2, keep_last=2).fit(steps=8)
+    assert list_checkpoints(more) == [step_dir(more, 8), step_dir(more, 6)]
+
+
+@pytest.mark.parametrize("workers,stage", [(1, 0), (2, 1), (3, 2)])
+def test_resume_from_a_two_worker_checkpoint_on_any_world_size(saved, workers, stage):
+    root, uninterrupted = saved
+    resumed = _trainer(num_workers=workers, zero_stage=stage, resume_from=step_dir(root, 8)).fit(steps=12)
+    assert [h["step"] for h in resumed.history] == [9, 10, 11, 12]
+    for name, value in uninterrupted.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_damaged_checkpoints_are_refused_and_skipped(saved, tmp_path):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(saved[0], root)
+    shard = step_dir(root, 12) / "shard-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="shard-00001.bin"):
+        _trainer(resume_from=step_dir(root, 12)).fit(steps=12)
+    with pytest.warns(RuntimeWarning, match="skipping damaged checkpoint .*step-00000012"):
+        resumed = _trainer(resume_from=root).fit(steps=12)  # falls back to step 8
+    assert [h["step"] for h in resumed.history] == [9, 10, 11, 12]
+    (step_dir(root, 8) / "shard-00000.bin").unlink()
+    with pytest.raises(CheckpointError, match="shard-00000.bin"):
+        _trainer(resume_from=step_dir(root, 8)).fit(steps=12)
+    truncated = step_dir(root, 4) / "model.bin"
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="model.bin"):
+        _trainer(resume_from=step_dir(root, 4)).fit(steps=12)
+
+
+def test_worker_killed_while_writing_a_checkpoint(ray_cluster, saved, tmp_path):
+    _, clean = saved
+    root = tmp_path / "killed"
+    result = _trainer(address=None, checkpoint_dir=root, checkpoint_every=4,
+                      faults=(Fault(rank=1, step=7, phase="checkpoint"),)).fit(steps=12)
+    assert all(torch.equal(result.state_dict[k], clean.state_dict[k]) for k in clean.state_dict)
+    assert [f["step"] for f in result.failures] == [8]
+    assert list_checkpoints(root) == [step_dir(root, s) for s in (12, 8, 4)]
+    for folder in list_checkpoints(root):
+        verify(folder)
