@@ -103,7 +103,13 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     g.add_argument("--placement", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="how workers are placed on nodes (default: PACK)")
     g.add_argument("--checkpoint-dir", metavar="DIR", default=None,
-                   help="folder for recovery checkpoints, shared by all nodes")
+                   help="folder for checkpoints (step-N subfolders), shared by all nodes")
+    g.add_argument("--checkpoint-every", metavar="N", type=NONNEG_INT, default=0,
+                   help="also checkpoint every N steps, in the background (default: only at the end)")
+    g.add_argument("--keep-last", metavar="N", type=COUNT, default=3,
+                   help="complete checkpoints to keep (default: 3)")
+    g.add_argument("--resume", metavar="DIR", default=None,
+                   help="resume from a checkpoint folder, or the newest good one under a checkpoint root")
     g.add_argument("--max-failures", metavar="N", type=NONNEG_INT, default=3,
                    help="failures to recover from (default: 3)")
 
@@ -142,7 +148,7 @@ def _add_optimizer(p: argparse.ArgumentParser) -> None:
 def _add_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", default=None,
-                   help="folder for metrics.jsonl, loss.png, summary.json, model.pt (default: none)")
+                   help="folder for metrics.jsonl, loss.png, summary.json, model.safetensors (default: none)")
     g.add_argument("--log-every", metavar="N", type=NONNEG_INT, default=10,
                    help="log a line every N steps when there is no bar; 0: quiet (default: 10)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -209,6 +215,7 @@ def build_trainer_kwargs(args: argparse.Namespace) -> dict:
             "log_every": args.log_every, "out_dir": args.out, "progress": args.progress,
             "ray_address": args.address, "num_cpus_per_worker": args.cpus_per_worker,
             "placement_strategy": args.placement, "checkpoint_dir": args.checkpoint_dir,
+            "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume_from": args.resume,
             "max_failures": args.max_failures}
 
 
@@ -247,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _finish(result: Any, out: str | None) -> None:
-    """Print the run's summary and keep the final weights in ``out/model.pt``."""
+    """Print the run's summary and keep the final weights in ``out/model.safetensors``."""
     summary, history = dict(result.summary or {}), result.history
     if history:
         print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over {len(history)} steps")
@@ -258,11 +265,11 @@ def _finish(result: Any, out: str | None) -> None:
               f"{summary.get('state_bytes_unsharded', 0):,} B unsharded")
     print(f"recovered failures {len(result.failures)}")
     if out:
-        import torch
+        from distopt.checkpoint import export_safetensors
 
         os.makedirs(out, exist_ok=True)
-        # Tensors only: torch.load(path, weights_only=True) reads it back without running code.
-        torch.save(result.state_dict, os.path.join(out, "model.pt"))
+        # safetensors: loads anywhere (safetensors, transformers) and never runs code.
+        export_safetensors(result.state_dict, os.path.join(out, "model.safetensors"))
         print(f"output {os.path.abspath(out)}")
 
 

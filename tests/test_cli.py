@@ -202,7 +202,7 @@ def test_trainer_kwargs_cover_the_contract():
     assert set(kwargs) == {"model", "loss", "data", "optimizer", "global_batch_size", "num_workers", "use_gpu",
                            "zero_stage", "seed", "gradient_accumulation_steps", "max_grad_norm", "log_every",
                            "out_dir", "progress", "ray_address", "num_cpus_per_worker", "placement_strategy",
-                           "checkpoint_dir", "max_failures"}
+                           "checkpoint_dir", "checkpoint_every", "keep_last", "resume_from", "max_failures"}
 
 
 # --- main, with a stand-in Trainer ---------------------------------------------------
@@ -229,7 +229,8 @@ def test_main_runs_the_trainer_and_saves_weights(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", *CODE, "--steps", "2", "--out", str(out)]) == 0
     assert calls["steps"] == 2 and calls["kwargs"]["out_dir"] == str(out)
-    assert torch.load(out / "model.pt", weights_only=True)["weight"].sum() == 4
+    from distopt.checkpoint import read_safetensors
+    assert read_safetensors(out / "model.safetensors")["weight"].sum() == 4
     assert "loss 2.0000 -> 1.0000 over 2 steps" in capsys.readouterr().out
 
 

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from distopt.checkpoint import read_safetensors
+
 
 def test_distopt_train_runs_a_user_module(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "distopt")
@@ -22,5 +24,5 @@ def test_distopt_train_runs_a_user_module(tmp_path):
     assert [e["step"] for e in lines] == list(range(1, 31))
     assert lines[-1]["loss"] < lines[0]["loss"] / 4  # it learned
     assert (out / "loss.png").stat().st_size > 1000
-    weights = torch.load(out / "model.pt", weights_only=True)
-    assert set(weights) == {"weight", "bias"}
+    weights = read_safetensors(out / "model.safetensors")
+    assert set(weights) == {"weight", "bias"} and weights["weight"].shape == torch.Size([1, 4])
