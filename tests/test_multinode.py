@@ -42,3 +42,41 @@ def test_spread_over_two_nodes_gives_the_single_node_weights(two_nodes, single_n
     assert single_node_result.summary["nodes"] == 1
     for name, value in single_node_result.state_dict.items():
         torch.testing.assert_close(spread.state_dict[name], value, rtol=0, atol=0)
+
+
+def _slow_loss(model, batch):
+    import time
+    time.sleep(0.15)  # gives the test time to pull a node out mid-run
+    return loss(model, batch)
+
+
+def test_node_removed_mid_run_shrinks_and_finishes(two_nodes, single_node_result, tmp_path):
+    """Runs last in this module: it leaves the cluster with one node."""
+    import json
+    import threading
+    import time
+
+    out = tmp_path / "run"
+    worker_node = two_nodes.list_all_nodes()[1]
+
+    def pull_the_plug():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            if len(lines) >= 3:
+                two_nodes.remove_node(worker_node, allow_graceful=False)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=pull_the_plug, daemon=True).start()
+    trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
+                              global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
+                              placement_strategy="STRICT_SPREAD", collective_timeout_s=5, replace_timeout_s=5,
+                              out_dir=str(out))
+    result = trainer.fit(steps=10)
+    (failure,) = result.failures
+    assert failure["action"] == "shrink" and failure["world_size"] == 1
+    assert [h["step"] for h in result.history] == list(range(1, 11))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+    for name, value in single_node_result.state_dict.items():  # same math; summation order may differ
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-6)
