@@ -113,3 +113,28 @@ def test_bad_arguments_fail_at_construction(kwargs, exc, message):
             "global_batch_size": 16, "num_workers": 2, **kwargs}
     with pytest.raises(exc, match=message):
         distopt.Trainer(**args)
+
+
+def test_embedded_ray_is_shut_down_after_fit_and_after_a_failure():
+    import os
+    import subprocess
+    import sys
+    script = """
+import ray, distopt
+from distopt.optim import adam
+from trainer_task import loss, make_data, make_model
+def broken():
+    raise RuntimeError("broken builder")
+kw = dict(loss=loss, data=make_data(), optimizer=adam(1e-3), global_batch_size=16, num_workers=1, log_every=0)
+distopt.Trainer(model=make_model, **kw).fit(steps=2)
+print("after fit:", ray.is_initialized())
+try:
+    distopt.Trainer(model=broken, **kw).fit(steps=2)
+except distopt.WorkerError:
+    print("after failure:", ray.is_initialized())
+"""
+    here = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": here})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after fit: False" in done.stdout and "after failure: False" in done.stdout
