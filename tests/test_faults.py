@@ -64,3 +64,12 @@ def test_past_max_failures_the_run_raises_with_the_records(ray_cluster):
     with pytest.raises(distopt.TrainingError, match="exceed max_failures=1") as info:
         _fit(1, faults=faults, max_failures=1)
     assert [f["step"] for f in info.value.failures] == [2, 4]
+
+
+def test_warm_spare_takes_the_lost_rank(clean):
+    result = _fit(1, faults=(Fault(rank=1, step=3, phase="compute"), Fault(rank=0, step=6, phase="data")),
+                  spare_workers=1, num_cpus_per_worker=0.5)
+    assert _same(result, clean[1])
+    first, second = result.failures
+    assert first["action"] == second["action"] == "replace"
+    assert first["replace_s"] < 3  # the spare had its model built: no actor start on the critical path

@@ -34,6 +34,7 @@ class TrainConfig:
     max_failures: int = 3  # 0 turns fault tolerance (and its in-memory redundancy) off
     min_workers: int = 1
     replace_timeout_s: float = 30.0
+    spare_workers: int = 0  # idle workers with the model built, ready to take a lost rank
     step_timeout_s: float = 300.0
     faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
     checkpoint_dir: str | None = None
@@ -91,6 +92,10 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"num_cpus_per_worker={c.num_cpus_per_worker!r} must be > 0")
     if not isinstance(c.max_failures, int) or c.max_failures < 0:
         raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
+    if not isinstance(c.spare_workers, int) or c.spare_workers < 0:
+        raise ValueError(f"spare_workers={c.spare_workers!r} must be an int >= 0")
+    if c.spare_workers and not c.fault_tolerant:
+        raise ValueError("spare_workers needs fault tolerance: set max_failures >= 1")
     if not isinstance(c.checkpoint_every, int) or c.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every={c.checkpoint_every!r} must be an int >= 0 (0: only at the end)")
     if not isinstance(c.keep_last, int) or c.keep_last < 1:

@@ -86,11 +86,14 @@ class RayWorkerGroup:
         self.bundles: list[int] = []  # placement-group bundle of each rank's actor
         self.incarnations = 0
         self.nodes: list[str] = []
+        self.spares: list[tuple] = []  # (actor, bundle, setup ref): warm stand-ins for lost ranks
         self._actor_cls = ray.remote(WorkerActor)
         self._cfg_ref = ray.put(config)
         try:
             self.actors = [self._spawn(r, r) for r in range(config.num_workers)]
             self.bundles = list(range(config.num_workers))
+            for b in range(config.num_workers, config.num_workers + config.spare_workers):
+                self._add_spare(b)
             self.nodes = [i["node_id"] for i in self._gather([a.setup.remote() for a in self.actors], "setup")]
             self._rendezvous(lambda r, a, host, port, name: a.connect.remote(host, port, name, loopback))
         except BaseException:
@@ -137,12 +140,28 @@ class RayWorkerGroup:
         return [outcomes[r] for r in range(len(refs))]
 
     # --- recovery -------------------------------------------------------------------
+    def _add_spare(self, bundle: int) -> None:
+        self.incarnations += 1  # a spare never fires an injected fault
+        actor = self._spawn(-1, bundle, self.incarnations)
+        self.spares.append((actor, bundle, actor.setup.remote()))
+
     def replace(self, lost: tuple[int, ...]) -> bool:
-        """Start new actors for ``lost`` ranks in their bundles; False if none fits in time."""
+        """New actors for ``lost`` ranks: warm spares first, else fresh ones in the lost bundles.
+
+        Returns False when no replacement is ready within ``replace_timeout_s``.
+        """
         self.kill(lost)
-        self.incarnations += 1
-        fresh = {r: self._spawn(r, self.bundles[r], self.incarnations) for r in lost}
-        refs = {r: a.setup.remote() for r, a in fresh.items()}
+        fresh, refs, freed = {}, {}, []
+        for r in lost:
+            if self.spares:
+                actor, bundle, ref = self.spares.pop(0)
+                freed.append(self.bundles[r])
+                self.bundles[r] = bundle
+                fresh[r], refs[r] = actor, ref
+            else:
+                self.incarnations += 1
+                fresh[r] = self._spawn(r, self.bundles[r], self.incarnations)
+                refs[r] = fresh[r].setup.remote()
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.replace_timeout_s)
         if len(ready) < len(refs):
             for a in fresh.values():
@@ -151,6 +170,8 @@ class RayWorkerGroup:
         for r, a in fresh.items():
             self.nodes[r] = _get(refs[r], r, "replacement setup")["node_id"]
             self.actors[r] = a
+        for bundle in freed:  # the lost actor's bundle now hosts the next spare
+            self._add_spare(bundle)
         return True
 
     def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int, keep: int) -> None:
@@ -199,9 +220,12 @@ class RayWorkerGroup:
         return self._gather([a.info.remote() for a in self.actors], "info")
 
     def close(self) -> None:
-        """Kill the actors and free their bundles; safe after any failure."""
+        """Kill the actors and spares and free their bundles; safe after any failure."""
         self.kill(tuple(range(len(self.actors))))
         self.actors = []
+        for actor, _, _ in self.spares:
+            ray.kill(actor, no_restart=True)
+        self.spares = []
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
@@ -264,12 +288,14 @@ def _place(config: TrainConfig):
     if config.use_gpu:
         bundle["GPU"] = 1.0
     total = ray.cluster_resources()
+    count = config.num_workers + config.spare_workers
     for key, need in bundle.items():
-        if need * config.num_workers > total.get(key, 0):
+        if need * count > total.get(key, 0):
             raise PlacementError(
-                f"num_workers={config.num_workers} x {bundle} needs {need * config.num_workers:g} {key}, the cluster "
-                f"has {total.get(key, 0):g}: lower num_workers or the per-worker resources, or add nodes")
-    pg = placement_group([dict(bundle) for _ in range(config.num_workers)], strategy=config.placement_strategy)
+                f"num_workers={config.num_workers} (+ {config.spare_workers} spare) x {bundle} needs "
+                f"{need * count:g} {key}, the cluster has {total.get(key, 0):g}: lower num_workers, spare_workers "
+                f"or the per-worker resources, or add nodes")
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy=config.placement_strategy)
     try:
         ray.get(pg.ready(), timeout=config.placement_timeout_s)
     except GetTimeoutError:

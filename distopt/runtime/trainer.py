@@ -57,6 +57,8 @@ class Trainer:
             tolerance (and its in-memory redundancy) off.
         min_workers: fewest workers a shrink may leave when no replacement can be placed.
         replace_timeout_s: seconds to wait for a replacement worker before shrinking.
+        spare_workers: idle workers kept with the model built, each ready to take a lost
+            rank at once (they hold their resources the whole run).
         step_timeout_s: a step that takes longer counts its silent workers as hung.
         faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
             purpose (chaos testing).
@@ -77,7 +79,8 @@ class Trainer:
                  ray_address: str | None = None, num_cpus_per_worker: float = 1, placement_strategy: str = "PACK",
                  collective_timeout_s: float = 60.0, placement_timeout_s: float = 30.0,
                  bucket_bytes: int = 25 * 2**20, max_failures: int = 3, min_workers: int = 1,
-                 replace_timeout_s: float = 30.0, step_timeout_s: float = 300.0, faults: tuple = (),
+                 replace_timeout_s: float = 30.0, spare_workers: int = 0, step_timeout_s: float = 300.0,
+                 faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
                  resume_from: str | None = None) -> None:
         self.config = TrainConfig(
@@ -87,7 +90,8 @@ class Trainer:
             bucket_bytes=bucket_bytes, num_cpus_per_worker=num_cpus_per_worker,
             placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
             placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
-            replace_timeout_s=replace_timeout_s, step_timeout_s=step_timeout_s, faults=tuple(faults),
+            replace_timeout_s=replace_timeout_s, spare_workers=spare_workers, step_timeout_s=step_timeout_s,
+            faults=tuple(faults),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
             keep_last=keep_last)
         if not isinstance(log_every, int) or log_every < 0:
@@ -153,8 +157,9 @@ class _Cluster:
             return self
         if self.address is None:
             c = self.config
-            ray.init(num_cpus=max(1, int(c.num_workers * c.num_cpus_per_worker + 0.999)),
-                     num_gpus=c.num_workers if c.use_gpu else 0, include_dashboard=False,
+            workers = c.num_workers + c.spare_workers
+            ray.init(num_cpus=max(1, int(workers * c.num_cpus_per_worker + 0.999)),
+                     num_gpus=workers if c.use_gpu else 0, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
         else:
