@@ -56,6 +56,7 @@ class TorchCommunicator:
         self.timeout_s = float(timeout_s)
         self._timeout = datetime.timedelta(seconds=self.timeout_s)
         self._broken: str | None = None
+        self._seq = 0
         self._store = None
         self._pg = None
         if world_size == 1:
@@ -111,7 +112,7 @@ class TorchCommunicator:
         self._prescale(t, op)
         opts = AllreduceOptions()
         opts.reduceOp = ReduceOp.SUM
-        self._run("allreduce", lambda: self._pg.allreduce([t], opts))
+        self._run("allreduce", lambda _: self._pg.allreduce([t], opts))
         self._postscale(t, op)
         return t
 
@@ -138,9 +139,12 @@ class TorchCommunicator:
         send = flat if n == c * w else _padded(flat, c * w)
         buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
         self._prescale(send, op)
-        opts = ReduceScatterOptions()
-        opts.reduceOp = ReduceOp.SUM
-        self._run("reduce_scatter", lambda: self._pg._reduce_scatter_base(buf, send, opts))
+        if self.backend == "gloo":
+            self._reduce_scatter_pairwise(send, buf)
+        else:
+            opts = ReduceScatterOptions()
+            opts.reduceOp = ReduceOp.SUM
+            self._run("reduce_scatter", lambda _: self._pg._reduce_scatter_base(buf, send, opts))
         self._postscale(buf, op)
         return _deliver(buf[: end - start], out)
 
@@ -166,8 +170,32 @@ class TorchCommunicator:
             return _deliver(shard, out)
         send = shard if shard.numel() == c else _padded(shard, c)
         buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
-        self._run("allgather", lambda: self._pg._allgather_base(buf, send, AllgatherOptions()))
+        if self.backend == "gloo":
+            self._allgather_pairwise(send, buf)
+        else:
+            self._run("allgather", lambda _: self._pg._allgather_base(buf, send, AllgatherOptions()))
         return _deliver(buf[:n], out)
+
+    def _reduce_scatter_pairwise(self, send: torch.Tensor, out: torch.Tensor) -> None:
+        # Each rank receives every peer's copy of its own chunk and adds them in rank order:
+        # the traffic of a ring reduce-scatter, about twice as fast as gloo's own on one host,
+        # and deterministic (one rank computes each chunk, always in the same order).
+        w, r, c = self.world_size, self.rank, out.numel()
+        rows = send.new_empty(w * c)
+        rows[r * c:(r + 1) * c].copy_(send[r * c:(r + 1) * c])
+        self._run("reduce_scatter", lambda tag: [
+            work for j in range(w) if j != r for work in (
+                self._pg.send([send[j * c:(j + 1) * c]], j, tag), self._pg.recv([rows[j * c:(j + 1) * c]], j, tag))])
+        torch.sum(rows.view(w, c), dim=0, out=out)
+
+    def _allgather_pairwise(self, send: torch.Tensor, buf: torch.Tensor) -> None:
+        # Direct sends to every peer: half the time of gloo's allgather on one host, no copies.
+        w, r, c = self.world_size, self.rank, send.numel()
+        if buf[r * c:].data_ptr() != send.data_ptr():
+            buf[r * c:(r + 1) * c].copy_(send)
+        self._run("allgather", lambda tag: [
+            work for j in range(w) if j != r for work in (
+                self._pg.send([send], j, tag), self._pg.recv([buf[j * c:(j + 1) * c]], j, tag))])
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """Exchange equal chunks: chunk ``j`` of the result is chunk ``rank`` of rank ``j``'s ``t``."""
@@ -177,7 +205,7 @@ class TorchCommunicator:
         if self.world_size == 1:
             return t.clone()
         out = torch.empty_like(t)
-        self._run("all_to_all", lambda: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
+        self._run("all_to_all", lambda _: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
         return out
 
     def shift(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,10 +217,8 @@ class TorchCommunicator:
         out = out if out is not None else torch.empty_like(t)
         if self.world_size == 1:
             return out.copy_(t)
-        w, n = self.world_size, t.numel()
-        send, recv = [0] * w, [0] * w
-        send[(self.rank + 1) % w], recv[(self.rank - 1) % w] = n, n
-        self._run("shift", lambda: self._pg.alltoall_base(out, t, recv, send, AllToAllOptions()))
+        right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        self._run("shift", lambda tag: [self._pg.send([t], right, tag), self._pg.recv([out], left, tag)])
         return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -204,13 +230,13 @@ class TorchCommunicator:
             return t
         opts = BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
-        self._run("broadcast", lambda: self._pg.broadcast([t], opts))
+        self._run("broadcast", lambda _: self._pg.broadcast([t], opts))
         return t
 
     def barrier(self) -> None:
         """Block until every rank has called ``barrier``."""
         if self.world_size > 1:
-            self._run("barrier", lambda: self._pg.barrier(BarrierOptions()))
+            self._run("barrier", lambda _: self._pg.barrier(BarrierOptions()))
 
     def close(self) -> None:
         """Shut the group down; later calls raise :class:`CollectiveError`."""
@@ -223,12 +249,16 @@ class TorchCommunicator:
                 pass
 
     # --- helpers --------------------------------------------------------------------
-    def _run(self, name: str, start: Callable[[], object]) -> None:
+    def _run(self, name: str, start: Callable[[int], object]) -> None:
+        """Start a collective (``start(tag)`` returns one work or a list) and wait for it."""
         if self._broken is not None or self._pg is None:
             raise CollectiveError(f"{name} on rank {self.rank}: this group is unusable ({self._broken}); "
                                   f"close() it and form a new communicator")
+        self._seq += 1  # every rank calls collectives in the same order: the same tag everywhere
         try:
-            start().wait(self._timeout)
+            works = start(self._seq)
+            for work in works if isinstance(works, list) else [works]:
+                work.wait(self._timeout)
         except Exception as e:
             self._broken = f"{name} failed: {_first_line(e)}"
             raise CollectiveError(
