@@ -171,3 +171,22 @@ def test_silent_peer_raises_within_timeout():
         comms[0].allreduce(torch.ones(4))
     for c in comms:
         c.close()
+
+
+@pytest.mark.parametrize("w", [1, 2, 3])
+def test_async_collectives_overlap_and_complete_in_any_wait_order(groups, w):
+    xs, ys = inputs(w, 101), inputs(w, 40)
+
+    def body(c):
+        a = c.reduce_scatter(xs[c.rank].clone(), "mean", async_op=True)
+        b = c.allreduce(ys[c.rank].clone(), "sum", async_op=True)
+        s = c.shift(ys[c.rank].clone(), async_op=True)
+        return b.wait(), s.wait(), a.wait()
+
+    ref_x = np.mean([x.numpy() for x in xs], axis=0)
+    ref_y = np.sum([y.numpy() for y in ys], axis=0)
+    for r, (summed, shifted, shard) in enumerate(run_ranks(groups(w), body)):
+        start, end = chunk_range(101, w, r)
+        np.testing.assert_allclose(shard.numpy(), ref_x[start:end], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(summed.numpy(), ref_y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(shifted.numpy(), ys[(r - 1) % w].numpy())

@@ -96,30 +96,34 @@ class TorchCommunicator:
         return ProcessGroupGloo(store, self.rank, self.world_size, opts)
 
     # --- the collectives ------------------------------------------------------------
-    def allreduce(self, t: torch.Tensor, op: str = "sum", wire_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Reduce ``t`` over all ranks, in place; returns ``t``.
+    def allreduce(self, t: torch.Tensor, op: str = "sum", wire_dtype: torch.dtype | None = None,
+                  async_op: bool = False):
+        """Reduce ``t`` over all ranks, in place; returns ``t`` (a :class:`Pending` with ``async_op``).
 
         With ``wire_dtype`` (bf16/fp16) values cross the wire narrowed and are summed in
-        ``t``'s dtype (see :mod:`distopt.collectives.compression`).
+        ``t``'s dtype (see :mod:`distopt.collectives.compression`; never asynchronous).
         """
         check_op(op, t.dtype)
         check_wire_dtype(wire_dtype, t.dtype)
         _check_contiguous(t, "allreduce")
         if self.world_size == 1:
-            return t
+            return _result(t, async_op)
         if wire_dtype is not None and wire_dtype != t.dtype:
-            return compression.allreduce(self, t, op, wire_dtype)
+            return _result(compression.allreduce(self, t, op, wire_dtype), async_op)
         self._prescale(t, op)
         opts = AllreduceOptions()
         opts.reduceOp = ReduceOp.SUM
-        self._run("allreduce", lambda _: self._pg.allreduce([t], opts))
-        self._postscale(t, op)
-        return t
+        works = self._start("allreduce", lambda _: self._pg.allreduce([t], opts))
+
+        def finish() -> torch.Tensor:
+            self._postscale(t, op)
+            return t
+        return self._finish("allreduce", works, finish, async_op)
 
     def reduce_scatter(
         self, flat: torch.Tensor, op: str = "sum", wire_dtype: torch.dtype | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        out: torch.Tensor | None = None, async_op: bool = False,
+    ):
         """Reduce the 1-D ``flat`` over all ranks; return this rank's chunk of the result.
 
         Chunk ``r`` is ``flat[r*c:(r+1)*c]`` with ``c = ceil(numel / world_size)``, clipped
@@ -132,23 +136,29 @@ class TorchCommunicator:
         n, w = flat.numel(), self.world_size
         start, end = chunk_range(n, w, self.rank)
         if w == 1:
-            return _deliver(flat, out)
+            return _result(_deliver(flat, out), async_op)
         if wire_dtype is not None and wire_dtype != flat.dtype:
-            return _deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out)
+            return _result(_deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out), async_op)
         c = chunk_numel(n, w)
         send = flat if n == c * w else _padded(flat, c * w)
         buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
         self._prescale(send, op)
         if self.backend == "gloo":
-            self._reduce_scatter_pairwise(send, buf)
+            works, total = self._reduce_scatter_pairwise(send, buf)
         else:
             opts = ReduceScatterOptions()
             opts.reduceOp = ReduceOp.SUM
-            self._run("reduce_scatter", lambda _: self._pg._reduce_scatter_base(buf, send, opts))
-        self._postscale(buf, op)
-        return _deliver(buf[: end - start], out)
+            works, total = self._start("reduce_scatter", lambda _: self._pg._reduce_scatter_base(buf, send, opts)), None
 
-    def allgather(self, shard: torch.Tensor, numel: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        def finish() -> torch.Tensor:
+            if total is not None:
+                total()
+            self._postscale(buf, op)
+            return _deliver(buf[: end - start], out)
+        return self._finish("reduce_scatter", works, finish, async_op)
+
+    def allgather(self, shard: torch.Tensor, numel: int | None = None, out: torch.Tensor | None = None,
+                  async_op: bool = False):
         """Concatenate every rank's 1-D shard in rank order.
 
         Without ``numel`` all shards must have the same size. With ``numel`` the shards are
@@ -167,33 +177,36 @@ class TorchCommunicator:
                 raise ValueError(f"allgather: rank {self.rank} holds {shard.numel()} elements but its chunk "
                                  f"of numel={numel} has {end - start}: pass the shard reduce_scatter returned")
         if w == 1:
-            return _deliver(shard, out)
+            return _result(_deliver(shard, out), async_op)
         send = shard if shard.numel() == c else _padded(shard, c)
         buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
         if self.backend == "gloo":
-            self._allgather_pairwise(send, buf)
+            works = self._allgather_pairwise(send, buf)
         else:
-            self._run("allgather", lambda _: self._pg._allgather_base(buf, send, AllgatherOptions()))
-        return _deliver(buf[:n], out)
+            works = self._start("allgather", lambda _: self._pg._allgather_base(buf, send, AllgatherOptions()))
+        return self._finish("allgather", works, lambda: _deliver(buf[:n], out), async_op)
 
-    def _reduce_scatter_pairwise(self, send: torch.Tensor, out: torch.Tensor) -> None:
+    def _reduce_scatter_pairwise(self, send: torch.Tensor, out: torch.Tensor):
         # Each rank receives every peer's copy of its own chunk and adds them in rank order:
         # the traffic of a ring reduce-scatter, about twice as fast as gloo's own on one host,
         # and deterministic (one rank computes each chunk, always in the same order).
         w, r, c = self.world_size, self.rank, out.numel()
         rows = send.new_empty(w * c)
         rows[r * c:(r + 1) * c].copy_(send[r * c:(r + 1) * c])
-        self._run("reduce_scatter", lambda tag: [
+        works = self._start("reduce_scatter", lambda tag: [
             work for j in range(w) if j != r for work in (
                 self._pg.send([send[j * c:(j + 1) * c]], j, tag), self._pg.recv([rows[j * c:(j + 1) * c]], j, tag))])
-        torch.sum(rows.view(w, c), dim=0, out=out)
 
-    def _allgather_pairwise(self, send: torch.Tensor, buf: torch.Tensor) -> None:
+        def total() -> None:
+            torch.sum(rows.view(w, c), dim=0, out=out)
+        return works, total
+
+    def _allgather_pairwise(self, send: torch.Tensor, buf: torch.Tensor) -> list:
         # Direct sends to every peer: half the time of gloo's allgather on one host, no copies.
         w, r, c = self.world_size, self.rank, send.numel()
         if buf[r * c:].data_ptr() != send.data_ptr():
             buf[r * c:(r + 1) * c].copy_(send)
-        self._run("allgather", lambda tag: [
+        return self._start("allgather", lambda tag: [
             work for j in range(w) if j != r for work in (
                 self._pg.send([send], j, tag), self._pg.recv([buf[j * c:(j + 1) * c]], j, tag))])
 
@@ -208,7 +221,7 @@ class TorchCommunicator:
         self._run("all_to_all", lambda _: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
         return out
 
-    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None, async_op: bool = False):
         """Send ``t`` to rank ``rank + 1`` and return what rank ``rank - 1`` sent (mod world size).
 
         Every rank passes a 1-D tensor of the same size and dtype.
@@ -216,10 +229,10 @@ class TorchCommunicator:
         _check_flat(t, "shift")
         out = out if out is not None else torch.empty_like(t)
         if self.world_size == 1:
-            return out.copy_(t)
+            return _result(out.copy_(t), async_op)
         right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
-        self._run("shift", lambda tag: [self._pg.send([t], right, tag), self._pg.recv([out], left, tag)])
-        return out
+        works = self._start("shift", lambda tag: [self._pg.send([t], right, tag), self._pg.recv([out], left, tag)])
+        return self._finish("shift", works, lambda: out, async_op)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``t`` on every rank with rank ``src``'s values; returns ``t``."""
@@ -251,19 +264,28 @@ class TorchCommunicator:
     # --- helpers --------------------------------------------------------------------
     def _run(self, name: str, start: Callable[[int], object]) -> None:
         """Start a collective (``start(tag)`` returns one work or a list) and wait for it."""
+        self._finish(name, self._start(name, start), lambda: None, False)
+
+    def _start(self, name: str, start: Callable[[int], object]) -> list:
         if self._broken is not None or self._pg is None:
             raise CollectiveError(f"{name} on rank {self.rank}: this group is unusable ({self._broken}); "
                                   f"close() it and form a new communicator")
         self._seq += 1  # every rank calls collectives in the same order: the same tag everywhere
         try:
             works = start(self._seq)
-            for work in works if isinstance(works, list) else [works]:
-                work.wait(self._timeout)
         except Exception as e:
-            self._broken = f"{name} failed: {_first_line(e)}"
-            raise CollectiveError(
-                f"{name} failed on rank {self.rank} of {self.world_size} ({self.backend}, timeout "
-                f"{self.timeout_s:g}s): {_first_line(e)}. A peer died, stalled or left; form a new group") from e
+            raise self._failed(name, e) from e
+        return works if isinstance(works, list) else [works]
+
+    def _finish(self, name: str, works: list, finish: Callable[[], object], async_op: bool):
+        pending = Pending(self, name, works, finish)
+        return pending if async_op else pending.wait()
+
+    def _failed(self, name: str, e: BaseException) -> CollectiveError:
+        self._broken = f"{name} failed: {_first_line(e)}"
+        return CollectiveError(
+            f"{name} failed on rank {self.rank} of {self.world_size} ({self.backend}, timeout "
+            f"{self.timeout_s:g}s): {_first_line(e)}. A peer died, stalled or left; form a new group")
 
     def _prescale(self, t: torch.Tensor, op: str) -> None:
         if op == "mean" and t.dtype in _PREDIVIDE:
@@ -275,6 +297,32 @@ class TorchCommunicator:
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
+
+
+class Pending:
+    """A collective in flight; :meth:`wait` completes it and returns its result.
+
+    Raises (from ``wait``): CollectiveError within the communicator's timeout.
+    """
+
+    def __init__(self, comm: "TorchCommunicator | None", name: str, works: list, finish: Callable[[], object]) -> None:
+        self.comm, self.name, self._works, self._finish = comm, name, works, finish
+        self._done, self._result = False, None
+
+    def wait(self):
+        """Block until done (at most the timeout per work); the collective's result."""
+        if not self._done:
+            try:
+                for work in self._works:
+                    work.wait(self.comm._timeout)
+            except Exception as e:
+                raise self.comm._failed(self.name, e) from e
+            self._result, self._done = self._finish(), True
+        return self._result
+
+
+def _result(value, async_op: bool):
+    return Pending(None, "done", [], lambda: value) if async_op else value
 
 
 def free_port(host: str = "127.0.0.1") -> int:
