@@ -231,3 +231,67 @@ def test_bf16_wire_stays_close(groups):
     for params, _, _ in results:
         for name in expected:
             torch.testing.assert_close(params[name], expected[name], rtol=3e-2, atol=3e-2)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 2), torch.nn.Linear(3, 3))  # the last layer is never used
+
+
+def _forward(model, x):
+    return model[:5](x).pow(2).mean()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("w", [1, 3])
+def test_overlapped_backward_gives_the_bits_of_explicit_gradients(groups, w, stage):
+    from distopt import execute_with_gradients
+
+    def body(comm, overlap):
+        model = _mlp()
+        params = dict(model.named_parameters())
+        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=stage, bucket_bytes=200)
+        if overlap:
+            opt.overlap_backward()
+        for k in range(4):
+            x = torch.randn(5, 6, generator=torch.Generator().manual_seed(100 * k + comm.rank))
+            if overlap:
+                opt.begin_micro_batch()
+            _, grads = execute_with_gradients(lambda ps: _forward(model, x), params)
+            opt.step() if overlap else opt.step(grads)
+        return {k: v.detach().clone() for k, v in params.items()}
+
+    comms = groups(w)
+    plain = run_ranks(comms, lambda c: body(c, False))
+    overlapped = run_ranks(comms, lambda c: body(c, True))
+    for a, b in zip(plain, overlapped):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_overlapped_accumulation_matches_torch(groups):
+    from distopt import execute_with_gradients
+    xs = [torch.randn(4, 6, generator=torch.Generator().manual_seed(i)) for i in range(2 * 2 * 3)]
+
+    def body(comm):
+        model = _mlp()
+        params = dict(model.named_parameters())
+        opt = ShardedOptimizer(params, sgd(0.1, momentum=0.9), comm, zero_stage=2, bucket_bytes=200)
+        opt.overlap_backward()
+        for k in range(3):
+            for m in range(2):
+                opt.begin_micro_batch(first=m == 0, last=m == 1, scale=0.5)
+                execute_with_gradients(lambda ps: _forward(model, xs[(k * 2 + comm.rank) * 2 + m]), params)
+            opt.step()
+        return {k: v.detach().clone() for k, v in params.items()}
+
+    got = run_ranks(groups(2), body)[0]
+    model = _mlp()
+    ref = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for k in range(3):
+        ref.zero_grad()
+        total = sum(_forward(model, xs[(k * 2 + r) * 2 + m]) for r in range(2) for m in range(2)) / 4
+        total.backward()
+        ref.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6)

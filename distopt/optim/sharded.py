@@ -24,6 +24,7 @@ from distopt.collectives.base import Communicator, check_wire_dtype
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, FlatBuffer
 from distopt.optim import state_io
 from distopt.optim.plan import ShardPlan, plan
+from distopt.optim.overlap import Overlap
 from distopt.optim.redundancy import RecoveryError, Redundancy
 from distopt.optim.rules import Rule
 
@@ -86,6 +87,7 @@ class ShardedOptimizer:
         # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
         self.on_phase: Callable[[str, int], None] | None = None
         self.redundancy = Redundancy(self) if replicate else None
+        self.overlap: Overlap | None = None
 
     # --- set-up ---------------------------------------------------------------------
     def _adopt_params(self, dtype: torch.dtype, device: torch.device) -> FlatBuffer:
@@ -132,7 +134,10 @@ class ShardedOptimizer:
         step = self.step_count + 1
         t0 = time.perf_counter()
         self._phase("grad_collective", step)
-        self._reduce(given)
+        if self.overlap is not None and self.overlap.capturing:
+            self.overlap.finish()
+        else:
+            self._reduce(given)
         norm = self._global_norm()
         t1 = time.perf_counter()
         if not math.isfinite(norm):
@@ -149,6 +154,26 @@ class ShardedOptimizer:
                 self.comm.allgather(shard, out=self._params.bucket(b))
         self.step_count += 1
         return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
+
+    def overlap_backward(self) -> None:
+        """From now on reduce gradients during backward (hooks on the parameters).
+
+        Before each micro-batch's backward call :meth:`begin_micro_batch`; after the last
+        one, :meth:`step` with no arguments. A step without ``begin_micro_batch`` uses
+        ``.grad`` or the ``grads`` given, as usual.
+        """
+        if self.overlap is None:
+            self.overlap = Overlap(self)
+
+    def begin_micro_batch(self, first: bool = True, last: bool = True, scale: float = 1.0) -> None:
+        """Capture the coming backward's gradients, times ``scale``; reduce them after the ``last``.
+
+        Raises:
+            RuntimeError: :meth:`overlap_backward` was not called.
+        """
+        if self.overlap is None:
+            raise RuntimeError("begin_micro_batch needs overlap_backward() first")
+        self.overlap.begin(first, last, scale)
 
     def _update(self, step: int) -> None:
         if self.redundancy is None:

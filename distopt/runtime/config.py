@@ -27,6 +27,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
     bucket_bytes: int = 25 * 2**20
+    overlap: bool = True  # reduce gradient buckets during backward
     num_cpus_per_worker: float = 1
     placement_strategy: str = "PACK"
     collective_timeout_s: float = 60.0

@@ -140,7 +140,7 @@ class Controller:
 def history_entry(step: int, reports: list[StepReport], wall: float, batch: int) -> dict:
     """One committed step as the history keeps it: means over ranks, slowest phase times."""
     n = len(reports)
-    entry = {"step": step, "loss": sum(r.loss for r in reports) / n, "time_s": wall,
+    entry = {"step": step, "loss": sum(r.loss for r in reports) / n, "time_s": wall, "committed_at": time.time(),
              "samples_per_s": batch / wall if wall > 0 else 0.0,
              "data_s": max(r.data_s for r in reports), "compute_s": max(r.compute_s for r in reports),
              "comm_s": max(r.comm_s for r in reports), "update_s": max(r.update_s for r in reports),

@@ -21,7 +21,7 @@ from typing import Any, Mapping, TextIO
 BAR_WIDTH = 20
 RECENT = 20  # steps averaged for the rate and ETA: recent, so the slow first step fades
 REDRAW_S = 0.1  # at most ten bar redraws a second, however fast the steps are
-STANDARD_KEYS = ("step", "loss", "time_s", "samples_per_s", "data_s", "compute_s", "comm_s", "update_s",
+STANDARD_KEYS = ("step", "loss", "time_s", "committed_at", "samples_per_s", "data_s", "compute_s", "comm_s", "update_s",
                  "grad_norm", "skipped")
 
 

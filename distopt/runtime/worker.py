@@ -81,6 +81,7 @@ class Worker:
         """Use an existing communicator (in-process groups) and build the optimizer."""
         c = self.config
         self.comm = comm
+        self.optimizer = None
         self.optimizer = self._optimizer(comm, sync_params=True)
 
     def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
@@ -89,6 +90,8 @@ class Worker:
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
+        if c.overlap:
+            opt.overlap_backward()
         return opt
 
     def _inject(self, phase: str) -> None:
@@ -128,6 +131,8 @@ class Worker:
                                      group_name=group_name + "/kept") if rank < keep else None
             comm.close()
             comm, self.world_size = kept, keep
+        if self.optimizer is not None and self.optimizer.overlap is not None:
+            self.optimizer.overlap.close()  # the old optimizer's hooks must not fire any more
         self.comm, self.optimizer = comm, None
         if comm is not None:
             self.optimizer = self._optimizer(comm, sync_params=False)
@@ -141,16 +146,20 @@ class Worker:
         self._inject("data")
         indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
         losses, metrics, total, data_s = [], {}, None, 0.0
-        for chunk in sampling.micro_batches(indices, c.gradient_accumulation_steps):
+        chunks = sampling.micro_batches(indices, c.gradient_accumulation_steps)
+        for m, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             batch = _to_device(default_collate([c.data[i] for i in chunk]), self.device)
             data_s += time.perf_counter() - t0
             self._inject("compute")
+            if c.overlap:  # buckets start reducing while backward runs; the returned grads are spare
+                self.optimizer.begin_micro_batch(m == 0, m == len(chunks) - 1, 1.0 / len(chunks))
             loss, grads, extra = self._gradients(batch)
             losses.append(loss)
             _add_metrics(metrics, extra)
-            total = grads if total is None else _accumulate(total, grads)
-        if len(losses) > 1:
+            if not c.overlap:
+                total = grads if total is None else _accumulate(total, grads)
+        if total is not None and len(losses) > 1:
             torch._foreach_div_(list(total.values()), float(len(losses)))
         compute_s = time.perf_counter() - start - data_s
         info = self.optimizer.step(total)
