@@ -138,3 +138,17 @@ except distopt.WorkerError:
                           env={**os.environ, "PYTHONPATH": here})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "after fit: False" in done.stdout and "after failure: False" in done.stdout
+
+
+def test_bf16_wire_and_bf16_autocast_train_close_to_fp32():
+    fp32 = _fit(address="local")
+    for kw in ({"grad_wire_dtype": torch.bfloat16}, {"mixed_precision": "bf16"}):
+        low = _fit(address="local", **kw)
+        assert low.history[-1]["loss"] < low.history[0]["loss"]
+        for name, value in fp32.state_dict.items():
+            assert low.state_dict[name].dtype == torch.float32  # master weights stay fp32
+            torch.testing.assert_close(low.state_dict[name], value, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="grad_wire_dtype=torch.float64 must be None"):
+        _fit(address="local", grad_wire_dtype=torch.float64)
+    with pytest.raises(ValueError, match="mixed_precision='fp8' must be None or 'bf16'"):
+        _fit(address="local", mixed_precision="fp8")

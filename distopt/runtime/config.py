@@ -28,6 +28,8 @@ class TrainConfig:
     max_grad_norm: float | None = None
     bucket_bytes: int = 25 * 2**20
     overlap: bool = True  # reduce gradient buckets during backward
+    grad_wire_dtype: Any = None  # torch.bfloat16 / torch.float16: gradients narrowed on the wire
+    mixed_precision: str | None = None  # "bf16": forward/backward under autocast, fp32 master weights
     num_cpus_per_worker: float = 1
     placement_strategy: str = "PACK"
     collective_timeout_s: float = 60.0
@@ -87,6 +89,10 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"seed={c.seed!r} must be an int")
     if c.max_grad_norm is not None and not c.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={c.max_grad_norm!r} must be > 0, or None for no clipping")
+    if c.grad_wire_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"grad_wire_dtype={c.grad_wire_dtype!r} must be None, torch.bfloat16 or torch.float16")
+    if c.mixed_precision not in (None, "bf16"):
+        raise ValueError(f"mixed_precision={c.mixed_precision!r} must be None or 'bf16'")
     if c.placement_strategy not in STRATEGIES:
         raise ValueError(f"placement_strategy={c.placement_strategy!r} must be one of {STRATEGIES}")
     if not c.num_cpus_per_worker > 0:

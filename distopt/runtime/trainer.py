@@ -53,6 +53,11 @@ class Trainer:
             ``"ray://host:port"`` joins one; ``"local"`` runs without Ray (threads).
         num_cpus_per_worker, placement_strategy: Ray placement of each worker.
         collective_timeout_s: seconds a collective may block before the step fails.
+        bucket_bytes: cap on one gradient bucket (one collective each, overlapped with backward).
+        grad_wire_dtype: ``torch.bfloat16``/``torch.float16`` to send gradients narrowed
+            (summed in fp32 on arrival); None sends fp32.
+        mixed_precision: ``"bf16"`` runs forward and backward under bf16 autocast; weights,
+            gradients and optimizer state stay fp32.
         max_failures: worker failures survived before the run gives up; 0 turns fault
             tolerance (and its in-memory redundancy) off.
         min_workers: fewest workers a shrink may leave when no replacement can be placed.
@@ -78,7 +83,8 @@ class Trainer:
                  log_every: int = 10, out_dir: str | None = None, progress: bool | None = None,
                  ray_address: str | None = None, num_cpus_per_worker: float = 1, placement_strategy: str = "PACK",
                  collective_timeout_s: float = 60.0, placement_timeout_s: float = 30.0,
-                 bucket_bytes: int = 25 * 2**20, max_failures: int = 3, min_workers: int = 1,
+                 bucket_bytes: int = 25 * 2**20, grad_wire_dtype: Any = None, mixed_precision: str | None = None,
+                 max_failures: int = 3, min_workers: int = 1,
                  replace_timeout_s: float = 30.0, spare_workers: int = 0, step_timeout_s: float = 300.0,
                  faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
@@ -87,7 +93,8 @@ class Trainer:
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
             num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
             gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-            bucket_bytes=bucket_bytes, num_cpus_per_worker=num_cpus_per_worker,
+            bucket_bytes=bucket_bytes, grad_wire_dtype=grad_wire_dtype, mixed_precision=mixed_precision,
+            num_cpus_per_worker=num_cpus_per_worker,
             placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
             placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
             replace_timeout_s=replace_timeout_s, spare_workers=spare_workers, step_timeout_s=step_timeout_s,

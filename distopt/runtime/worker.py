@@ -87,7 +87,8 @@ class Worker:
     def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
         c = self.config
         opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
-                               max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant)
+                               max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant,
+                               wire_dtype=c.grad_wire_dtype)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:
@@ -171,7 +172,9 @@ class Worker:
 
     def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
         # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
-        out = execute_with_gradients(lambda ps: self.config.loss(self.model, batch), self.params)
+        # bf16 autocast computes in bf16 from the fp32 master weights; gradients come back fp32.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
+            out = execute_with_gradients(lambda ps: self.config.loss(self.model, batch), self.params)
         y, grads = out[0], out[1]
         extra = out[2] if len(out) > 2 else {}
         if not isinstance(extra, dict):
