@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the sampling (default: 0)")
     p.add_argument("--log-every", type=int, default=25, help="log period without a terminal (default: 25)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: bf16 autocast compute and bf16 gradients on the wire, fp32 master weights "
+                        "and optimizer state (default: fp32)")
     return p.parse_args(argv)
 
 
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         model=demo_task.make_model, loss=demo_task.loss, data=demo_task.train_data(),
         optimizer=distopt.optim.adam(lr=args.lr), global_batch_size=args.batch_size,
         num_workers=args.workers, use_gpu=False, zero_stage=args.zero_stage, seed=args.seed,
-        log_every=args.log_every, out_dir=args.out)
+        log_every=args.log_every, out_dir=args.out,
+        mixed_precision="bf16" if args.precision == "bf16" else None,
+        grad_wire_dtype=torch.bfloat16 if args.precision == "bf16" else None)
     result = trainer.fit(steps=args.steps)
     acc_before = heldout_accuracy(None, args.seed)
     acc_after = heldout_accuracy(result.state_dict, args.seed)
