@@ -233,10 +233,19 @@ def test_bf16_wire_stays_close(groups):
             torch.testing.assert_close(params[name], expected[name], rtol=3e-2, atol=3e-2)
 
 
-def _mlp():
-    torch.manual_seed(0)
+def _build_mlp():
     return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7), torch.nn.Tanh(),
                                torch.nn.Linear(7, 2), torch.nn.Linear(3, 3))  # the last layer is never used
+
+
+torch.manual_seed(0)
+_MLP_INIT = _build_mlp().state_dict()  # built once: threads must not race on the global RNG
+
+
+def _mlp():
+    model = _build_mlp()
+    model.load_state_dict(_MLP_INIT)
+    return model
 
 
 def _forward(model, x):

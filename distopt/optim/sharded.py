@@ -236,8 +236,9 @@ class ShardedOptimizer:
         return flat
 
     def _global_norm(self) -> float:
-        sumsq = sum(float(n) ** 2 for n in torch._foreach_norm(self._g_shards, 2.0, dtype=torch.float64)) \
-            if self._g_shards else 0.0
+        # Per-bucket norms in the gradients' dtype (one fused pass, as clip_grad_norm_ does),
+        # combined in double precision.
+        sumsq = sum(float(n) ** 2 for n in torch._foreach_norm(self._g_shards, 2.0)) if self._g_shards else 0.0
         if self.zero_stage >= 1:
             # Every rank must see the same number, so the skip/clip decision is unanimous.
             total = torch.tensor([sumsq], dtype=torch.float64, device=self._params.data.device)
