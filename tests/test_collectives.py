@@ -190,3 +190,13 @@ def test_async_collectives_overlap_and_complete_in_any_wait_order(groups, w):
         np.testing.assert_allclose(shard.numpy(), ref_x[start:end], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(summed.numpy(), ref_y, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(shifted.numpy(), ys[(r - 1) % w].numpy())
+
+
+def test_layout_keeps_units_together_and_caps_the_last_bucket():
+    # an MLP's weights and biases: (w1, b1), (w2, b2), (w3, b3)
+    numels, units = [40, 4, 160, 4, 40, 4], ["l1", "l1", "l2", "l2", "l3", "l3"]
+    lay = layout(numels, bucket_numel=1000, units=units, last_bucket_numel=10)
+    assert [lay.members(b) for b in range(len(lay.buckets))] == [[0, 1, 2, 3], [4, 5]]
+    lay = layout(numels, bucket_numel=100, units=units)
+    assert [lay.members(b) for b in range(len(lay.buckets))] == [[0, 1], [2, 3], [4, 5]]
+    assert layout([], 10).buckets == ((0, 0),)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from distopt.collectives import CollectiveError, in_process, run_ranks
-from distopt.optim import ShardedOptimizer, adam, plan, sgd
+from distopt.optim import ShardedOptimizer, adam, sgd
+from distopt.optim.sharded import build_plan
 from distopt.optim.recovery import assemble, holders, packets
 from distopt.optim.redundancy import RecoveryError
 
@@ -66,7 +67,7 @@ def _recover(comm, old_rank, opt, params, alive, old_world, rule, stage, committ
     if opt is not None:
         opt.rollback(committed)
         mine = packets(opt, old_rank)
-    old_plan = plan([t.numel() for t in params.values()], old_world if stage else 1, 512 // 4)
+    old_plan = build_plan(list(params), list(params.values()), old_world, stage, 512)
     hold = holders(old_plan.world_size, alive, stage >= 1)
     full_params, full = assemble(comm, old_plan, RULES[rule](), list(params), [t.shape for t in params.values()],
                                  hold, mine, committed, torch.float32, torch.device("cpu"))

@@ -29,34 +29,54 @@ class Layout(NamedTuple):
         return [i for i, b in enumerate(self.bucket_of) if b == bucket]
 
 
-def layout(numels: Sequence[int], bucket_numel: int, pad_multiple: int = 1) -> Layout:
-    """Pack tensors in order into buckets of at most ``bucket_numel`` elements.
+def layout(numels: Sequence[int], bucket_numel: int, pad_multiple: int = 1, units: Sequence[object] | None = None,
+           last_bucket_numel: int | None = None) -> Layout:
+    """Cut tensors, kept in order, into buckets of at most ``bucket_numel`` elements.
 
-    A tensor never straddles two buckets; one larger than the cap gets a bucket of its own.
-    Each bucket's length is rounded up to ``pad_multiple`` (zero padding), so it splits
-    evenly over ranks. A pure function: the same inputs give the same layout on every rank.
+    Buckets are formed from the last tensor backwards, because backward produces the last
+    layers' gradients first: the last bucket, reduced first, can be capped lower with
+    ``last_bucket_numel`` so its reduction starts early. Consecutive tensors with the same
+    ``units`` label (a module's weight and bias) share a bucket; a unit larger than the cap
+    gets a bucket of its own. Each bucket's length is rounded up to ``pad_multiple`` (zero
+    padding), so it splits evenly over ranks. A pure function of its arguments.
     """
     if bucket_numel < 1 or pad_multiple < 1:
         raise ValueError(f"bucket_numel={bucket_numel} and pad_multiple={pad_multiple} must be >= 1")
-    offsets, buckets, bucket_of = [], [], []
-    start = pos = 0
-    for n in numels:
-        if n < 0:
-            raise ValueError(f"numel {n} is negative")
-        if pos > start and pos - start + n > bucket_numel:
-            pos = start = _close(buckets, start, pos, pad_multiple)
-        offsets.append(pos)
-        bucket_of.append(len(buckets))
-        pos += n
-    if pos > start or not buckets:
-        pos = _close(buckets, start, pos, pad_multiple)
+    if any(n < 0 for n in numels):
+        raise ValueError(f"numels {list(numels)} has a negative entry")
+    groups = _groups_from_end(list(numels), list(units) if units is not None else list(range(len(numels))),
+                              bucket_numel, last_bucket_numel or bucket_numel)
+    offsets, buckets, bucket_of = [0] * len(numels), [], [0] * len(numels)
+    pos = 0
+    for b, members in enumerate(groups):
+        start = pos
+        for i in members:
+            offsets[i], bucket_of[i] = pos, b
+            pos += numels[i]
+        pos = start + -(-(pos - start) // pad_multiple) * pad_multiple
+        buckets.append((start, pos))
     return Layout(tuple(offsets), tuple(int(n) for n in numels), tuple(buckets), pos, tuple(bucket_of))
 
 
-def _close(buckets: list, start: int, pos: int, pad_multiple: int) -> int:
-    end = start + -(-(pos - start) // pad_multiple) * pad_multiple
-    buckets.append((start, end))
-    return end
+def _groups_from_end(numels: list[int], units: list, cap: int, last_cap: int) -> list[list[int]]:
+    """Tensor indices per bucket, in order; whole units, filled from the end."""
+    chunks: list[list[int]] = []  # units, the last one first
+    for i in reversed(range(len(numels))):
+        if chunks and units[chunks[-1][0]] == units[i]:
+            chunks[-1].insert(0, i)
+        else:
+            chunks.append([i])
+    groups: list[list[int]] = [[]]
+    size = 0
+    for chunk in chunks:
+        n = sum(numels[i] for i in chunk)
+        limit = last_cap if len(groups) == 1 else cap
+        if size > 0 and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1][:0] = chunk
+        size += n
+    return list(reversed(groups))
 
 
 class FlatBuffer:

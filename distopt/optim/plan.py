@@ -48,10 +48,11 @@ class ShardPlan(NamedTuple):
 
 
 def plan(numels: Sequence[int], world_size: int, bucket_numel: int = DEFAULT_BUCKET_BYTES // 4,
-         align: int = ALIGN) -> ShardPlan:
+         align: int = ALIGN, units: Sequence[object] | None = None, last_bucket_numel: int | None = None) -> ShardPlan:
     """Shard tensors of ``numels`` elements over ``world_size`` ranks.
 
-    Tensors are packed in order into buckets of at most ``bucket_numel`` elements; each
+    Tensors are packed in order into buckets of at most ``bucket_numel`` elements (see
+    :func:`distopt.collectives.layout` for ``units`` and ``last_bucket_numel``); each
     bucket is zero-padded to a multiple of ``world_size * align`` and cut into
     ``world_size`` equal contiguous slices. Every rank's shard therefore has the same size,
     at most ``align`` elements per bucket above ``ceil(n / world_size)``.
@@ -65,4 +66,4 @@ def plan(numels: Sequence[int], world_size: int, bucket_numel: int = DEFAULT_BUC
         raise ValueError(f"align={align} must be >= 1")
     if len(numels) == 0:
         raise ValueError("plan() needs at least one tensor")
-    return ShardPlan(world_size, align, layout(numels, bucket_numel, world_size * align))
+    return ShardPlan(world_size, align, layout(numels, bucket_numel, world_size * align, units, last_bucket_numel))

@@ -54,6 +54,8 @@ class ShardedOptimizer:
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
         wire_dtype: ``torch.bfloat16``/``torch.float16`` to narrow gradients on the wire.
         sync_params: broadcast rank 0's parameters at construction, so all ranks start equal.
+        last_bucket_bytes: cap on the bucket of the last parameters, reduced first while
+            backward is still running (1 MiB, as DDP's first bucket); None: ``bucket_bytes``.
         replicate: keep the in-memory redundancy that lets a lost rank be rebuilt and a
             failed step be undone (:mod:`distopt.optim.redundancy`).
 
@@ -63,15 +65,15 @@ class ShardedOptimizer:
 
     def __init__(self, params: Params, rule: Rule, comm: Communicator, zero_stage: int = 1,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
-                 wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False) -> None:
+                 wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False,
+                 last_bucket_bytes: int | None = 2**20) -> None:
         self.names, self._tensors = _named_tensors(params)
         _check_args(self._tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype)
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
         first = self._tensors[0]
-        shards = comm.world_size if zero_stage >= 1 else 1
-        self.plan: ShardPlan = plan([t.numel() for t in self._tensors], shards,
-                                    max(1, bucket_bytes // first.element_size()))
+        self.plan: ShardPlan = build_plan(self.names, self._tensors, comm.world_size, zero_stage, bucket_bytes,
+                                          last_bucket_bytes)
         log.debug("rank %d: %s", comm.rank, self.plan.describe())
         self._params = self._adopt_params(first.dtype, first.device)
         if sync_params:
@@ -279,6 +281,19 @@ class ShardedOptimizer:
     def load_full_state_dict(self, full: dict) -> None:
         """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage)."""
         state_io.load_full_state_dict(self, full)
+
+
+def build_plan(names: Sequence[str], tensors: Sequence[torch.Tensor], world_size: int, zero_stage: int,
+               bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20) -> ShardPlan:
+    """The plan a ShardedOptimizer with these arguments uses (a pure function).
+
+    A module's parameters (names sharing the part before the last dot) share a bucket, so
+    a bucket is complete as soon as backward is through its modules.
+    """
+    size = tensors[0].element_size()
+    units = [n.rsplit(".", 1)[0] if "." in n else n for n in names]
+    return plan([t.numel() for t in tensors], world_size if zero_stage >= 1 else 1, max(1, bucket_bytes // size),
+                units=units, last_bucket_numel=max(1, last_bucket_bytes // size) if last_bucket_bytes else None)
 
 
 def _named_tensors(params: Params) -> tuple[list[str], list[torch.Tensor]]:

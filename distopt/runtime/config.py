@@ -27,6 +27,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
     bucket_bytes: int = 25 * 2**20
+    last_bucket_bytes: int = 2**20  # the last layers' bucket, reduced first (DDP's first bucket)
     overlap: bool = True  # reduce gradient buckets during backward
     grad_wire_dtype: Any = None  # torch.bfloat16 / torch.float16: gradients narrowed on the wire
     mixed_precision: str | None = None  # "bf16": forward/backward under autocast, fp32 master weights

@@ -17,8 +17,7 @@ from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.gradients import execute_with_gradients
 from distopt.optim import recovery
-from distopt.optim.plan import plan
-from distopt.optim.sharded import ShardedOptimizer
+from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
 from distopt.runtime.checkpointing import ShardWriter, snapshot
 from distopt.runtime.faults import maybe_fire
@@ -88,7 +87,7 @@ class Worker:
         c = self.config
         opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant,
-                               wire_dtype=c.grad_wire_dtype)
+                               wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:
@@ -118,8 +117,7 @@ class Worker:
         comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
                                  group_name=group_name, local_host=local_host or _local_host(host))
         names, tensors = list(self.params), list(self.params.values())
-        shards = old_world if c.zero_stage >= 1 else 1
-        old_plan = plan([t.numel() for t in tensors], shards, max(1, c.bucket_bytes // tensors[0].element_size()))
+        old_plan = build_plan(names, tensors, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
         params, full = recovery.assemble(comm, old_plan, c.optimizer, names, [t.shape for t in tensors], holder_of,
                                          mine, committed, tensors[0].dtype, tensors[0].device)
         with torch.no_grad():
