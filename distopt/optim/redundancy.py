@@ -38,10 +38,11 @@ class Redundancy:
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
         self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded else None
-        self.pending = [torch.empty_like(t) for t in opt._p_shards] if self.sharded else []
         self._pending_flat = torch.empty(sum(t.numel() for t in opt._p_shards), dtype=opt._params.data.dtype,
                                          device=opt._params.data.device) if self.sharded else None
+        self.pending = list(self._pending_flat.split([t.numel() for t in opt._p_shards])) if self.sharded else []
         self.pending_step: int | None = None
+        self._shift = None  # the in-flight send of this step's prepared gradients
         self.reset_replica()
 
     @property
@@ -71,12 +72,18 @@ class Redundancy:
 
     def before_update(self, prepared: list[torch.Tensor], step: int) -> None:
         """Snapshot the committed shard and ship the prepared gradients to the right neighbour."""
-        self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
         if self.sharded:
-            flat = torch.cat([g.reshape(-1) for g in prepared])
-            self.opt.comm.shift(flat, out=self._pending_flat)
-            torch._foreach_copy_(self.pending, list(self._pending_flat.split([t.numel() for t in self.pending])))
+            # Without L2 decay the prepared gradients are the shard buffer itself: no copy.
+            flat = self.opt._g_flat if prepared is self.opt._g_shards else torch.cat([g.reshape(-1) for g in prepared])
+            self._shift = self.opt.comm.shift(flat, out=self._pending_flat, async_op=True)
             self.pending_step = step
+        self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
+
+    def shipped(self) -> None:
+        """Wait until the right neighbour has this step's prepared gradients."""
+        if self._shift is not None:
+            self._shift, shift = None, self._shift
+            shift.wait()
 
     def after_update(self, step: int) -> None:
         """Record that the live shard now holds update ``step``."""
@@ -93,6 +100,7 @@ class Redundancy:
 
     def rollback(self, committed: int) -> None:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
+        self._shift = None  # its group is gone; a half-received gradient is never replayed
         if self.live_step == committed + 1 and self.snapshot.step == committed:
             self.snapshot.copy_to(self.opt._p_shards, self.opt.state)
             self.live_step = committed

@@ -111,8 +111,8 @@ class ShardedOptimizer:
     def _grad_shards(self, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
         if self.zero_stage == 0:
             return [self._grads.data[s:e] for s, e in ranges]
-        flat = self._params.data.new_zeros(sum(e - s for s, e in ranges))
-        return list(flat.split([e - s for s, e in ranges]))
+        self._g_flat = self._params.data.new_zeros(sum(e - s for s, e in ranges))
+        return list(self._g_flat.split([e - s for s, e in ranges]))
 
     # --- the step -------------------------------------------------------------------
     def step(self, grads: Params | None = None) -> StepInfo:
@@ -152,8 +152,12 @@ class ShardedOptimizer:
         t2 = time.perf_counter()
         self._phase("param_gather", step)
         if self.zero_stage >= 1:
-            for b, shard in enumerate(self._p_shards):
-                self.comm.allgather(shard, out=self._params.bucket(b))
+            gathers = [self.comm.allgather(shard, out=self._params.bucket(b), async_op=True)
+                       for b, shard in enumerate(self._p_shards)]
+            for g in gathers:
+                g.wait()
+        if self.redundancy is not None:
+            self.redundancy.shipped()  # the step is not done before the neighbour has our gradients
         self.step_count += 1
         return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
 
@@ -183,7 +187,7 @@ class ShardedOptimizer:
             self.rule.update(self._p_shards, self._g_shards, self.state, step)
             return
         prepared = self.rule.prepare(self._p_shards, self._g_shards, step)
-        self.redundancy.before_update(prepared, step)
+        self.redundancy.before_update(prepared, step)  # the shift to the neighbour stays in flight
         self._phase("shard_update", step)
         self.rule.apply(self._p_shards, prepared, self.state, step)
         self.redundancy.after_update(step)

@@ -1,0 +1,132 @@
+"""Benchmark for fault tolerance: its cost per step, recovery time, and checkpoint stalls.
+
+The model is benchmark 1's MLP (6.3M parameters), with 2 workers, 32 samples each, and
+Adam. It runs on an embedded Ray cluster:
+
+* overhead: ``max_failures=3`` (in-memory redundancy on) against ``max_failures=0``, with
+  runs interleaved, comparing median step times;
+* recovery: one SIGKILL of rank 1 mid-step, with a cold replacement and with
+  ``spare_workers=1``, split into detect / replace / restore / redo and reported as the
+  gap in commit times around the failure;
+* the same failure under Ray Train's ``TorchTrainer`` (DDP, ``FailureConfig``, a
+  checkpoint every 10 steps), reported as its gap, the steps it computed twice, and the
+  stall of each synchronous checkpoint;
+* checkpoint writes: steps that start a background checkpoint (every 10 steps) against
+  the other steps.
+
+Run alone: ``python -m benchmarks.bench_faults [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from benchmarks import step_ranks
+from benchmarks.common import GOAL_HEADERS, goal, goal_row, md_table, median, print_goals, text_table
+
+KILL_AT = 25  # 0-based step at which rank 1 is killed
+
+
+def _trainer(steps: int, **kw):
+    import distopt
+    return distopt.Trainer(
+        model=step_ranks.make_model, loss=step_ranks.mse_loss, data=step_ranks.make_data(),
+        optimizer=distopt.optim.adam(lr=step_ranks.LR), global_batch_size=2 * step_ranks.BATCH_PER_WORKER,
+        num_workers=2, zero_stage=1, seed=step_ranks.SEED, ray_address=None, log_every=0, progress=False,
+        collective_timeout_s=10, **kw).fit(steps=steps)
+
+
+def overhead(rounds: int, steps: int) -> dict:
+    """Median step time with and without the in-memory redundancy, runs interleaved."""
+    times: dict[int, list[float]] = {0: [], 3: []}
+    for r in range(rounds):
+        for failures in ((0, 3) if r % 2 == 0 else (3, 0)):
+            times[failures] += [h["time_s"] for h in _trainer(steps + 5, max_failures=failures).history[5:]]
+    off, on = median(times[0]), median(times[3])
+    return {"off_ms": 1e3 * off, "on_ms": 1e3 * on, "ratio": on / off}
+
+
+def recovery(steps: int, spare: int) -> dict:
+    """One SIGKILL of rank 1 in the gradient collective; the split of the time it costs."""
+    from distopt.runtime.faults import Fault
+    result = _trainer(steps, faults=(Fault(rank=1, step=KILL_AT, phase="compute"),), spare_workers=spare,
+                      num_cpus_per_worker=1 if not spare else 0.66)
+    hist = result.history
+    (f,) = result.failures
+    normal = median(h["time_s"] for h in hist[5:KILL_AT])
+    gap = hist[KILL_AT]["committed_at"] - hist[KILL_AT - 1]["committed_at"]
+    return {"detect_s": f["detect_s"], "replace_s": f["replace_s"], "restore_s": f["restore_s"],
+            "redo_s": hist[KILL_AT]["time_s"], "gap_s": gap, "lost_s": gap - normal, "normal_step_s": normal,
+            "steps_redone": 1}
+
+
+def checkpoint_stall(steps: int) -> dict:
+    """Step time of the steps that start a background checkpoint against the others."""
+    with tempfile.TemporaryDirectory() as root:
+        hist = _trainer(steps, checkpoint_dir=root, checkpoint_every=10).history
+    ckpt = [h["time_s"] for h in hist[5:] if h["step"] % 10 == 0]
+    plain = [h["time_s"] for h in hist[5:] if h["step"] % 10 and h["step"] % 10 != 1]
+    return {"checkpoint_step_ms": 1e3 * median(ckpt), "plain_step_ms": 1e3 * median(plain),
+            "ratio": median(ckpt) / median(plain)}
+
+
+def run(quick: bool = False) -> dict:
+    """Every measurement of this benchmark, with its goals."""
+    from benchmarks import ray_train_peer
+    steps = 40 if quick else 60
+    result = {"overhead": overhead(1 if quick else 3, 15 if quick else 30),
+              "cold": recovery(steps, 0), "warm": recovery(steps, 1),
+              "checkpoint": checkpoint_stall(steps), "ray_train": ray_train_peer.run(steps, KILL_AT)}
+    result["goals"] = [
+        goal("per-step time, max_failures=3 / max_failures=0", result["overhead"]["ratio"], 1.05),
+        goal("recovery gap after a SIGKILL, cold replacement (s)", result["cold"]["gap_s"], 5.0),
+        goal("recovery gap after a SIGKILL, warm spare (s)", result["warm"]["gap_s"], 2.0),
+        goal("steps redone after a SIGKILL", result["cold"]["steps_redone"], 1),
+        goal("checkpoint step / other steps", result["checkpoint"]["ratio"], 1.10),
+    ]
+    return result
+
+
+HEADERS = ["run", "detect s", "replace s", "restore s", "redo s", "gap s", "steps redone", "checkpoint stall"]
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    """Recovery rows: distopt cold and warm, Ray Train."""
+    rows = []
+    for name, key in (("distopt, cold replacement", "cold"), ("distopt, spare_workers=1", "warm")):
+        r = result[key]
+        rows.append([name, f"{r['detect_s']:.2f}", f"{r['replace_s']:.2f}", f"{r['restore_s']:.2f}",
+                     f"{r['redo_s']:.2f}", f"{r['gap_s']:.2f}", r["steps_redone"],
+                     f"{result['checkpoint']['ratio']:.2f}x (background)"])
+    t = result["ray_train"]
+    rows.append(["Ray Train TorchTrainer (DDP, checkpoint every 10)", "", "", "", "", f"{t['gap_s']:.2f}",
+                 t["steps_redone"], f"{t['checkpoint_stall_ratio']:.2f}x (synchronous)"])
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The RESULTS.md section."""
+    o = result["overhead"]
+    return "\n\n".join([
+        f"Benchmark 1's MLP, 2 workers on an embedded Ray cluster, zero_stage 1. Redundancy on/off, interleaved "
+        f"runs: {o['on_ms']:.1f} ms vs {o['off_ms']:.1f} ms median step ({o['ratio']:.3f}x). Rank 1 killed "
+        f"(SIGKILL) at step {KILL_AT + 1}; the gap is the time between the commits around the failure, a normal "
+        f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms.",
+        md_table(HEADERS, table_rows(result)),
+        md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]]),
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps and rounds")
+    result = run(p.parse_args().quick)
+    print(text_table(HEADERS, table_rows(result)))
+    print_goals(result["goals"])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
