@@ -95,6 +95,11 @@ class TorchCommunicator:
         opts._devices = [device]
         return ProcessGroupGloo(store, self.rank, self.world_size, opts)
 
+    @property
+    def store(self) -> dist.Store | None:
+        """The rendezvous store (rank 0 serves it); another group may form on it."""
+        return self._store
+
     # --- the collectives ------------------------------------------------------------
     def allreduce(self, t: torch.Tensor, op: str = "sum", wire_dtype: torch.dtype | None = None,
                   async_op: bool = False):

@@ -78,10 +78,14 @@ class Worker:
 
     def attach(self, comm: Communicator) -> None:
         """Use an existing communicator (in-process groups) and build the optimizer."""
-        c = self.config
+        self._drop_optimizer()
         self.comm = comm
-        self.optimizer = None
         self.optimizer = self._optimizer(comm, sync_params=True)
+
+    def _drop_optimizer(self) -> None:
+        if self.optimizer is not None and self.optimizer.overlap is not None:
+            self.optimizer.overlap.close()  # its hooks must not fire into a dead optimizer
+        self.optimizer = None
 
     def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
         c = self.config
@@ -126,13 +130,12 @@ class Worker:
         keep = world_size if keep is None else keep
         if keep < world_size:
             # The kept ranks need a group of their own size; rank 0's store serves it too.
-            kept = TorchCommunicator(rank, keep, host, port, c.backend, c.collective_timeout_s, store=comm._store,
+            kept = TorchCommunicator(rank, keep, host, port, c.backend, c.collective_timeout_s, store=comm.store,
                                      group_name=group_name + "/kept") if rank < keep else None
             comm.close()
             comm, self.world_size = kept, keep
-        if self.optimizer is not None and self.optimizer.overlap is not None:
-            self.optimizer.overlap.close()  # the old optimizer's hooks must not fire any more
-        self.comm, self.optimizer = comm, None
+        self._drop_optimizer()
+        self.comm = comm
         if comm is not None:
             self.optimizer = self._optimizer(comm, sync_params=False)
             self.optimizer.load_full_state_dict(full)
