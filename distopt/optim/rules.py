@@ -60,12 +60,20 @@ class SGD:
     def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: SGDState, step: int) -> SGDState:
         """Momentum and the descent step from prepared gradients, in place."""
         lr = lr_at(self.lr, step)
-        if self.momentum:
-            buf = state.momentum_buffer
-            # With zero-initialised buffers the first step gives buf == grad, as torch's clone does.
-            torch._foreach_mul_(buf, self.momentum)
-            torch._foreach_add_(buf, grads)
-            grads = torch._foreach_add(grads, buf, alpha=self.momentum) if self.nesterov else buf
+        if not self.momentum:
+            gradient_descent_update(params, grads, lr, inplace=True, f="torch")
+            return state
+        buf = state.momentum_buffer
+        if _fusable(params, grads, buf):
+            # One pass over parameters, gradients and buffers, as torch.optim.SGD(fused=True).
+            with torch.no_grad():
+                torch._fused_sgd_(params, grads, buf, weight_decay=0.0, momentum=self.momentum, lr=lr,
+                                  dampening=0.0, nesterov=self.nesterov, maximize=False, is_first_step=False)
+            return state
+        # With zero-initialised buffers the first step gives buf == grad, as torch's clone does.
+        torch._foreach_mul_(buf, self.momentum)
+        torch._foreach_add_(buf, grads)
+        grads = torch._foreach_add(grads, buf, alpha=self.momentum) if self.nesterov else buf
         gradient_descent_update(params, grads, lr, inplace=True, f="torch")
         return state
 
@@ -150,6 +158,13 @@ def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     if not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0: use e.g. eps=1e-8")
     return Adam(lr, (float(betas[0]), float(betas[1])), float(eps), float(weight_decay), bool(decoupled))
+
+
+def _fusable(*lists: list[torch.Tensor]) -> bool:
+    """Whether torch's fused SGD kernel takes these: one device (CPU or CUDA), one float dtype."""
+    tensors = [t for ts in lists for t in ts]
+    return (hasattr(torch, "_fused_sgd_") and len({(t.device, t.dtype) for t in tensors}) == 1
+            and tensors[0].device.type in ("cpu", "cuda") and tensors[0].dtype in (torch.float32, torch.float64))
 
 
 def _check_lr(lr: LR) -> None:
