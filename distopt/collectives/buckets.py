@@ -80,12 +80,19 @@ def _groups_from_end(numels: list[int], units: list, cap: int, last_cap: int) ->
 
 
 class FlatBuffer:
-    """A zero-initialised flat tensor with one shaped view per member tensor."""
+    """A flat tensor with one shaped view per member tensor (zero-filled unless ``zero=False``)."""
 
-    def __init__(self, shapes: Sequence[torch.Size], lay: Layout, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, shapes: Sequence[torch.Size], lay: Layout, dtype: torch.dtype, device: torch.device | str,
+                 zero: bool = True) -> None:
         self.layout = lay
-        self.data = torch.zeros(lay.total, dtype=dtype, device=device)
+        self.data = (torch.zeros if zero else torch.empty)(lay.total, dtype=dtype, device=device)
         self.views = [self.data[o:o + n].view(s) for o, n, s in zip(lay.offsets, lay.numels, shapes)]
+
+    def padding(self, i: int) -> torch.Tensor:
+        """The padding at the end of bucket ``i`` (after its last member), as a 1-D view."""
+        start, end = self.layout.buckets[i]
+        members = [o + n for o, n, b in zip(self.layout.offsets, self.layout.numels, self.layout.bucket_of) if b == i]
+        return self.data[max(members, default=start):end]
 
     def bucket(self, i: int) -> torch.Tensor:
         """Bucket ``i`` as a 1-D view."""

@@ -27,6 +27,7 @@ class Overlap:
         self.members = [lay.members(b) for b in range(len(lay.buckets))]
         self.handles = [t.register_hook(self._hook(i)) for i, t in enumerate(opt._tensors)]
         self.capturing = False
+        self.fresh = False  # the buffer was allocated this step without zeroing
         self.last, self.scale = True, 1.0
         self.written: list[bool] = []
         self.left: list[int] = []
@@ -40,7 +41,8 @@ class Overlap:
         if first:
             if opt._grads is None:  # stage 2 keeps a full-size buffer only while a step runs
                 opt._grads = FlatBuffer([t.shape for t in opt._tensors], opt.plan.layout,
-                                        opt._params.data.dtype, opt._params.data.device)
+                                        opt._params.data.dtype, opt._params.data.device, zero=False)
+                self.fresh = True  # padding and unwritten members are zeroed at launch
             self.written = [False] * len(opt._tensors)
             self.pending, self.ready = [], set()
             self.next_launch = len(self.members) - 1
@@ -77,6 +79,8 @@ class Overlap:
         for i in self.members[b]:
             if not self.written[i]:  # no gradient reached it this step
                 opt._grads.views[i].zero_()
+        if self.fresh:
+            opt._grads.padding(b).zero_()
         bucket = opt._grads.bucket(b)
         if opt.zero_stage == 0:
             self.pending.append(opt.comm.allreduce(bucket, "mean", opt.wire_dtype, async_op=True))
@@ -100,4 +104,4 @@ class Overlap:
             p.wait()
         self.pending = []
         if self.opt.zero_stage == 2:
-            self.opt._grads = None
+            self.opt._grads, self.fresh = None, False
