@@ -22,7 +22,7 @@ class ShardWriter:
     """One rank's background checkpoint writes."""
 
     def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
+        self._threads: list[tuple[int, threading.Thread]] = []
         self._done: list[dict] = []
         self._lock = threading.Lock()
 
@@ -35,7 +35,7 @@ class ShardWriter:
         thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields),
                                   name=f"ckpt-{step}", daemon=True)
         thread.start()
-        self._threads.append(thread)
+        self._threads.append((step, thread))
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
                fields: dict | None) -> None:
@@ -54,12 +54,17 @@ class ShardWriter:
         with self._lock:
             self._done.append(record)
 
-    def drain(self, wait: bool = False) -> list[dict]:
-        """Records of the writes finished so far (all of them, with ``wait``)."""
-        if wait:
-            for t in self._threads:
+    def drain(self, wait: bool = False, before: int | None = None) -> list[dict]:
+        """Records of the writes finished so far.
+
+        ``wait`` waits for every write first; ``before`` for those of steps before it, so a
+        write overlaps at most the step after its own and its record is never lost with a
+        worker that dies later.
+        """
+        for step, t in self._threads:
+            if wait or (before is not None and step < before):
                 t.join()
-        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads = [(s, t) for s, t in self._threads if t.is_alive()]
         with self._lock:
             done, self._done = self._done, []
         return done

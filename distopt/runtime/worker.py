@@ -169,7 +169,7 @@ class Worker:
             self.checkpoint(step + 1)
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
-                          info.grad_norm, info.skipped, info.step, self._writer.drain())
+                          info.grad_norm, info.skipped, info.step, self._writer.drain(before=step + 1))
 
     def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
         # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
