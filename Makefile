@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # present) keeps whatever CUDA build the range in pyproject.toml resolves to.
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: run test install clean
+.PHONY: run test bench install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# Benchmarks into benchmarks/RESULTS.md (~8-10 min on 2 cores); BENCH_ARGS=--quick for a smoke run.
+bench: $(STAMP)
+	$(VPY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

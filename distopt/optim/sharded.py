@@ -39,7 +39,7 @@ class StepInfo(NamedTuple):
     grad_norm: float  # L2 norm of the averaged gradient, before clipping
     skipped: bool  # a non-finite gradient somewhere: no rank updated
     comm_s: float  # seconds in gradient reduction and parameter gather
-    update_s: float  # seconds in the update rule
+    update_s: float  # seconds in the update rule (and replaying the neighbour's last update)
 
 
 class ShardedOptimizer:
@@ -131,8 +131,10 @@ class ShardedOptimizer:
             CollectiveError: a peer failed; parameters and state are then unspecified.
         """
         given = None if grads is None else _match_grads(grads, self.names, self._tensors)
+        t_commit = time.perf_counter()
         if self.redundancy is not None:
             self.redundancy.commit(self.step_count)  # being called again means the last step committed
+        replay_s = time.perf_counter() - t_commit
         step = self.step_count + 1
         t0 = time.perf_counter()
         self._phase("grad_collective", step)
@@ -145,7 +147,7 @@ class ShardedOptimizer:
         if not math.isfinite(norm):
             log.warning("rank %d: non-finite gradient (norm %s): step %d skipped on every rank",
                         self.comm.rank, norm, self.step_count + 1)
-            return StepInfo(self.step_count, norm, True, t1 - t0, 0.0)
+            return StepInfo(self.step_count, norm, True, t1 - t0, replay_s)
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             torch._foreach_mul_(self._g_shards, self.max_grad_norm / (norm + 1e-6))
         self._update(step)
@@ -159,7 +161,7 @@ class ShardedOptimizer:
         if self.redundancy is not None:
             self.redundancy.shipped()  # the step is not done before the neighbour has our gradients
         self.step_count += 1
-        return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), t2 - t1)
+        return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), replay_s + t2 - t1)
 
     def overlap_backward(self) -> None:
         """From now on reduce gradients during backward (hooks on the parameters).
