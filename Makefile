@@ -28,7 +28,13 @@ test: $(STAMP)
 	$(VPY) -m pytest -q
 
 # Benchmarks into benchmarks/RESULTS.md (~8-10 min on 2 cores); BENCH_ARGS=--quick for a smoke run.
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(VPY) -m pip install --quiet -e ".[dev,bench]" $(TORCH_PIN)
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(VPY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:

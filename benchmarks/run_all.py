@@ -1,9 +1,8 @@
 """Run every benchmark and write ``benchmarks/RESULTS.md`` with its pictures.
 
-    python -m benchmarks.run_all            # benchmarks 1-4 and 6 (make bench), ~8-10 minutes on 2 cores
-    python -m benchmarks.run_all --quick    # a smoke run, under 2 minutes
-    python -m benchmarks.run_all --only step --only memory
-    python -m benchmarks.run_all --only faults   # benchmark 5 (bench_faults.py), only when named
+    python -m benchmarks.run_all            # everything (make bench), ~12 minutes on 2 cores
+    python -m benchmarks.run_all --quick    # a smoke run, a few minutes
+    python -m benchmarks.run_all --only step --only faults
 
 Results accumulate in ``benchmarks/results.json``: ``--only`` refreshes the named
 benchmarks and keeps the others' last results (each section says which command and date
@@ -21,14 +20,14 @@ from benchmarks import bench_collectives, bench_memory, bench_step, bench_update
 from benchmarks.common import (GOAL_HEADERS, HERE, bucket_count, git_state, goal_row, machine_facts, md_table,
                                norm_accumulation)
 
-# Run order (the cost model's check needs step, collectives and update first). "faults"
-# (bench_faults.py, Ray Train as the peer) runs only when named with --only.
+# Run order (the cost model's check needs step, collectives and update first). "faults" is
+# the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer).
 ORDER = ["update", "collectives", "memory", "step", "faults", "scale"]
-DEFAULT = [name for name in ORDER if name != "faults"]
+DEFAULT = list(ORDER)
 SECTIONS = ["step", "collectives", "update", "memory", "faults", "scale"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
-          "memory": "4. Memory and traffic", "faults": "5. Fault tolerance", "scale": "6. Scale: the cost model"}
+          "memory": "4. Memory and traffic", "faults": "Fault tolerance (recovery, overhead, checkpoints)", "scale": "6. Scale: the cost model"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
 
 
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 2-minute smoke run: fewer sizes, rounds and steps")
     p.add_argument("--only", action="append", choices=ORDER,
-                   help="run only this benchmark (repeatable); 'faults' runs only when named")
+                   help="run only this benchmark (repeatable)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     results = run(args.only or DEFAULT, args.quick, argv)
