@@ -304,3 +304,21 @@ def test_overlapped_accumulation_matches_torch(groups):
         ref.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_last_layers_are_on_the_wire_before_backward_ends(groups):
+    from distopt import execute_with_gradients
+
+    def body(comm):
+        model = _build_mlp()[:5]
+        params = dict(model.named_parameters())
+        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=200, last_bucket_bytes=None)
+        opt.overlap_backward()
+        opt.begin_micro_batch()
+        execute_with_gradients(lambda ps: _forward(model, torch.ones(2, 6)), params)
+        launched = len(opt.overlap.pending)
+        opt.step()
+        return launched, len(opt.plan.layout.buckets)
+
+    for launched, buckets in run_ranks(groups(2), body):
+        assert buckets >= 3 and launched == buckets  # every bucket launched by its last gradient's hook

@@ -4,7 +4,9 @@ Hooks on the parameters copy each gradient into its bucket as autograd produces 
 bucket whose gradients are all in starts its reduction at once (asynchronously), so the
 communication of the last layers overlaps the backward of the first ones. Buckets are
 launched in descending index order on every rank (backward fills the last buckets
-first), so every rank issues the same collectives in the same order.
+first), so every rank issues the same collectives in the same order. A bucket holding a
+parameter that gets no gradient holds back itself and every bucket after it in that
+order until ``step`` (as DDP without ``find_unused_parameters``): correct, not overlapped.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def shard_state_dict(opt: "ShardedOptimizer") -> dict:
         "format": FORMAT, "rank": opt.comm.rank, "world_size": opt.comm.world_size,
         "zero_stage": opt.zero_stage, "step": opt.step_count, "rule": opt.rule.config(),
         "plan": opt.plan.to_dict(),
-        "state": {field: torch.cat([t.reshape(-1) for t in ts]).clone()
+        "state": {field: torch.cat([t.reshape(-1) for t in ts])  # cat always copies
                   for field, ts in opt.state._asdict().items() if ts},
     }
 
