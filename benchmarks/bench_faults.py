@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 from benchmarks import step_ranks
 from benchmarks.common import GOAL_HEADERS, goal, goal_row, md_table, median, print_goals, text_table

@@ -20,18 +20,11 @@ from distopt.checkpoint.format import atomic_write
 from distopt.collectives import run_ranks
 from distopt.optim import ShardedOptimizer, adam, sgd
 
-SHAPES = [(7, 5), (13,), (1,), (3, 3, 3), (101,)]  # odd sizes: parameters straddle shard boundaries
+from odd_params import grads_of as _grads, init_params as _init
+
 BUCKET_BYTES = 256  # several buckets, so the plan's layout matters
 
 
-def _init() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
-
-
-def _grads(step: int, rank: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(10_000 * step + rank)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
 
 
 def _rule():

@@ -10,7 +10,8 @@ from distopt.optim.sharded import build_plan
 from distopt.optim.recovery import assemble, holders, packets
 from distopt.optim.redundancy import RecoveryError
 
-SHAPES = [(7, 5), (13,), (1,), (3, 3, 3), (101,)]
+from odd_params import grads_of as _grads, init_params as _init
+
 RULES = {
     "adam_l2": lambda: adam(1e-2, weight_decay=0.05),
     "adamw": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
@@ -18,14 +19,6 @@ RULES = {
 }
 
 
-def _init():
-    g = torch.Generator().manual_seed(0)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
-
-
-def _grads(step, rank):
-    g = torch.Generator().manual_seed(10_000 * step + rank)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
 
 
 def _opt(comm, rule, stage, replicate=True, params=None, sync=True):

@@ -9,18 +9,11 @@ import torch
 from distopt.collectives import run_ranks
 from distopt.optim import ShardedOptimizer, adam, sgd
 
-SHAPES = [(7, 5), (13,), (1,), (3, 3, 3), (101,)]  # odd sizes: nothing divides evenly
+from odd_params import SHAPES, grads_of as _grads, init_params as _init
+
 STEPS = 12
 
 
-def _init() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
-
-
-def _grads(step: int, rank: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(10_000 * step + rank)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
 
 
 def _train(comms, stage, make_rule, steps=STEPS, bucket_bytes=25 * 2**20, **kw):

@@ -1,7 +1,6 @@
 """Checkpoints through the Trainer: background writes, resume on 1-3 workers, damage refused."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
