@@ -22,12 +22,13 @@ from benchmarks.common import (GOAL_HEADERS, HERE, bucket_count, git_state, goal
 
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
 # the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer).
-ORDER = ["update", "collectives", "memory", "step", "faults", "scale"]
+ORDER = ["update", "collectives", "memory", "step", "faults", "precision", "scale"]
 DEFAULT = list(ORDER)
-SECTIONS = ["step", "collectives", "update", "memory", "faults", "scale"]
+SECTIONS = ["step", "collectives", "update", "memory", "faults", "precision", "scale"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
-          "memory": "4. Memory and traffic", "faults": "Fault tolerance (recovery, overhead, checkpoints)", "scale": "6. Scale: the cost model"}
+          "memory": "4. Memory and traffic", "faults": "Fault tolerance (recovery, overhead, checkpoints)",
+          "precision": "Mixed precision: the demo's loss curve", "scale": "6. Scale: the cost model"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
 
 
@@ -172,7 +173,8 @@ def _section(name: str, result: dict, figure: str | None) -> str:
 
 def _figures(results: dict) -> dict[str, str]:
     draw = {"collectives": lambda r: plots.busbw(r, HERE), "step": lambda r: plots.step_bars(r, HERE),
-            "memory": lambda r: plots.memory(r, HERE), "scale": lambda r: plots.scaling(r["scenarios"], HERE)}
+            "memory": lambda r: plots.memory(r, HERE), "scale": lambda r: plots.scaling(r["scenarios"], HERE),
+            "precision": lambda r: _module("precision").plot(r, HERE)}
     return {name: draw[name](results[name]) for name in draw if name in results and "error" not in results[name]}
 
 
