@@ -167,9 +167,10 @@ class Worker:
         info = self.optimizer.step(total)
         if c.checkpoint_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
             self.checkpoint(step + 1)
+        written = self._writer.drain(before=self._write_deadline(step))
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
-                          info.grad_norm, info.skipped, info.step, self._writer.drain(before=step + 1))
+                          info.grad_norm, info.skipped, info.step, written)
 
     def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
         # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
@@ -181,6 +182,11 @@ class Worker:
         if not isinstance(extra, dict):
             raise TypeError(f"loss returned (loss, {type(extra).__name__}): the second item must be a metrics dict")
         return float(y), grads, {k: float(v) for k, v in extra.items()}
+
+    def _write_deadline(self, step: int) -> int:
+        # A background write may overlap half a checkpoint interval, then the step waits for
+        # it: its record then reaches the driver long before the next checkpoint starts.
+        return step + 1 - max(1, self.config.checkpoint_every // 2)
 
     def checkpoint(self, steps_done: int, wait: bool = False) -> list[dict]:
         """Copy this rank's part of the checkpoint after ``steps_done`` steps; write it in the background."""
