@@ -20,6 +20,7 @@ from torch._C._distributed_c10d import (
 )
 
 from distopt.collectives import compression
+from distopt.collectives.pending import Pending, completed
 from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
 
 BACKENDS = ("gloo", "nccl")
@@ -113,9 +114,9 @@ class TorchCommunicator:
         check_wire_dtype(wire_dtype, t.dtype)
         _check_contiguous(t, "allreduce")
         if self.world_size == 1:
-            return _result(t, async_op)
+            return completed(t, async_op)
         if wire_dtype is not None and wire_dtype != t.dtype:
-            return _result(compression.allreduce(self, t, op, wire_dtype), async_op)
+            return completed(compression.allreduce(self, t, op, wire_dtype), async_op)
         self._prescale(t, op)
         opts = AllreduceOptions()
         opts.reduceOp = ReduceOp.SUM
@@ -142,9 +143,9 @@ class TorchCommunicator:
         n, w = flat.numel(), self.world_size
         start, end = chunk_range(n, w, self.rank)
         if w == 1:
-            return _result(_deliver(flat, out), async_op)
+            return completed(_deliver(flat, out), async_op)
         if wire_dtype is not None and wire_dtype != flat.dtype:
-            return _result(_deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out), async_op)
+            return completed(_deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out), async_op)
         c = chunk_numel(n, w)
         send = flat if n == c * w else _padded(flat, c * w)
         buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
@@ -183,7 +184,7 @@ class TorchCommunicator:
                 raise ValueError(f"allgather: rank {self.rank} holds {shard.numel()} elements but its chunk "
                                  f"of numel={numel} has {end - start}: pass the shard reduce_scatter returned")
         if w == 1:
-            return _result(_deliver(shard, out), async_op)
+            return completed(_deliver(shard, out), async_op)
         send = shard if shard.numel() == c else _padded(shard, c)
         buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
         if self.backend == "gloo":
@@ -242,7 +243,7 @@ class TorchCommunicator:
         _check_flat(t, "shift")
         out = out if out is not None else torch.empty_like(t)
         if self.world_size == 1:
-            return _result(out.copy_(t), async_op)
+            return completed(out.copy_(t), async_op)
         right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
         works = self._start("shift", lambda tag: [self._pg.send([t], right, tag), self._pg.recv([out], left, tag)])
         return self._finish("shift", works, lambda: out, async_op)
@@ -310,32 +311,6 @@ class TorchCommunicator:
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
-
-
-class Pending:
-    """A collective in flight; :meth:`wait` completes it and returns its result.
-
-    Raises (from ``wait``): CollectiveError within the communicator's timeout.
-    """
-
-    def __init__(self, comm: "TorchCommunicator | None", name: str, works: list, finish: Callable[[], object]) -> None:
-        self.comm, self.name, self._works, self._finish = comm, name, works, finish
-        self._done, self._result = False, None
-
-    def wait(self):
-        """Block until done (at most the timeout per work); the collective's result."""
-        if not self._done:
-            try:
-                for work in self._works:
-                    work.wait(self.comm._timeout)
-            except Exception as e:
-                raise self.comm._failed(self.name, e) from e
-            self._result, self._done = self._finish(), True
-        return self._result
-
-
-def _result(value, async_op: bool):
-    return Pending(None, "done", [], lambda: value) if async_op else value
 
 
 def free_port(host: str = "127.0.0.1") -> int:
