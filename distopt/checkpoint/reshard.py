@@ -39,12 +39,12 @@ def full_state_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, to
     plan = plan_from_dict(manifest["plan"])
     fields = list(manifest["state_fields"])
     _check_shards(plan, fields, shard_tensors)
-    lay = plan.layout
     state: dict[str, dict[str, torch.Tensor]] = {p["name"]: {} for p in manifest["params"]}
+    shapes = [p["shape"] for p in manifest["params"]]
     for field in fields:
         flat = _gather(plan, [shard_tensors[r][field] for r in range(plan.world_size)])
-        for p, offset, numel in zip(manifest["params"], lay.offsets, lay.numels):
-            state[p["name"]][field] = flat[offset:offset + numel].reshape(p["shape"]).clone()
+        for p, view in zip(manifest["params"], plan.unflatten(flat, shapes)):
+            state[p["name"]][field] = view.clone()
     return {"format": STATE_FORMAT + ".full", "step": manifest["optimizer_step"], "rule": manifest["rule"],
             "state": state}
 
@@ -104,8 +104,5 @@ def _gather(plan: ShardPlan, shards: list[torch.Tensor]) -> torch.Tensor:
     # The inverse of the optimizer's cut: rank r's flat shard is its range of every bucket, in bucket order.
     flat = shards[0].new_zeros(plan.layout.total)
     for rank, shard in enumerate(shards):
-        shard, pos = shard.reshape(-1), 0
-        for start, end in plan.ranges(rank):
-            flat[start:end].copy_(shard[pos:pos + end - start])
-            pos += end - start
+        plan.place(rank, shard.reshape(-1), flat)
     return flat

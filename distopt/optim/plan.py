@@ -30,6 +30,18 @@ class ShardPlan(NamedTuple):
             out.append((start + rank * size, start + (rank + 1) * size))
         return out
 
+    def place(self, rank: int, shard, full) -> None:
+        """Copy ``rank``'s flat shard (its range of every bucket, in bucket order) into ``full``."""
+        pos = 0
+        for start, end in self.ranges(rank):
+            full[start:end].copy_(shard[pos:pos + end - start])
+            pos += end - start
+
+    def unflatten(self, full, shapes: Sequence) -> list:
+        """Views of the flat buffer ``full``, one per tensor of the plan, with ``shapes``."""
+        lay = self.layout
+        return [full[o:o + n].view(tuple(shape)) for o, n, shape in zip(lay.offsets, lay.numels, shapes)]
+
     def shard_numel(self, rank: int = 0) -> int:
         """Elements ``rank`` owns (the same for every rank)."""
         return sum(e - s for s, e in self.ranges(rank))

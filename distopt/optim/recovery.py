@@ -67,18 +67,15 @@ def assemble(comm: Communicator, old_plan: ShardPlan, rule: Rule, names: Sequenc
     fields = [f for f, ts in rule.init([torch.zeros(1)])._asdict().items() if ts]
     full = [torch.zeros(old_plan.layout.total, dtype=dtype, device=device) for _ in range(1 + len(fields))]
     for o in range(old_plan.world_size):
-        ranges = old_plan.ranges(o)
-        size = sum(e - s for s, e in ranges)
+        size = old_plan.shard_numel(o)
         if comm.rank == holder_of[o]:
             buf = mine[o].to(device=device, dtype=dtype)
         else:
             buf = torch.empty(size * len(full), dtype=dtype, device=device)
         comm.broadcast(buf, src=holder_of[o])
         for dst, part in zip(full, buf.split(size)):
-            for (s, e), piece in zip(ranges, part.split([e - s for s, e in ranges])):
-                dst[s:e].copy_(piece)
-    lay = old_plan.layout
-    views = [[flat[o:o + n].view(shape) for o, n, shape in zip(lay.offsets, lay.numels, shapes)] for flat in full]
+            old_plan.place(o, part, dst)
+    views = [old_plan.unflatten(flat, shapes) for flat in full]
     params = dict(zip(names, views[0]))
     state = {name: {f: views[1 + j][i].clone() for j, f in enumerate(fields)} for i, name in enumerate(names)}
     return params, {"format": FORMAT + ".full", "step": step, "rule": rule.config(), "state": state}
