@@ -200,3 +200,38 @@ def test_layout_keeps_units_together_and_caps_the_last_bucket():
     lay = layout(numels, bucket_numel=100, units=units)
     assert [lay.members(b) for b in range(len(lay.buckets))] == [[0, 1], [2, 3], [4, 5]]
     assert layout([], 10).buckets == ((0, 0),)
+
+
+def test_always_group_at_world_one_runs_the_backend_and_equals_the_local_path():
+    import torch.distributed as dist
+    from collective_battery import battery
+    grouped = TorchCommunicator(0, 1, backend="gloo", timeout_s=10, store=dist.HashStore(), always_group=True)
+    local = TorchCommunicator(0, 1, backend="gloo")
+    assert grouped._pg is not None and local._pg is None
+    want, got = battery(local, "cpu"), battery(grouped, "cpu")
+    for name in want:
+        if "wire" in name:  # a real group narrows to the wire dtype even when alone
+            torch.testing.assert_close(got[name], want[name], rtol=1e-2, atol=1e-2)
+        else:
+            assert torch.equal(got[name], want[name]), name
+    grouped.close()
+    with pytest.raises(CollectiveError, match="form a new communicator"):
+        grouped.allreduce(torch.ones(3))
+
+
+@pytest.mark.parametrize("w", [2, 3])
+def test_battery_matches_the_per_collective_references(groups, w):
+    # The battery is what the GPU tests compare against: check it on the CPU group first.
+    from collective_battery import N, battery, rank_inputs
+    xs = [rank_inputs(r, w).numpy().astype(np.float64) for r in range(w)]
+    for r, res in enumerate(run_ranks(groups(w), lambda c: battery(c, "cpu"))):
+        start, end = chunk_range(N, w, r)
+        np.testing.assert_allclose(res["allreduce_sum"].numpy(), np.sum(xs, axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res["reduce_scatter"].numpy(), np.mean(xs, axis=0)[start:end], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(res["reduce_scatter_out"].numpy(), np.sum(xs, axis=0)[start:end], rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(res["allgather_numel"].numpy(), np.mean(xs, axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(res["broadcast"].numpy(), xs[w - 1].astype(np.float32))
+        np.testing.assert_array_equal(res["shift"].numpy(), xs[(r - 1) % w][:50].astype(np.float32))
+        np.testing.assert_array_equal(res["shift_out"].numpy(), xs[(r - 1) % w][50:100].astype(np.float32))
+        np.testing.assert_array_equal(res["async_shift"].numpy(), xs[(r - 1) % w][:40].astype(np.float32))

@@ -35,12 +35,16 @@ class TorchCommunicator:
         rank: this process's rank, ``0 <= rank < world_size``.
         world_size: number of ranks; 1 runs every method locally with no group at all.
         host, port: rank 0's store address; rank 0 listens there, the others connect.
-        backend: ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors).
+        backend: ``"nccl"`` (CUDA tensors, one rank per GPU) or ``"gloo"`` (CPU tensors; CUDA
+            tensors too, staged through host memory, for several ranks sharing one GPU).
         timeout_s: seconds any rendezvous or collective may take before it raises.
         store: an existing ``torch.distributed.Store`` to rendezvous on instead of host/port.
         group_name: key prefix in the store; a re-formed group takes a new name.
         local_host: address this rank's gloo transport binds to (defaults to loopback
             when ``host`` is loopback, else the machine's hostname).
+        always_group: form a real group even at ``world_size == 1`` (which otherwise runs
+            every method locally): measures a backend's own floor, and runs the NCCL code
+            path on a machine with one GPU.
 
     Raises:
         ValueError: bad rank, world size, backend or timeout.
@@ -50,7 +54,7 @@ class TorchCommunicator:
     def __init__(
         self, rank: int, world_size: int, host: str = "127.0.0.1", port: int = 29500,
         backend: str = "gloo", timeout_s: float = 60.0, *, store: dist.Store | None = None,
-        group_name: str = "distopt", local_host: str | None = None,
+        group_name: str = "distopt", local_host: str | None = None, always_group: bool = False,
     ) -> None:
         _validate(rank, world_size, backend, timeout_s)
         self.rank, self.world_size, self.backend = rank, world_size, backend
@@ -61,7 +65,8 @@ class TorchCommunicator:
         self._free: dict[tuple, list[torch.Tensor]] = {}
         self._store = None
         self._pg = None
-        if world_size == 1:
+        self._local = world_size == 1 and not always_group  # nothing to exchange: no group
+        if self._local:
             return
         try:
             self._store = store if store is not None else self._connect_store(host, port)
@@ -113,8 +118,10 @@ class TorchCommunicator:
         check_op(op, t.dtype)
         check_wire_dtype(wire_dtype, t.dtype)
         _check_contiguous(t, "allreduce")
-        if self.world_size == 1:
+        if self._local:
             return completed(t, async_op)
+        if self._staged(t):
+            return self._via_host(t, lambda h: self.allreduce(h, op, wire_dtype, async_op=True), t, async_op)
         if wire_dtype is not None and wire_dtype != t.dtype:
             return completed(compression.allreduce(self, t, op, wire_dtype), async_op)
         self._prescale(t, op)
@@ -142,8 +149,11 @@ class TorchCommunicator:
         _check_flat(flat, "reduce_scatter")
         n, w = flat.numel(), self.world_size
         start, end = chunk_range(n, w, self.rank)
-        if w == 1:
+        if self._local:
             return completed(_deliver(flat, out), async_op)
+        if self._staged(flat):
+            return self._via_host(flat, lambda h: self.reduce_scatter(h, op, wire_dtype, async_op=True), out,
+                                  async_op)
         if wire_dtype is not None and wire_dtype != flat.dtype:
             return completed(_deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out), async_op)
         c = chunk_numel(n, w)
@@ -183,8 +193,10 @@ class TorchCommunicator:
             if shard.numel() != end - start:
                 raise ValueError(f"allgather: rank {self.rank} holds {shard.numel()} elements but its chunk "
                                  f"of numel={numel} has {end - start}: pass the shard reduce_scatter returned")
-        if w == 1:
+        if self._local:
             return completed(_deliver(shard, out), async_op)
+        if self._staged(shard):
+            return self._via_host(shard, lambda h: self.allgather(h, numel, async_op=True), out, async_op)
         send = shard if shard.numel() == c else _padded(shard, c)
         buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
         if self.backend == "gloo":
@@ -229,8 +241,10 @@ class TorchCommunicator:
         _check_flat(t, "all_to_all")
         if t.numel() % self.world_size:
             raise ValueError(f"all_to_all: numel={t.numel()} is not divisible by world_size={self.world_size}: pad it")
-        if self.world_size == 1:
+        if self._local:
             return t.clone()
+        if self._staged(t):
+            return self.all_to_all(t.cpu()).to(t.device)
         out = torch.empty_like(t)
         self._run("all_to_all", lambda _: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
         return out
@@ -241,9 +255,11 @@ class TorchCommunicator:
         Every rank passes a 1-D tensor of the same size and dtype.
         """
         _check_flat(t, "shift")
+        if self.world_size == 1:  # its own neighbour: no backend sends to itself
+            return completed(t.clone() if out is None else out.copy_(t), async_op)
+        if self._staged(t):
+            return self._via_host(t, lambda h: self.shift(h, async_op=True), out, async_op)
         out = out if out is not None else torch.empty_like(t)
-        if self.world_size == 1:
-            return completed(out.copy_(t), async_op)
         right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
         works = self._start("shift", lambda tag: [self._pg.send([t], right, tag), self._pg.recv([out], left, tag)])
         return self._finish("shift", works, lambda: out, async_op)
@@ -253,8 +269,10 @@ class TorchCommunicator:
         if not 0 <= src < self.world_size:
             raise ValueError(f"broadcast: src={src} is not a rank of a group of {self.world_size}")
         _check_contiguous(t, "broadcast")
-        if self.world_size == 1:
+        if self._local:
             return t
+        if self._staged(t):
+            return t.copy_(self.broadcast(t.cpu(), src))
         opts = BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
         self._run("broadcast", lambda _: self._pg.broadcast([t], opts))
@@ -262,7 +280,7 @@ class TorchCommunicator:
 
     def barrier(self) -> None:
         """Block until every rank has called ``barrier``."""
-        if self.world_size > 1:
+        if not self._local:
             self._run("barrier", lambda _: self._pg.barrier(BarrierOptions()))
 
     def close(self) -> None:
@@ -276,6 +294,21 @@ class TorchCommunicator:
                 pass
 
     # --- helpers --------------------------------------------------------------------
+    def _staged(self, t: torch.Tensor) -> bool:
+        # gloo's point-to-point calls read raw host pointers, so device tensors (several
+        # ranks sharing one GPU) cross through host memory; NCCL takes them as they are.
+        return self.backend == "gloo" and t.device.type != "cpu"
+
+    def _via_host(self, t: torch.Tensor, start: Callable[[torch.Tensor], Pending], out: torch.Tensor | None,
+                  async_op: bool):
+        """Run a collective on a host copy of ``t``; its result lands in ``out`` or on ``t``'s device."""
+        pending = start(t.cpu())  # synchronises with the stream that produced t
+
+        def finish() -> torch.Tensor:
+            result = pending.wait()
+            return out.copy_(result) if out is not None else result.to(t.device)
+        return self._finish(pending.name, [], finish, async_op)
+
     def _run(self, name: str, start: Callable[[int], object]) -> None:
         """Start a collective (``start(tag)`` returns one work or a list) and wait for it."""
         self._finish(name, self._start(name, start), lambda: None, False)

@@ -246,11 +246,16 @@ class ShardedOptimizer:
     def _global_norm(self) -> float:
         # Per-bucket norms in the gradients' dtype (one fused pass, as clip_grad_norm_ does),
         # combined in double precision.
-        sumsq = sum(float(n) ** 2 for n in torch._foreach_norm(self._g_shards, 2.0)) if self._g_shards else 0.0
+        # Summed on the device: one host synchronisation per step, not one per bucket.
+        if self._g_shards:
+            norms = torch.stack(torch._foreach_norm(self._g_shards, 2.0)).double()
+            total = norms.square().sum().reshape(1)
+        else:
+            total = torch.zeros(1, dtype=torch.float64, device=self._params.data.device)
         if self.zero_stage >= 1:
             # Every rank must see the same number, so the skip/clip decision is unanimous.
-            total = torch.tensor([sumsq], dtype=torch.float64, device=self._params.data.device)
-            sumsq = float(self.comm.allreduce(total, "sum")[0])
+            self.comm.allreduce(total, "sum")
+        sumsq = float(total[0])
         return math.sqrt(sumsq) if sumsq >= 0 else float("nan")
 
     def zero_grad(self) -> None:

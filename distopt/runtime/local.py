@@ -1,6 +1,8 @@
 """The same workers without Ray: one thread per rank over an in-process gloo group.
 
-Used by tests and benchmarks to run the runtime's exact step code with no scheduler.
+Used by tests and benchmarks to run the runtime's exact step code with no scheduler. With
+``use_gpu`` rank ``r`` takes CUDA device ``r`` modulo the devices this process sees, so
+several ranks may share one GPU; gloo then moves their CUDA tensors through host memory.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from distopt.collectives.in_process import RankFailure, in_process, run_ranks
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import WorkerError
 from distopt.runtime.policy import Outcome, WorkerStatus
-from distopt.runtime.worker import Worker
+from distopt.runtime.worker import Worker, device_for
 
 _build_lock = threading.Lock()  # torch.manual_seed is process-global: build models one at a time
 
@@ -28,7 +30,7 @@ class LocalWorkerGroup:
     def _build(config: TrainConfig, rank: int) -> Worker:
         with _build_lock:
             try:
-                return Worker(config, rank)
+                return Worker(config, rank, device=device_for(config.use_gpu, rank))
             except Exception as e:
                 raise WorkerError(rank, "setup", f"{type(e).__name__}: {e}", e) from e
 

@@ -40,7 +40,8 @@ class Trainer:
         optimizer: ``distopt.optim.adam(...)`` or ``distopt.optim.sgd(...)``.
         global_batch_size: samples per step over all workers and micro-batches.
         num_workers: data-parallel ranks (Ray actors).
-        use_gpu: one GPU per worker, CUDA tensors and NCCL.
+        use_gpu: one GPU per worker, CUDA tensors and NCCL (with ``ray_address="local"``
+            the threads share this process's GPUs over gloo).
         zero_stage: 0 (replicated state), 1 (sharded state) or 2 (sharded state and gradients).
         seed: model initialisation and sampling seed.
         gradient_accumulation_steps: micro-batches per worker per step.

@@ -50,11 +50,12 @@ class Worker:
     ``connect(host, port)``), then ``run_step(k)`` for each step, identically on every rank.
     """
 
-    def __init__(self, config: TrainConfig, rank: int, world_size: int | None = None, incarnation: int = 0) -> None:
+    def __init__(self, config: TrainConfig, rank: int, world_size: int | None = None, incarnation: int = 0,
+                 device: torch.device | None = None) -> None:
         self.config, self.rank, self.incarnation = config, rank, incarnation
         self.world_size = world_size or config.num_workers
         self._step = -1  # 0-based step in flight, for fault injection
-        self.device = _device(config.use_gpu)
+        self.device = device if device is not None else device_for(config.use_gpu)
         torch.manual_seed(config.seed)  # every rank builds the same initial weights
         model = config.model()
         if not isinstance(model, torch.nn.Module):
@@ -225,12 +226,14 @@ class Worker:
             self.comm.close()
 
 
-def _device(use_gpu: bool) -> torch.device:
+def device_for(use_gpu: bool, index: int = 0) -> torch.device:
+    """CPU, or CUDA device ``index`` modulo the devices this process sees."""
     if not use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("use_gpu=True but this worker sees no CUDA device: check the node's GPUs and drivers")
-    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this worker's GPU
+    # On Ray, CUDA_VISIBLE_DEVICES holds this worker's one GPU, so index 0 is it.
+    return torch.device("cuda", index % torch.cuda.device_count())
 
 
 def _local_host(host: str) -> str | None:
