@@ -15,8 +15,9 @@ Needs one CUDA device and no Ray, so it runs where Ray is not installed. Section
 4. Mixed precision on the ``make run`` demo task with 2 workers sharing the GPU (threads,
    gloo with CUDA tensors): fp32 against bf16 autocast with bf16 gradients on the wire.
 
-Writes ``gpu.json`` (and prints tables) into ``--out``. Run:
-``python -m benchmarks.bench_gpu --out DIR [--quick]``. ``--sections`` picks a subset.
+Writes ``gpu.json`` into ``--out`` (default ``benchmarks/``, where ``make bench`` reads it on
+machines with no GPU) and prints the tables. Run: ``python -m benchmarks.bench_gpu [--out DIR]
+[--quick] [--sections ...]``.
 """
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import GOAL_HEADERS, goal, goal_row, md_table, median, rotated, text_table
+from benchmarks.common import GOAL_HEADERS, HERE, goal, goal_row, md_table, median, rotated
 
 LR = 1e-3
 BYTES = {"adam": 28, "sgd-momentum": 20, "copy": 8}
 SECTIONS = ("update", "nccl", "step", "precision")
+STORED = os.path.join(HERE, "gpu.json")
 
 
 def _timed(calls: dict[str, Callable[[int], None]], reps: int, warmup: int = 3) -> dict[str, float]:
@@ -262,8 +264,18 @@ def facts() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def run(sections: list[str], quick: bool) -> dict:
-    """Run the chosen sections; a failing section records its traceback and the rest go on."""
+def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Run the chosen sections; a failing section records its traceback and the rest go on.
+
+    Without a CUDA device, returns the last GPU run stored in ``benchmarks/gpu.json``
+    (marked ``stored``), so ``make bench`` on a CPU machine still reports it.
+    """
+    if not torch.cuda.is_available():
+        if not os.path.exists(STORED):
+            raise RuntimeError(f"no CUDA device here and no stored GPU results at {STORED}: "
+                               f"run `python -m benchmarks.bench_gpu` on a GPU machine")
+        with open(STORED, encoding="utf-8") as f:
+            return {**json.load(f), "stored": True}
     out = {"facts": facts(), "quick": quick}
     for name in sections:
         t0 = time.perf_counter()
@@ -273,6 +285,7 @@ def run(sections: list[str], quick: bool) -> dict:
             out[name] = {"error": traceback.format_exc(), "goals": []}
         out[name]["wall_s"] = time.perf_counter() - t0
         print(f"[bench_gpu] {name} done in {out[name]['wall_s']:.1f}s", flush=True)
+    out["goals"] = [{**g, "goal": f"GPU: {g['goal']}"} for s in sections for g in out[s].get("goals", [])]
     return out
 
 
@@ -280,7 +293,10 @@ def markdown(result: dict) -> str:
     """The RESULTS.md GPU section, from ``gpu.json``."""
     f = result["facts"]
     parts = [f"Measured on one {f['device']} ({f['sms']} SMs, {f['memory_gib']} GiB), torch {f['torch']} "
-             f"(CUDA {f['cuda']}), {f['date']}."]
+             f"(CUDA {f['cuda']}), {f['date']}, by `python -m benchmarks.bench_gpu` (Ray is not needed)."]
+    if result.get("stored"):
+        parts[0] += (" This machine has no GPU: these are the figures that run stored in `benchmarks/gpu.json`, "
+                     "shown again, not measured now.")
     up = result.get("update", {})
     if "sizes" in up:
         rows = []
@@ -310,9 +326,8 @@ def markdown(result: dict) -> str:
                             "x fp32 step"],
                            [[k, f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}", f"{100 * r['heldout_acc']:.1f}%",
                              f"{r['step_ms']:.1f}", f"{r['step_ms'] / base:.2f}"] for k, r in pr["rows"].items()])]
-    goals = [g for s in SECTIONS for g in result.get(s, {}).get("goals", [])]
-    if goals:
-        parts += [md_table(GOAL_HEADERS, [goal_row(g) for g in goals])]
+    if result.get("goals"):
+        parts += [md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]])]
     errors = [f"{s}: {result[s]['error'].strip().splitlines()[-1]}" for s in SECTIONS if "error" in result.get(s, {})]
     if errors:
         parts += ["Sections that failed: " + "; ".join(errors)]
@@ -321,13 +336,13 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=".", help="folder for gpu.json")
+    p.add_argument("--out", default=HERE, help="folder for gpu.json (default: benchmarks/, where make bench reads it)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu needs a CUDA device; the CPU benchmarks are `make bench`")
-    result = run(args.sections, args.quick)
+    result = run(args.quick, tuple(args.sections))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

@@ -22,13 +22,14 @@ from benchmarks.common import (GOAL_HEADERS, HERE, bucket_count, git_state, goal
 
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
 # the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer).
-ORDER = ["update", "collectives", "memory", "step", "faults", "precision", "scale"]
+ORDER = ["update", "collectives", "memory", "step", "faults", "precision", "scale", "gpu"]
 DEFAULT = list(ORDER)
-SECTIONS = ["step", "collectives", "update", "memory", "faults", "precision", "scale"]
+SECTIONS = ["step", "collectives", "update", "memory", "faults", "precision", "scale", "gpu"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
           "memory": "4. Memory and traffic", "faults": "Fault tolerance (recovery, overhead, checkpoints)",
-          "precision": "Mixed precision: the demo's loss curve", "scale": "6. Scale: the cost model"}
+          "precision": "Mixed precision: the demo's loss curve", "scale": "6. Scale: the cost model",
+          "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
 
 
@@ -99,8 +100,9 @@ def _scale_markdown(result: dict) -> str:
 
 
 NOT_MEASURED = [
-    "GPU and NCCL: this machine has no GPU, so every number is gloo on CPU over loopback; the cost model's "
-    "H100 rows are predictions, checked only against the 2-worker CPU runs.",
+    "NCCL across GPUs: the GPU section ran on one H100, so NCCL ran as a group of one (its latency floor) and "
+    "ranks sharing that GPU used gloo; every other number is gloo on CPU over loopback, and the cost model's "
+    "many-GPU rows are predictions.",
     "More than one machine: no real network link; 'bus bandwidth' here is memory-to-memory through the "
     "kernel's loopback on 2 shared cores.",
     "The communication / compute split of the peers: DDP overlaps its allreduce with the backward pass, so "

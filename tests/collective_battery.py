@@ -42,6 +42,9 @@ def battery(comm, device: str | torch.device) -> dict[str, torch.Tensor]:
     b = comm.allreduce(x[:40].clone(), "sum", async_op=True)
     s = comm.shift(x[:40].clone(), async_op=True)
     out["async_shift"], out["async_allreduce"], out["async_reduce_scatter"] = s.wait(), b.wait(), a.wait()
+    narrow = comm.reduce_scatter(x.clone(), "mean", wire_dtype=torch.bfloat16, async_op=True)
+    a2a = comm.all_to_all(x[:3 * w].contiguous(), async_op=True)
+    out["async_all_to_all"], out["async_reduce_scatter_bf16_wire"] = a2a.wait(), narrow.wait()
     comm.barrier()
     for name, t in out.items():
         assert t.device.type == torch.device(device).type, f"{name} came back on {t.device}, not {device}"

@@ -235,3 +235,6 @@ def test_battery_matches_the_per_collective_references(groups, w):
         np.testing.assert_array_equal(res["shift"].numpy(), xs[(r - 1) % w][:50].astype(np.float32))
         np.testing.assert_array_equal(res["shift_out"].numpy(), xs[(r - 1) % w][50:100].astype(np.float32))
         np.testing.assert_array_equal(res["async_shift"].numpy(), xs[(r - 1) % w][:40].astype(np.float32))
+        assert torch.equal(res["async_all_to_all"], res["all_to_all"])
+        narrowed = np.mean([x.astype(np.float32) for x in xs], axis=0)[start:end]
+        np.testing.assert_allclose(res["async_reduce_scatter_bf16_wire"].numpy(), narrowed, rtol=2e-2, atol=2e-2)

@@ -14,22 +14,31 @@ from typing import TYPE_CHECKING
 import torch
 
 from distopt.collectives.base import chunk_numel, chunk_range
+from distopt.collectives.pending import then
 
 if TYPE_CHECKING:
     from distopt.collectives.base import Communicator
 
 
-def reduce_scatter(comm: "Communicator", flat: torch.Tensor, op: str, wire_dtype: torch.dtype) -> torch.Tensor:
-    """This rank's chunk of the sum (or mean) of ``flat``, accumulated in ``flat.dtype``."""
+def reduce_scatter(comm: "Communicator", flat: torch.Tensor, op: str, wire_dtype: torch.dtype,
+                   async_op: bool = False):
+    """This rank's chunk of the sum (or mean) of ``flat``, accumulated in ``flat.dtype``.
+
+    With ``async_op`` the exchange is started and a handle returned; only the local sum is
+    left for its ``wait``, so no collective starts out of order.
+    """
     n, w = flat.numel(), comm.world_size
     c = chunk_numel(n, w)
     wire = torch.zeros(c * w, dtype=wire_dtype, device=flat.device)
     # Scale before narrowing: a mean of fp16 values may overflow as a sum.
     wire[:n].copy_(flat / w if op == "mean" else flat)
-    received = comm.all_to_all(wire)
-    total = received.view(w, c).to(flat.dtype).sum(dim=0)
+    exchange = comm.all_to_all(wire, async_op=True)
     start, end = chunk_range(n, w, comm.rank)
-    return total[: end - start]
+
+    def total() -> torch.Tensor:
+        received = exchange.wait()
+        return received.view(w, c).to(flat.dtype).sum(dim=0)[: end - start]
+    return then(total, async_op)
 
 
 def allreduce(comm: "Communicator", t: torch.Tensor, op: str, wire_dtype: torch.dtype) -> torch.Tensor:

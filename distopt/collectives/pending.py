@@ -22,8 +22,9 @@ class Pending:
         """Block until done (at most the timeout per work); the collective's result."""
         if not self._done:
             try:
+                timeout = self.comm._wait_timeout if self._works else None
                 for work in self._works:
-                    work.wait(self.comm._timeout)
+                    work.wait() if timeout is None else work.wait(timeout)
             except Exception as e:
                 raise self.comm._failed(self.name, e) from e
             self._result, self._done = self._finish(), True
@@ -33,3 +34,12 @@ class Pending:
 def completed(value: object, async_op: bool):
     """``value``, or with ``async_op`` a handle already done whose ``wait`` returns it."""
     return Pending(None, "done", [], lambda: value) if async_op else value
+
+
+def then(finish: Callable[[], object], async_op: bool):
+    """``finish()`` now, or with ``async_op`` a handle that calls it on ``wait``.
+
+    ``finish`` may wait on collectives already started; it must not start new ones, since
+    ranks may wait in different orders.
+    """
+    return Pending(None, "then", [], finish) if async_op else finish()

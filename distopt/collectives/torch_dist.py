@@ -20,7 +20,7 @@ from torch._C._distributed_c10d import (
 )
 
 from distopt.collectives import compression
-from distopt.collectives.pending import Pending, completed
+from distopt.collectives.pending import Pending, completed, then
 from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
 
 BACKENDS = ("gloo", "nccl")
@@ -60,6 +60,10 @@ class TorchCommunicator:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.timeout_s = float(timeout_s)
         self._timeout = datetime.timedelta(seconds=self.timeout_s)
+        # gloo's wait takes the deadline itself. NCCL's wait with a deadline blocks the host
+        # until the GPU is done (polling every millisecond), so NCCL waits are stream-ordered
+        # and the group's watchdog enforces the same timeout_s.
+        self._wait_timeout = self._timeout if backend == "gloo" else None
         self._broken: str | None = None
         self._seq = 0
         self._free: dict[tuple, list[torch.Tensor]] = {}
@@ -155,7 +159,8 @@ class TorchCommunicator:
             return self._via_host(flat, lambda h: self.reduce_scatter(h, op, wire_dtype, async_op=True), out,
                                   async_op)
         if wire_dtype is not None and wire_dtype != flat.dtype:
-            return completed(_deliver(compression.reduce_scatter(self, flat, op, wire_dtype), out), async_op)
+            narrow = compression.reduce_scatter(self, flat, op, wire_dtype, async_op=True)
+            return then(lambda: _deliver(narrow.wait(), out), async_op)
         c = chunk_numel(n, w)
         send = flat if n == c * w else _padded(flat, c * w)
         buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
@@ -236,18 +241,18 @@ class TorchCommunicator:
             work for j in range(w) if j != r for work in (
                 self._pg.send([send], j, tag), self._pg.recv([buf[j * c:(j + 1) * c]], j, tag))])
 
-    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+    def all_to_all(self, t: torch.Tensor, async_op: bool = False):
         """Exchange equal chunks: chunk ``j`` of the result is chunk ``rank`` of rank ``j``'s ``t``."""
         _check_flat(t, "all_to_all")
         if t.numel() % self.world_size:
             raise ValueError(f"all_to_all: numel={t.numel()} is not divisible by world_size={self.world_size}: pad it")
         if self._local:
-            return t.clone()
+            return completed(t.clone(), async_op)
         if self._staged(t):
-            return self.all_to_all(t.cpu()).to(t.device)
+            return self._via_host(t, lambda h: self.all_to_all(h, async_op=True), None, async_op)
         out = torch.empty_like(t)
-        self._run("all_to_all", lambda _: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
-        return out
+        works = self._start("all_to_all", lambda _: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
+        return self._finish("all_to_all", works, lambda: out, async_op)
 
     def shift(self, t: torch.Tensor, out: torch.Tensor | None = None, async_op: bool = False):
         """Send ``t`` to rank ``rank + 1`` and return what rank ``rank - 1`` sent (mod world size).

@@ -72,6 +72,11 @@ class Overlap:
                 self._launch_ready()
 
     def _launch_ready(self) -> None:
+        opt = self.opt
+        if opt.zero_stage == 0 and opt.wire_dtype not in (None, opt._params.data.dtype):
+            # A narrowed allreduce blocks (its gather follows its exchange), and a hook
+            # must not: ranks sharing one GPU share its autograd thread. Left for step.
+            return
         while self.next_launch >= 0 and self.next_launch in self.ready:
             self._launch(self.next_launch)
             self.next_launch -= 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import TensorDataset, default_collate
 
 from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
@@ -152,14 +152,14 @@ class Worker:
         chunks = sampling.micro_batches(indices, c.gradient_accumulation_steps)
         for m, chunk in enumerate(chunks):
             t0 = time.perf_counter()
-            batch = _to_device(default_collate([c.data[i] for i in chunk]), self.device)
+            batch = _to_device(fetch(c.data, chunk), self.device)
             data_s += time.perf_counter() - t0
             self._inject("compute")
             if c.overlap:  # buckets start reducing while backward runs; the returned grads are spare
                 self.optimizer.begin_micro_batch(m == 0, m == len(chunks) - 1, 1.0 / len(chunks))
             loss, grads, extra = self._gradients(batch)
             losses.append(loss)
-            _add_metrics(metrics, extra)
+            metrics = _add_metrics(metrics, extra)
             if not c.overlap:
                 total = grads if total is None else _accumulate(total, grads)
         if total is not None and len(losses) > 1:
@@ -169,11 +169,13 @@ class Worker:
         if c.checkpoint_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
             self.checkpoint(step + 1)
         written = self._writer.drain(before=self._write_deadline(step))
+        # Losses and metrics stay on the device until the update is queued: one wait, at the end.
+        losses, metrics = [float(v) for v in losses], {k: float(v) for k, v in metrics.items()}
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
                           info.grad_norm, info.skipped, info.step, written)
 
-    def _gradients(self, batch: Any) -> tuple[float, dict, dict]:
+    def _gradients(self, batch: Any) -> tuple[torch.Tensor, dict, dict]:
         # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
         # bf16 autocast computes in bf16 from the fp32 master weights; gradients come back fp32.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
@@ -182,7 +184,7 @@ class Worker:
         extra = out[2] if len(out) > 2 else {}
         if not isinstance(extra, dict):
             raise TypeError(f"loss returned (loss, {type(extra).__name__}): the second item must be a metrics dict")
-        return float(y), grads, {k: float(v) for k, v in extra.items()}
+        return _scalar(y, "loss"), grads, {k: _scalar(v, f"metric {k!r}") for k, v in extra.items()}
 
     def _write_deadline(self, step: int) -> int:
         # A background write may overlap half a checkpoint interval, then the step waits for
@@ -257,6 +259,25 @@ def _accumulate(total: dict, grads: dict) -> dict:
     return total
 
 
-def _add_metrics(into: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        into[k] = into.get(k, 0.0) + v
+def _add_metrics(into: dict, extra: dict) -> dict:
+    return {**into, **{k: into[k] + v if k in into else v for k, v in extra.items()}}
+
+
+def _scalar(v: Any, what: str) -> Any:
+    """A one-element value, left where it is (a device tensor is read once, after the update)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"the {what} has shape {tuple(v.shape)}: return a scalar (e.g. .mean())")
+        return v.detach().reshape(())
+    return float(v)
+
+
+def fetch(data: Any, indices: list[int]) -> Any:
+    """``default_collate([data[i] for i in indices])``, in one indexing call where the dataset allows."""
+    if isinstance(data, TensorDataset):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [t[idx] for t in data.tensors]  # what default_collate gives: a list, rows stacked
+    getitems = getattr(data, "__getitems__", None)
+    if getitems is not None:  # torch's batched-fetch protocol
+        return default_collate(getitems(list(indices)))
+    return default_collate([data[i] for i in indices])
