@@ -128,3 +128,19 @@ def test_trainer_bf16_on_gpu_trains():
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     assert all(v.dtype == torch.float32 for v in result.state_dict.values()), "master weights left fp32"
+
+
+def test_checkpoint_written_from_gpu_resumes_on_cpu(tmp_path):
+    import distopt
+    from trainer_task import loss, make_data, make_model
+
+    def trainer(**kw):
+        return distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=distopt.optim.adam(lr=0.01),
+                               global_batch_size=24, zero_stage=1, seed=0, log_every=0, progress=False,
+                               ray_address="local", **kw)
+    whole = trainer(use_gpu=True, num_workers=2).fit(steps=8)
+    trainer(use_gpu=True, num_workers=2, checkpoint_dir=str(tmp_path), checkpoint_every=2).fit(steps=4)
+    resumed = trainer(use_gpu=False, num_workers=3, resume_from=str(tmp_path)).fit(steps=8)
+    assert [h["step"] for h in resumed.history] == [5, 6, 7, 8]
+    for name, value in whole.state_dict.items():
+        torch.testing.assert_close(resumed.state_dict[name].cpu(), value.cpu(), rtol=1e-4, atol=1e-5)

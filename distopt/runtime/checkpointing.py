@@ -30,17 +30,21 @@ class ShardWriter:
               fields: dict | None) -> None:
         """Write ``shard`` (flat state tensors) and ``model`` for ``step`` in a thread.
 
-        The tensors must be copies nobody changes meanwhile.
+        The tensors must be copies nobody changes meanwhile. GPU tensors are moved to
+        pinned host memory on a side stream, so training's stream never waits for the copy.
         """
-        thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields),
+        (shard, model), ready = to_host((shard, model))
+        thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields, ready),
                                   name=f"ckpt-{step}", daemon=True)
         thread.start()
         self._threads.append((step, thread))
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
-               fields: dict | None) -> None:
+               fields: dict | None, ready=None) -> None:
         record: dict = {"step": step, "rank": rank}
         try:
+            if ready is not None:
+                ready.synchronize()  # the device-to-host copies have landed
             folder = ckpt.make_checkpoint_dir(root, step)
             if shard is not None:
                 record["shard"] = ckpt.write_shard(folder, rank, shard)
@@ -70,6 +74,27 @@ class ShardWriter:
         return done
 
 
+def to_host(parts: tuple):
+    """``parts`` (dicts of tensors, or None) with CUDA tensors copied to pinned host memory.
+
+    Returns the new parts and a CUDA event that completes when the copies have landed
+    (None when nothing was on a GPU). The copies run on a side stream that first waits
+    for the current one, so the sources (private copies) are complete when read.
+    """
+    cuda = [t for part in parts if part for t in part.values() if t.is_cuda]
+    if not cuda:
+        return parts, None
+    side = torch.cuda.Stream(device=cuda[0].device)
+    side.wait_stream(torch.cuda.current_stream(cuda[0].device))
+    with torch.cuda.stream(side):
+        moved = tuple(None if part is None else {
+            k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) if v.is_cuda else v
+            for k, v in part.items()} for part in parts)
+        for t in cuda:
+            t.record_stream(side)  # the caching allocator must not reuse a source before its copy
+    return moved, side.record_event()
+
+
 def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool):
     """Copies of what a checkpoint needs from this rank: (shard, model, manifest fields)."""
     state = opt.state_dict()  # tensors are copies already
@@ -79,7 +104,8 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
         shard = {}
     if not with_model:
         return shard, None, None
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = dict(zip(opt.names, opt._tensors))
     return shard, weights, ckpt.manifest_fields(state, params, seed=seed, next_step=next_step)
 
