@@ -308,7 +308,9 @@ def bench_faults(quick: bool) -> dict:
                     for k in range(10 * rnd, 10 * rnd + 10):
                         t0 = time.perf_counter()
                         workers[name].run_step(k)
-                        torch.cuda.synchronize()
+                        # Training's stream only: a device-wide sync would also wait for the
+                        # checkpoint's side-stream copies, which training itself never waits for.
+                        torch.cuda.current_stream().synchronize()
                         if rnd:
                             times[name][k] = time.perf_counter() - t0
             for w in workers.values():
@@ -360,6 +362,7 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS) -> dict:
         except Exception:
             out[name] = {"error": traceback.format_exc(), "goals": []}
         out[name]["wall_s"] = time.perf_counter() - t0
+        out[name]["facts"] = facts()
         print(f"[bench_gpu] {name} done in {out[name]['wall_s']:.1f}s", flush=True)
     out["goals"] = [{**g, "goal": f"GPU: {g['goal']}"} for s in sections for g in out[s].get("goals", [])]
     return out
@@ -407,7 +410,8 @@ def markdown(result: dict) -> str:
         rows = [[label, f"{r['off_ms']:.2f}", f"{r['on_ms']:.2f}", f"{r['ft_ratio']:.3f}", f"{r['plain_ms']:.2f}",
                  f"{r['checkpoint_step_ms']:.2f}", f"{r['after_checkpoint_ms']:.2f}", f"{r['checkpoint_ratio']:.3f}"]
                 for label, r in ft["cases"].items()]
-        parts += ["**Fault tolerance on one GPU** (runtime Worker, NCCL group of one, Adam, zero stage 1; at one rank "
+        when = f" measured {ft['facts']['date']} on a {ft['facts']['device']}" if "facts" in ft else ""
+        parts += [f"**Fault tolerance on one GPU**{when} (runtime Worker, NCCL group of one, Adam, zero stage 1; at one rank "
                   "the replica is the rank's own shard and the ring shift a device copy, so the network half of the "
                   "shift is not in these figures; checkpoints write to local disk in the background):",
                   md_table(["model", "max_failures=0 ms", "max_failures=3 ms", "ratio", "plain step ms (checkpointing "
