@@ -30,21 +30,23 @@ class ShardWriter:
               fields: dict | None) -> None:
         """Write ``shard`` (flat state tensors) and ``model`` for ``step`` in a thread.
 
-        The tensors must be copies nobody changes meanwhile. GPU tensors are moved to
-        pinned host memory on a side stream, so training's stream never waits for the copy.
+        The tensors must be copies nobody changes meanwhile. The thread moves GPU tensors to
+        pinned host memory on a stream of its own: training's stream never waits for them.
         """
-        (shard, model), ready = to_host((shard, model))
-        thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields, ready),
+        on_gpu = [t.device for part in (shard, model) if part for t in part.values() if t.is_cuda]
+        made = torch.cuda.current_stream(on_gpu[0]).record_event() if on_gpu else None  # the copies are queued there
+        thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields, made),
                                   name=f"ckpt-{step}", daemon=True)
         thread.start()
         self._threads.append((step, thread))
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
-               fields: dict | None, ready=None) -> None:
+               fields: dict | None, made=None) -> None:
         record: dict = {"step": step, "rank": rank}
         try:
-            if ready is not None:
-                ready.synchronize()  # the device-to-host copies have landed
+            if made is not None:
+                (shard, model), landed = to_host((shard, model), made)
+                landed.synchronize()
             folder = ckpt.make_checkpoint_dir(root, step)
             if shard is not None:
                 record["shard"] = ckpt.write_shard(folder, rank, shard)
@@ -74,18 +76,16 @@ class ShardWriter:
         return done
 
 
-def to_host(parts: tuple):
+def to_host(parts: tuple, made: "torch.cuda.Event"):
     """``parts`` (dicts of tensors, or None) with CUDA tensors copied to pinned host memory.
 
-    Returns the new parts and a CUDA event that completes when the copies have landed
-    (None when nothing was on a GPU). The copies run on a side stream that first waits
-    for the current one, so the sources (private copies) are complete when read.
+    Returns the new parts and a CUDA event that completes when the copies have landed.
+    The copies run on a side stream that first waits for ``made`` (the event after which
+    the sources, private copies, are complete).
     """
     cuda = [t for part in parts if part for t in part.values() if t.is_cuda]
-    if not cuda:
-        return parts, None
     side = torch.cuda.Stream(device=cuda[0].device)
-    side.wait_stream(torch.cuda.current_stream(cuda[0].device))
+    side.wait_event(made)
     with torch.cuda.stream(side):
         moved = tuple(None if part is None else {
             k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) if v.is_cuda else v
