@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import socket
 from typing import Callable
 
@@ -96,6 +97,10 @@ class TorchCommunicator:
                 from torch._C._distributed_c10d import ProcessGroupNCCL
             except ImportError as e:
                 raise ValueError("backend='nccl' needs a CUDA build of torch: use backend='gloo'") from e
+            # torch's default (3) kills the process when its watchdog sees a timed-out
+            # collective; 2 only aborts the communicator, so a survivor of a dead peer lives
+            # on, gets an error from its next collective, and can recover. A user's setting wins.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             opts = ProcessGroupNCCL.Options()
             opts._timeout = self._timeout
             return ProcessGroupNCCL(store, self.rank, self.world_size, opts)
