@@ -73,3 +73,27 @@ def test_warm_spare_takes_the_lost_rank(clean):
     first, second = result.failures
     assert first["action"] == second["action"] == "replace"
     assert first["replace_s"] < 3  # the spare had its model built: no actor start on the critical path
+
+
+BOTH_AT_5 = (Fault(rank=0, step=5, phase="compute"), Fault(rank=1, step=5, phase="compute"))
+
+
+def test_every_worker_lost_at_once_goes_back_to_the_checkpoint_and_ends_the_same(clean, tmp_path):
+    result = _fit(1, faults=BOTH_AT_5, max_failures=2, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2,
+                  out_dir=str(tmp_path / "run"))
+    assert _same(result, clean[1]), "the steps redone from the checkpoint changed the weights"
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in clean[1].history]
+    assert sorted(f["rank"] for f in result.failures) == [0, 1]
+    # The newest complete checkpoint is step 4, or step 2 if step 4's write was still running.
+    assert all(f["action"] in ("replace, restart from checkpoint step 4", "replace, restart from checkpoint step 2")
+               for f in result.failures), result.failures
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        import json
+        assert [json.loads(line)["step"] for line in f] == list(range(1, STEPS + 1))
+
+
+def test_every_worker_lost_without_a_checkpoint_fails_naming_the_fix(ray_cluster):
+    with pytest.raises(distopt.TrainingError, match="no checkpoint to fall back on .*checkpoint_dir=") as info:
+        _fit(1, faults=BOTH_AT_5, max_failures=2)
+    assert sorted(f["rank"] for f in info.value.failures) == [0, 1]

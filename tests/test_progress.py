@@ -122,3 +122,18 @@ def test_record_after_close_is_refused():
     log.close()
     with pytest.raises(RuntimeError, match="make a new RunLog"):
         log.record({"step": 1, "loss": 1.0})
+
+
+def test_rewind_forgets_later_steps_in_memory_and_on_disk(tmp_path):
+    log = RunLog(6, 64, str(tmp_path), log_every=0, show_bar=False, stream=io.StringIO())
+    steps = entries(6)
+    for e in steps[:5]:
+        log.record(e)
+    log.rewind(2)  # back to a checkpoint after step 2: steps 3.. are redone
+    for e in steps[2:]:
+        log.record(e)
+    summary = log.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in log.entries] == [1, 2, 3, 4, 5, 6]
+    assert summary["steps"] == 6

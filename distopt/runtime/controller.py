@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from distopt.optim.recovery import holders
+from distopt.optim.recovery import RecoveryError, holders
 from distopt.runtime import policy
 from distopt.runtime.checkpointing import Coordinator
 from distopt.runtime.config import TrainConfig
@@ -36,8 +36,8 @@ class Controller:
     """Drives a worker group through ``steps``; ``on_commit(entry)`` sees each committed step."""
 
     def __init__(self, group: Any, config: TrainConfig, on_commit: Callable[[dict], None],
-                 committed_updates: int = 0) -> None:
-        self.group, self.config, self.on_commit = group, config, on_commit
+                 committed_updates: int = 0, on_rewind: Callable[[int], None] = lambda step: None) -> None:
+        self.group, self.config, self.on_commit, self.on_rewind = group, config, on_commit, on_rewind
         self.history: list[dict] = []
         self.failures: list[dict] = []
         self.committed_updates = committed_updates
@@ -69,7 +69,7 @@ class Controller:
                 self._commit(k, [o.report for o in outcomes], time.perf_counter() - t0)
                 k += 1
                 continue
-            self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
+            k = self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
 
     def _decide(self, statuses, can_replace: bool) -> policy.Decision:
         c = self.config
@@ -85,7 +85,8 @@ class Controller:
         self.history.append(entry)
         self.on_commit(entry)
 
-    def _recover(self, k: int, outcomes, decision: policy.Decision, detect_s: float) -> None:
+    def _recover(self, k: int, outcomes, decision: policy.Decision, detect_s: float) -> int:
+        """Recover from a failed step ``k``; returns the 0-based step to run next."""
         if decision.action == "fail" or not self.config.fault_tolerant:
             self._give_up(k, outcomes, decision)
         t1 = time.perf_counter()
@@ -101,13 +102,51 @@ class Controller:
             order = [r for r in range(old_world) if r not in decision.lost]
             alive = {o: n for n, o in enumerate(order)}
         shards = old_world if self.config.zero_stage >= 1 else 1
-        self.group.regroup(self.committed_updates, order, holders(shards, alive, shards > 1), old_world,
-                           keep=decision.world_size)
+        try:
+            holder_of = holders(shards, alive, shards > 1)
+        except RecoveryError as lost:
+            return self._from_checkpoint(k, outcomes, decision, order, lost, detect_s, t2 - t1)
+        self.group.regroup(self.committed_updates, order, holder_of, old_world, keep=decision.world_size)
         self.world_size = decision.world_size
         if self.checkpoints is not None:
             self.checkpoints.forget_after(k)
         t3 = time.perf_counter()
         self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2)
+        return k
+
+    def _from_checkpoint(self, k: int, outcomes, decision: policy.Decision, order: list[int], lost: RecoveryError,
+                         detect_s: float, replace_s: float) -> int:
+        # A shard and its replica died together: memory cannot rebuild the last commit, the
+        # newest checkpoint can. Its steps are redone on the same data: the same weights.
+        t0 = time.perf_counter()
+        good = self._newest_checkpoint()
+        if good is None:
+            self._record(k, outcomes, decision, detect_s, replace_s, 0.0)
+            raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
+                            f"checkpoint_every= to survive this)", self.failures)
+        self.group.rejoin(order, keep=decision.world_size)
+        self.group.load(good.model_state, good.optimizer_state)
+        self.world_size = decision.world_size
+        start, self.committed_updates = good.manifest["next_step"], good.manifest["optimizer_step"]
+        self.history = [h for h in self.history if h["step"] <= start]
+        self.on_rewind(start)
+        if self.checkpoints is not None:
+            self.checkpoints.forget_after(start)
+        self._record(k, outcomes, decision._replace(action=f"{decision.action}, restart from checkpoint step {start}"),
+                     detect_s, replace_s, time.perf_counter() - t0)
+        log.warning("step %d: %s; back to the checkpoint of step %d, redoing %d steps", k + 1, lost, start, k - start)
+        return start
+
+    def _newest_checkpoint(self):
+        from distopt.checkpoint import CheckpointError
+        from distopt.runtime.checkpointing import load_for_resume
+        if not self.config.checkpoint_dir:
+            return None
+        self.checkpoints.add(self.group.flush_checkpoints()) if self.checkpoints is not None else None
+        try:
+            return load_for_resume(self.config.checkpoint_dir)
+        except (CheckpointError, FileNotFoundError):
+            return None
 
     def _record(self, k: int, outcomes, decision: policy.Decision, detect_s: float, replace_s: float,
                 restore_s: float) -> None:

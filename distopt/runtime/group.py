@@ -53,6 +53,9 @@ class WorkerActor:
         self.worker.recover(host, port, group_name, rank, world_size, committed, holder_of, old_world,
                             keep=keep, local_host=_local(loopback))
 
+    def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int, loopback: bool) -> None:
+        self.worker.rejoin(host, port, group_name, rank, world_size, local_host=_local(loopback))
+
     def run_step(self, step: int) -> StepReport:
         return self.worker.run_step(step)
 
@@ -185,6 +188,17 @@ class RayWorkerGroup:
         if keep < world:
             self.kill(tuple(range(keep, world)))
             del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
+
+    def rejoin(self, order: list[int], keep: int) -> None:
+        """Re-form the group from ``order`` (old ranks, new rank = position) with no state
+        restored from memory (a checkpoint is loaded next); ranks from ``keep`` on are dropped."""
+        self.kill(tuple(order[keep:]))
+        order = order[:keep]
+        self.actors = [self.actors[o] for o in order]
+        self.bundles = [self.bundles[o] for o in order]
+        self.nodes = [self.nodes[o] for o in order]
+        world = len(order)
+        self._rendezvous(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world, self.loopback))
 
     def kill(self, ranks: tuple[int, ...]) -> None:
         """Kill the actors of ``ranks`` (dead, hung or dropped)."""

@@ -85,6 +85,17 @@ class RunLog:
             self._jsonl.flush()
         self._display(entry, now)
 
+    def rewind(self, step: int) -> None:
+        """Forget the entries after ``step`` (the run went back to a checkpoint and redoes
+        them); ``metrics.jsonl`` is rewritten to match."""
+        self.entries = [e for e in self.entries if int(e["step"]) <= step]
+        if self._jsonl is not None:
+            self._jsonl.seek(0)
+            self._jsonl.truncate()
+            for e in self.entries:
+                self._jsonl.write(json.dumps(e, default=str) + "\n")
+            self._jsonl.flush()
+
     def _display(self, entry: dict, now: float) -> None:
         step = int(entry["step"])
         last = step >= self.total_steps

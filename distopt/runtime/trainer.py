@@ -135,7 +135,7 @@ class Trainer:
             group.load(resume.model_state, resume.optimizer_state)
             start, updates = resume.manifest["next_step"], resume.manifest["optimizer_step"]
         run_log = RunLog(max(steps - start, 0), c.global_batch_size, self.out_dir, self.log_every, self.progress)
-        controller = Controller(group, c, run_log.record, committed_updates=updates)
+        controller = Controller(group, c, run_log.record, committed_updates=updates, on_rewind=run_log.rewind)
         try:
             controller.run(start, steps)
             controller.finish(max(steps, start))

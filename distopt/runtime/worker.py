@@ -141,6 +141,16 @@ class Worker:
             self.optimizer = self._optimizer(comm, sync_params=False)
             self.optimizer.load_full_state_dict(full)
 
+    def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int,
+               local_host: str | None = None) -> None:
+        """Join a re-formed group as ``rank`` of ``world_size`` with nothing to restore from
+        memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
+        if self.comm is not None:
+            self.comm.close()
+        self._drop_optimizer()
+        self.rank, self.world_size = rank, world_size
+        self.connect(host, port, group_name, local_host)
+
     def run_step(self, step: int) -> StepReport:
         """Compute this rank's gradients for 0-based ``step``, then the sharded update."""
         start = time.perf_counter()
