@@ -80,3 +80,61 @@ def test_node_removed_mid_run_shrinks_and_finishes(two_nodes, single_node_result
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
     for name, value in single_node_result.state_dict.items():  # same math; summation order may differ
         torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_after_a_shrink_the_group_grows_back_when_a_node_returns(two_nodes, tmp_path):
+    """Runs after the removal test: it adds the nodes it needs and leaves two. The fit runs
+    in a thread, since cluster_utils changes nodes from the main thread only."""
+    import json
+    import threading
+    import time
+
+    steps = 160  # room for a node start, the bundle's rescheduling and an actor start
+    reference = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
+                                global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
+                                ray_address="local").fit(steps=steps)
+    while len(two_nodes.list_all_nodes()) < 2:
+        two_nodes.add_node(num_cpus=1)
+    two_nodes.wait_for_nodes()
+    out = tmp_path / "run"
+    trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
+                              global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
+                              placement_strategy="STRICT_SPREAD", collective_timeout_s=5, replace_timeout_s=5,
+                              out_dir=str(out))
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit(steps=steps)
+        except BaseException as e:  # re-raised below, in the test's thread
+            outcome["error"] = e
+
+    def lines() -> list[dict]:
+        path = out / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def wait_for(cond, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not cond() and time.monotonic() < deadline and runner.is_alive():
+            time.sleep(0.05)
+
+    runner = threading.Thread(target=fit, daemon=True)
+    runner.start()
+    wait_for(lambda: len(lines()) >= 3, 120)
+    two_nodes.remove_node(two_nodes.list_all_nodes()[1], allow_graceful=False)
+    wait_for(lambda: any(e["world_size"] == 1 for e in lines()), 60)
+    two_nodes.add_node(num_cpus=1)
+    runner.join(timeout=240)
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    (failure,) = result.failures
+    assert failure["action"] == "shrink" and failure["world_size"] == 1
+    (growth,) = result.growths
+    assert growth["world_size"] == 2
+    print(f"shrunk before step {failure['step']}, grew back before step {growth['step']} in {growth['restore_s']:.2f}s")
+    sizes = [h["world_size"] for h in result.history]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes
+    assert [h["step"] for h in result.history] == list(range(1, steps + 1))
+    for name, value in reference.state_dict.items():  # same math; summation order may differ
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-4, atol=1e-5)

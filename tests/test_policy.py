@@ -47,3 +47,12 @@ def test_past_max_failures_fails():
 def test_user_error_fails_even_with_a_dead_rank():
     d = _decide([S(0, ok=False, user_error="ValueError: bad loss"), S(1, ok=False, dead=True)])
     assert d.action == "fail" and "rank 0" in d.reason
+
+
+def test_grow_size_keeps_the_batch_divisible():
+    from distopt.runtime.policy import grow_size
+    assert grow_size(1, 1, 16, 1) == 2
+    assert grow_size(2, 2, 6, 1) == 3  # 4 workers cannot split 6 samples; 3 can
+    assert grow_size(2, 1, 16, 1) is None  # 3 workers cannot split 16
+    assert grow_size(1, 0, 16, 1) is None
+    assert grow_size(2, 2, 16, 2) == 4

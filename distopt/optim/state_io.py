@@ -5,7 +5,7 @@ keyed by parameter name and can be loaded by any world size or stage (the reshar
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -15,14 +15,21 @@ if TYPE_CHECKING:
 FORMAT = "distopt.sharded_state.v1"
 
 
-def shard_state_dict(opt: "ShardedOptimizer") -> dict:
-    """This rank's state as one flat tensor per state field, plus what it belongs to."""
+def shard_state_dict(opt: "ShardedOptimizer", buffer: Callable[[str, int], torch.Tensor] | None = None) -> dict:
+    """This rank's state as one flat tensor per state field, plus what it belongs to.
+
+    The tensors are copies: new ones, or ``buffer(field, numel)`` filled in (reused memory).
+    """
+    def flat(field: str, ts: list) -> torch.Tensor:
+        parts = [t.reshape(-1) for t in ts]
+        if buffer is None:
+            return torch.cat(parts)  # cat always copies
+        return torch.cat(parts, out=buffer(field, sum(p.numel() for p in parts)))
     return {
         "format": FORMAT, "rank": opt.comm.rank, "world_size": opt.comm.world_size,
         "zero_stage": opt.zero_stage, "step": opt.step_count, "rule": opt.rule.config(),
         "plan": opt.plan.to_dict(),
-        "state": {field: torch.cat([t.reshape(-1) for t in ts])  # cat always copies
-                  for field, ts in opt.state._asdict().items() if ts},
+        "state": {field: flat(field, ts) for field, ts in opt.state._asdict().items() if ts},
     }
 
 

@@ -8,6 +8,7 @@ manifest, written last, makes the checkpoint complete; older ones are pruned.
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from distopt import checkpoint as ckpt
 from distopt.checkpoint.format import MANIFEST
+from distopt.optim import state_io
 
 
 class ShardWriter:
@@ -43,6 +45,7 @@ class ShardWriter:
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
                fields: dict | None, made=None) -> None:
         record: dict = {"step": step, "rank": rank}
+        _lower_priority()
         try:
             if made is not None:
                 (shard, model), landed = to_host((shard, model), made)
@@ -60,6 +63,10 @@ class ShardWriter:
         with self._lock:
             self._done.append(record)
 
+    def busy(self) -> bool:
+        """Whether a write is still running (its tensors are still being read)."""
+        return any(t.is_alive() for _, t in self._threads)
+
     def drain(self, wait: bool = False, before: int | None = None) -> list[dict]:
         """Records of the writes finished so far.
 
@@ -74,6 +81,16 @@ class ShardWriter:
         with self._lock:
             done, self._done = self._done, []
         return done
+
+
+def _lower_priority() -> None:
+    # Hashing and writing yield to training when they compete for cores; the write
+    # deadline (half a checkpoint interval) still bounds how long they may take.
+    # Linux applies a nice value to one thread when given its thread id.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: stay at normal priority
+        pass
 
 
 def to_host(parts: tuple, made: "torch.cuda.Event"):
@@ -95,9 +112,34 @@ def to_host(parts: tuple, made: "torch.cuda.Event"):
     return moved, side.record_event()
 
 
-def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool):
-    """Copies of what a checkpoint needs from this rank: (shard, model, manifest fields)."""
-    state = opt.state_dict()  # tensors are copies already
+class Buffers:
+    """Snapshot memory kept from one checkpoint to the next: a fresh large allocation costs a
+    page fault per page on first touch, more than the copy into it."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def take(self, key: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor for ``key`` (the kept one when it fits)."""
+        buf = self._kept.get(key)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype or buf.device != device:
+            buf = self._kept[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool,
+             buffers: Buffers | None = None):
+    """Copies of what a checkpoint needs from this rank: (shard, model, manifest fields).
+
+    With ``buffers`` the copies go into memory kept from the last snapshot, which must no
+    longer be in use (its write finished).
+    """
+    if buffers is None:
+        state = opt.state_dict()
+    else:
+        like = opt._params.data
+        state = state_io.shard_state_dict(
+            opt, lambda field, numel: buffers.take(f"state/{field}", (numel,), like.dtype, like.device))
     writes_shard = opt.zero_stage >= 1 or rank == 0
     shard = dict(state["state"]) if writes_shard else None
     if shard is not None and not shard:
@@ -105,7 +147,8 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
     if not with_model:
         return shard, None, None
     # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
+                   else v.detach().clone()) for k, v in model.state_dict().items()}
     params = dict(zip(opt.names, opt._tensors))
     return shard, weights, ckpt.manifest_fields(state, params, seed=seed, next_step=next_step)
 

@@ -40,6 +40,7 @@ class TrainConfig:
     replace_timeout_s: float = 30.0
     spare_workers: int = 0  # idle workers with the model built, ready to take a lost rank
     step_timeout_s: float = 300.0
+    grow_back: bool = True  # after a shrink, take ranks back when their bundles can be placed again
     faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end of fit

@@ -40,6 +40,7 @@ class Controller:
         self.group, self.config, self.on_commit, self.on_rewind = group, config, on_commit, on_rewind
         self.history: list[dict] = []
         self.failures: list[dict] = []
+        self.growths: list[dict] = []  # one record per growth back after a shrink
         self.committed_updates = committed_updates
         self.world_size = config.num_workers
         self.checkpoints = Coordinator(config.checkpoint_dir, config.keep_last) if config.checkpoint_dir else None
@@ -61,6 +62,8 @@ class Controller:
         """Run 0-based steps ``start .. steps-1``, recovering from failures on the way."""
         k = start
         while k < steps:
+            if self.world_size < self.config.num_workers and self.config.grow_back:
+                self._maybe_grow(k)
             t0 = time.perf_counter()
             outcomes = self.group.run_step(k)
             statuses = [o.status for o in outcomes]
@@ -70,6 +73,23 @@ class Controller:
                 k += 1
                 continue
             k = self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
+
+    def _maybe_grow(self, k: int) -> None:
+        # Between steps (step k has not started): every shard sits with its owner, so the
+        # group grows by resharding from memory, like a recovery with nothing to undo.
+        ready_to_grow = getattr(self.group, "ready_to_grow", None)
+        if ready_to_grow is None:
+            return
+        ready = ready_to_grow(self.config.num_workers)
+        size = policy.grow_size(self.world_size, ready, self.config.global_batch_size,
+                                self.config.gradient_accumulation_steps)
+        if size is None:
+            return
+        t0 = time.perf_counter()
+        self.world_size = self.group.grow(self.committed_updates, size - self.world_size)
+        self.growths.append({"step": k + 1, "world_size": self.world_size, "restore_s": time.perf_counter() - t0})
+        log.warning("before step %d: capacity is back, grew to %d workers in %.2fs", k + 1, self.world_size,
+                    time.perf_counter() - t0)
 
     def _decide(self, statuses, can_replace: bool) -> policy.Decision:
         c = self.config
@@ -180,6 +200,7 @@ def history_entry(step: int, reports: list[StepReport], wall: float, batch: int)
     """One committed step as the history keeps it: means over ranks, slowest phase times."""
     n = len(reports)
     entry = {"step": step, "loss": sum(r.loss for r in reports) / n, "time_s": wall, "committed_at": time.time(),
+             "world_size": n,
              "samples_per_s": batch / wall if wall > 0 else 0.0,
              "data_s": max(r.data_s for r in reports), "compute_s": max(r.compute_s for r in reports),
              "comm_s": max(r.comm_s for r in reports), "update_s": max(r.update_s for r in reports),

@@ -90,6 +90,8 @@ class RayWorkerGroup:
         self.incarnations = 0
         self.nodes: list[str] = []
         self.spares: list[tuple] = []  # (actor, bundle, setup ref): warm stand-ins for lost ranks
+        self.free_bundles: list[int] = []  # bundles of ranks a shrink dropped: where growth goes
+        self.joining: list[tuple] = []  # (actor, bundle, setup ref): started for growth, not yet in
         self._actor_cls = ray.remote(WorkerActor)
         self._cfg_ref = ray.put(config)
         try:
@@ -179,6 +181,7 @@ class RayWorkerGroup:
 
     def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int, keep: int) -> None:
         """Re-form the collective group from ``order`` (old ranks, new rank = position)."""
+        dropped = [b for r, b in enumerate(self.bundles) if r not in order]
         self.actors = [self.actors[o] for o in order]
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
@@ -187,18 +190,69 @@ class RayWorkerGroup:
             host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback))
         if keep < world:
             self.kill(tuple(range(keep, world)))
+            self.free_bundles += self.bundles[keep:]
             del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
+        self.free_bundles += [b for b in dropped if b not in self.free_bundles]
 
     def rejoin(self, order: list[int], keep: int) -> None:
         """Re-form the group from ``order`` (old ranks, new rank = position) with no state
         restored from memory (a checkpoint is loaded next); ranks from ``keep`` on are dropped."""
         self.kill(tuple(order[keep:]))
+        self.free_bundles += [b for r, b in enumerate(self.bundles) if r not in order[:keep]]
         order = order[:keep]
         self.actors = [self.actors[o] for o in order]
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
         self._rendezvous(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world, self.loopback))
+
+    # --- growing back ---------------------------------------------------------------
+    def ready_to_grow(self, target: int) -> int:
+        """Start actors for the bundles a shrink freed (once); how many have their model built.
+
+        Never blocks: an actor whose bundle has no node yet simply stays pending.
+        """
+        want = min(target - len(self.actors), len(self.free_bundles))
+        while len(self.joining) < want:
+            bundle = self.free_bundles[len(self.joining)]
+            self.incarnations += 1
+            actor = self._spawn(-1, bundle, self.incarnations)
+            self.joining.append((actor, bundle, actor.setup.remote()))
+        if not self.joining:
+            return 0
+        refs = [ref for _, _, ref in self.joining]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        failed = []
+        for j in [j for j in self.joining if j[2] in ready]:
+            try:
+                ray.get(j[2], timeout=0)
+            except Exception:  # its node went away mid-start: try that bundle again later
+                failed.append(j)
+                ray.kill(j[0], no_restart=True)
+        self.joining = [j for j in self.joining if j not in failed]
+        return len(ready) - len(failed)
+
+    def grow(self, committed: int, count: int) -> int:
+        """Add ``count`` ready joining actors as the last ranks and re-form the group; a collective.
+
+        Every old shard is still held by its owner, so the state is resharded from memory.
+        Returns the new world size.
+        """
+        ready = set(ray.wait([ref for _, _, ref in self.joining], num_returns=len(self.joining), timeout=0)[0])
+        old_world = len(self.actors)
+        taken = [j for j in self.joining if j[2] in ready][:count]
+        for actor, bundle, ref in taken:
+            self.nodes.append(_get(ref, len(self.actors), "setup")["node_id"])
+            self.actors.append(actor)
+            self.bundles.append(bundle)
+            self.free_bundles.remove(bundle)
+        self.joining = [j for j in self.joining if j not in taken]
+        shards = old_world if self.config.zero_stage >= 1 else 1
+        holder_of = list(range(shards))
+        world = len(self.actors)
+        self._rendezvous(lambda r, a, host, port, name: a.recover.remote(
+            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback))
+        return world
 
     def kill(self, ranks: tuple[int, ...]) -> None:
         """Kill the actors of ``ranks`` (dead, hung or dropped)."""
@@ -237,9 +291,9 @@ class RayWorkerGroup:
         """Kill the actors and spares and free their bundles; safe after any failure."""
         self.kill(tuple(range(len(self.actors))))
         self.actors = []
-        for actor, _, _ in self.spares:
+        for actor, _, _ in self.spares + self.joining:
             ray.kill(actor, no_restart=True)
-        self.spares = []
+        self.spares, self.joining = [], []
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None

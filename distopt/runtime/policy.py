@@ -82,3 +82,12 @@ def shrink_size(survivors: int, min_workers: int, global_batch_size: int, accumu
         if global_batch_size % (m * accumulation) == 0:
             return m
     return None
+
+
+def grow_size(world: int, ready: int, global_batch_size: int, accumulation: int) -> int | None:
+    """The most workers, more than ``world`` and at most ``world + ready``, that split the
+    batch; None when no such size exists."""
+    for m in range(world + ready, world, -1):
+        if global_batch_size % (m * accumulation) == 0:
+            return m
+    return None

@@ -28,6 +28,7 @@ class FitResult:
     history: list[dict]  # one dict per step: step, loss, time_s, ... and user metrics
     failures: list[dict] = field(default_factory=list)  # what failed and how it was recovered
     summary: dict = field(default_factory=dict)
+    growths: list[dict] = field(default_factory=list)  # after a shrink: step, world size, seconds
 
 
 class Trainer:
@@ -65,6 +66,8 @@ class Trainer:
         spare_workers: idle workers kept with the model built, each ready to take a lost
             rank at once (they hold their resources the whole run).
         step_timeout_s: a step that takes longer counts its silent workers as hung.
+        grow_back: after a shrink, bring the group back towards ``num_workers`` when the
+            dropped ranks' resources return (checked between steps, never waiting).
         faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
             purpose (chaos testing).
         checkpoint_dir: write checkpoints here (``step-N`` folders); one at the end of ``fit``.
@@ -86,7 +89,7 @@ class Trainer:
                  bucket_bytes: int = 25 * 2**20, grad_wire_dtype: Any = None, mixed_precision: str | None = None,
                  max_failures: int = 3, min_workers: int = 1,
                  replace_timeout_s: float = 30.0, spare_workers: int = 0, step_timeout_s: float = 300.0,
-                 faults: tuple = (),
+                 grow_back: bool = True, faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
                  resume_from: str | None = None) -> None:
         self.config = TrainConfig(
@@ -98,7 +101,7 @@ class Trainer:
             placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
             placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
             replace_timeout_s=replace_timeout_s, spare_workers=spare_workers, step_timeout_s=step_timeout_s,
-            faults=tuple(faults),
+            grow_back=grow_back, faults=tuple(faults),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
             keep_last=keep_last)
         if not isinstance(log_every, int) or log_every < 0:
@@ -147,7 +150,7 @@ class Trainer:
             "state_bytes_per_worker": infos[0]["state_bytes"], "state_bytes_unsharded": infos[0]["state_bytes_unsharded"],
             "num_params": infos[0]["num_params"], "num_workers": len(infos), "zero_stage": c.zero_stage,
             "nodes": len({i.get("node_id") for i in infos}), "failures": len(controller.failures)})
-        return FitResult(group.state_dict(), controller.history, controller.failures, summary)
+        return FitResult(group.state_dict(), controller.history, controller.failures, summary, controller.growths)
 
 
 class _Cluster:

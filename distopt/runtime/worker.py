@@ -19,7 +19,7 @@ from distopt.gradients import execute_with_gradients
 from distopt.optim import recovery
 from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
-from distopt.runtime.checkpointing import ShardWriter, snapshot
+from distopt.runtime.checkpointing import Buffers, ShardWriter, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.config import TrainConfig
 
@@ -67,6 +67,7 @@ class Worker:
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
         self._writer = ShardWriter()
+        self._buffers = Buffers()
 
     def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None) -> None:
         """Join the collective group at rank 0's ``host:port`` and build the optimizer.
@@ -205,7 +206,10 @@ class Worker:
         """Copy this rank's part of the checkpoint after ``steps_done`` steps; write it in the background."""
         self._inject("checkpoint")
         c = self.config
-        shard, model, fields = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0)
+        # The last write's memory is reused unless that write still runs (checkpoint_every=1).
+        reuse = None if self._writer.busy() else self._buffers
+        shard, model, fields = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0,
+                                        reuse)
         if shard is not None or model is not None:
             self._writer.start(c.checkpoint_dir, steps_done, self.rank, shard, model, fields)
         return self._writer.drain(wait=True) if wait else []
