@@ -112,6 +112,12 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
                    help="resume from a checkpoint folder, or the newest good one under a checkpoint root")
     g.add_argument("--max-failures", metavar="N", type=NONNEG_INT, default=3,
                    help="failures to recover from (default: 3)")
+    g.add_argument("--spare-workers", metavar="N", type=NONNEG_INT, default=0,
+                   help="idle workers with the model built, ready to take a lost rank (default: 0)")
+    g.add_argument("--min-workers", metavar="N", type=COUNT, default=1,
+                   help="fewest workers a run may shrink to when no replacement fits (default: 1)")
+    g.add_argument("--no-grow-back", dest="grow_back", action="store_false",
+                   help="after a shrink, stay small even when the lost resources return")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
@@ -216,7 +222,8 @@ def build_trainer_kwargs(args: argparse.Namespace) -> dict:
             "ray_address": args.address, "num_cpus_per_worker": args.cpus_per_worker,
             "placement_strategy": args.placement, "checkpoint_dir": args.checkpoint_dir,
             "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume_from": args.resume,
-            "max_failures": args.max_failures}
+            "max_failures": args.max_failures, "spare_workers": args.spare_workers, "min_workers": args.min_workers,
+            "grow_back": args.grow_back}
 
 
 def describe(kwargs: dict, steps: int) -> str:

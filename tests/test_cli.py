@@ -201,7 +201,12 @@ def test_trainer_kwargs_cover_the_contract():
     assert set(kwargs) == {"model", "loss", "data", "optimizer", "global_batch_size", "num_workers", "use_gpu",
                            "zero_stage", "seed", "gradient_accumulation_steps", "max_grad_norm", "log_every",
                            "out_dir", "progress", "ray_address", "num_cpus_per_worker", "placement_strategy",
-                           "checkpoint_dir", "checkpoint_every", "keep_last", "resume_from", "max_failures"}
+                           "checkpoint_dir", "checkpoint_every", "keep_last", "resume_from", "max_failures",
+                           "spare_workers", "min_workers", "grow_back"}
+    assert kwargs["grow_back"] is True
+    fault_flags = parse("--spare-workers", "1", "--min-workers", "2", "--no-grow-back")
+    assert {k: cli.build_trainer_kwargs(fault_flags)[k] for k in ("spare_workers", "min_workers", "grow_back")} == \
+        {"spare_workers": 1, "min_workers": 2, "grow_back": False}
 
 
 # --- main, with a stand-in Trainer ---------------------------------------------------
