@@ -7,7 +7,8 @@ from distopt.collectives.base import CollectiveError, Communicator, chunk_numel,
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, FlatBuffer, Layout, allreduce_tensors, layout
 from distopt.collectives.in_process import RankFailure, in_process, run_ranks
 from distopt.collectives.pending import Pending
-from distopt.collectives.torch_dist import TorchCommunicator, free_port
+from distopt.collectives.rendezvous import free_port
+from distopt.collectives.torch_dist import TorchCommunicator
 
 __all__ = [
     "CollectiveError", "Communicator", "TorchCommunicator", "in_process", "run_ranks", "free_port",

@@ -1,30 +1,26 @@
 """The torch.distributed backend: gloo on CPU tensors, NCCL on CUDA tensors.
 
-Each :class:`TorchCommunicator` owns its own process group built straight from a store,
-never torch's global default group, so a broken group can be closed and a new one formed
+Each :class:`TorchCommunicator` owns its own process group built straight from a store
+(:mod:`distopt.collectives.rendezvous`), never torch's global default group, so a broken group can be closed and a new one formed
 in the same process (the recovery path), and several groups can live in one process (the
 in-process test bed).
 """
 from __future__ import annotations
 
 import datetime
-import ipaddress
-import os
-import socket
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import (
-    AllgatherOptions, AllreduceOptions, AllToAllOptions, BarrierOptions, BroadcastOptions,
-    ProcessGroupGloo, ReduceOp, ReduceScatterOptions,
+    AllgatherOptions, AllreduceOptions, AllToAllOptions, BarrierOptions, BroadcastOptions, ReduceOp,
+    ReduceScatterOptions,
 )
 
 from distopt.collectives import compression
 from distopt.collectives.pending import Pending, completed, then
 from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
-
-BACKENDS = ("gloo", "nccl")
+from distopt.collectives.rendezvous import connect_store, make_group, validate
 # Low-precision sums can overflow before the division, so those are divided first.
 _PREDIVIDE = (torch.float16, torch.bfloat16)
 
@@ -57,7 +53,7 @@ class TorchCommunicator:
         backend: str = "gloo", timeout_s: float = 60.0, *, store: dist.Store | None = None,
         group_name: str = "distopt", local_host: str | None = None, always_group: bool = False,
     ) -> None:
-        _validate(rank, world_size, backend, timeout_s)
+        validate(rank, world_size, backend, timeout_s)
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.timeout_s = float(timeout_s)
         self._timeout = datetime.timedelta(seconds=self.timeout_s)
@@ -74,42 +70,14 @@ class TorchCommunicator:
         if self._local:
             return
         try:
-            self._store = store if store is not None else self._connect_store(host, port)
-            self._pg = self._make_group(dist.PrefixStore(group_name + "/", self._store), host, local_host)
+            self._store = store if store is not None else connect_store(rank, world_size, host, port, self._timeout)
+            self._pg = make_group(backend, dist.PrefixStore(group_name + "/", self._store), rank, world_size,
+                                  self._timeout, host, local_host)
         except Exception as e:  # store and group constructors raise several RuntimeError kinds
             raise CollectiveError(
                 f"rank {rank} could not form a {backend} group of {world_size} at {host}:{port} "
                 f"within {self.timeout_s:g}s: {_first_line(e)}. Check that every rank started, "
                 f"that they share host/port, and that the port is reachable") from e
-
-    def _connect_store(self, host: str, port: int) -> dist.Store:
-        listen_fd = None
-        if self.rank == 0:
-            # Bind the store's socket ourselves: it then listens on `host` only (loopback
-            # stays loopback), where TCPStore alone would listen on every interface.
-            listen_fd = socket.create_server((host, port)).detach()  # the store owns the fd
-        return dist.TCPStore(host, port, self.world_size, is_master=self.rank == 0, timeout=self._timeout,
-                             wait_for_workers=False, master_listen_fd=listen_fd)
-
-    def _make_group(self, store: dist.Store, host: str, local_host: str | None):
-        if self.backend == "nccl":
-            try:
-                from torch._C._distributed_c10d import ProcessGroupNCCL
-            except ImportError as e:
-                raise ValueError("backend='nccl' needs a CUDA build of torch: use backend='gloo'") from e
-            # torch's default (3) kills the process when its watchdog sees a timed-out
-            # collective; 2 only aborts the communicator, so a survivor of a dead peer lives
-            # on, gets an error from its next collective, and can recover. A user's setting wins.
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-            opts = ProcessGroupNCCL.Options()
-            opts._timeout = self._timeout
-            return ProcessGroupNCCL(store, self.rank, self.world_size, opts)
-        opts = ProcessGroupGloo._Options()
-        opts._timeout = self._timeout
-        bind = local_host or ("127.0.0.1" if _is_loopback(host) else None)
-        device = ProcessGroupGloo.create_device(hostname=bind) if bind else ProcessGroupGloo.create_default_device()
-        opts._devices = [device]
-        return ProcessGroupGloo(store, self.rank, self.world_size, opts)
 
     @property
     def store(self) -> dist.Store | None:
@@ -354,33 +322,6 @@ class TorchCommunicator:
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (for rank 0's store)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _validate(rank: int, world_size: int, backend: str, timeout_s: float) -> None:
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive int")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank!r} must be an int in [0, {world_size})")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported: use 'gloo' (CPU tensors) or 'nccl' (CUDA tensors)")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s={timeout_s!r} must be > 0 seconds")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_contiguous(t: torch.Tensor, name: str) -> None:

@@ -1,0 +1,81 @@
+"""Forming a torch.distributed process group: the store, the backend, the bind address.
+
+Kept apart from the collectives themselves: everything here runs once per group, when a
+:class:`~distopt.collectives.TorchCommunicator` is made or re-formed after a failure.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+
+import torch.distributed as dist
+from torch._C._distributed_c10d import ProcessGroupGloo
+
+BACKENDS = ("gloo", "nccl")
+
+
+def validate(rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+    """Raise ValueError naming the fix for a bad rank, world size, backend or timeout."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive int")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank!r} must be an int in [0, {world_size})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported: use 'gloo' (CPU tensors) or 'nccl' (CUDA tensors)")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be > 0 seconds")
+
+
+def connect_store(rank: int, world_size: int, host: str, port: int, timeout: datetime.timedelta) -> dist.Store:
+    """Rank 0 serves a TCPStore at ``host:port``; the other ranks connect to it."""
+    listen_fd = None
+    if rank == 0:
+        # Bind the store's socket ourselves: it then listens on `host` only (loopback
+        # stays loopback), where TCPStore alone would listen on every interface.
+        listen_fd = socket.create_server((host, port)).detach()  # the store owns the fd
+    return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
+                         wait_for_workers=False, master_listen_fd=listen_fd)
+
+
+def make_group(backend: str, store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta,
+               host: str, local_host: str | None):
+    """A ProcessGroupNCCL or ProcessGroupGloo of its own (never torch's default group).
+
+    gloo binds ``local_host``, else loopback when ``host`` is loopback, else the hostname.
+    """
+    if backend == "nccl":
+        try:
+            from torch._C._distributed_c10d import ProcessGroupNCCL
+        except ImportError as e:
+            raise ValueError("backend='nccl' needs a CUDA build of torch: use backend='gloo'") from e
+        # torch's default (3) kills the process when its watchdog sees a timed-out
+        # collective; 2 only aborts the communicator, so a survivor of a dead peer lives
+        # on, gets an error from its next collective, and can recover. A user's setting wins.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+        opts = ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return ProcessGroupNCCL(store, rank, world_size, opts)
+    opts = ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    bind = local_host or ("127.0.0.1" if _is_loopback(host) else None)
+    device = ProcessGroupGloo.create_device(hostname=bind) if bind else ProcessGroupGloo.create_default_device()
+    opts._devices = [device]
+    return ProcessGroupGloo(store, rank, world_size, opts)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (for rank 0's store)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
