@@ -19,14 +19,13 @@ the bytes a reduce_scatter needs. Run alone:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
-from benchmarks.common import (GOAL_HEADERS, ProcessPair, goal, goal_row, md_table, median, print_goals, rotated,
-                               serve, text_table)
+from benchmarks.common import (goal, goals_table, md_table, median, print_goals, ProcessPair, rotated, run_alone, serve,
+                               text_table)
 
 SIZES = [4 * 2**10 * 4**i for i in range(9)]  # 4 KB .. 256 MB
 QUICK_SIZES = [4 * 2**10, 256 * 2**10, 4 * 2**20, 64 * 2**20]
@@ -196,14 +195,12 @@ def markdown(result: dict) -> str:
         f"{MANY} tensors of {MANY_NUMEL} floats: `allreduce_tensors` (25 MB buckets) "
         f"{1e3 * many['distopt allreduce_tensors']:.1f} ms, one `dist.all_reduce` per tensor "
         f"{1e3 * many['gloo all_reduce per tensor']:.1f} ms.",
-        md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]]),
+        goals_table(result["goals"]),
     ])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="four sizes, fewer repetitions")
-    result = run(p.parse_args().quick)
+    result = run_alone(__doc__, "four sizes, fewer repetitions", run)
     print(text_table(HEADERS, table_rows(result)))
     print({k: f"{1e3 * v:.1f} ms" for k, v in result["many"].items()})
     print_goals(result["goals"])

@@ -18,12 +18,11 @@ Run alone: ``python -m benchmarks.bench_faults [--quick]``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
 from benchmarks import step_ranks
-from benchmarks.common import GOAL_HEADERS, goal, goal_row, md_table, median, print_goals, text_table
+from benchmarks.common import goal, goals_table, md_table, median, print_goals, run_alone, text_table
 
 KILL_AT = 25  # 0-based step at which rank 1 is killed
 
@@ -114,14 +113,12 @@ def markdown(result: dict) -> str:
         f"(SIGKILL) at step {KILL_AT + 1}; the gap is the time between the commits around the failure, a normal "
         f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms.",
         md_table(HEADERS, table_rows(result)),
-        md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]]),
+        goals_table(result["goals"]),
     ])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps and rounds")
-    result = run(p.parse_args().quick)
+    result = run_alone(__doc__, "fewer steps and rounds", run)
     print(text_table(HEADERS, table_rows(result)))
     print_goals(result["goals"])
 

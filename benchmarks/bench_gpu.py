@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import GOAL_HEADERS, HERE, goal, goal_row, md_table, median, rotated
+from benchmarks.common import HERE, goal, goals_table, md_table, median, rotated
+from benchmarks.step_ranks import mse_loss
 
 LR = 1e-3
 BYTES = {"adam": 28, "sgd-momentum": 20, "copy": 8}
@@ -195,7 +196,7 @@ def bench_step(quick: bool) -> dict:
             plain = make_model().to(dev)
             workers = {}
             for failures in (3, 0):  # fault tolerance on (the default) and off
-                config = TrainConfig(model=make_model, loss=_mse, data=data, optimizer=distopt.optim.adam(lr=LR),
+                config = TrainConfig(model=make_model, loss=mse_loss, data=data, optimizer=distopt.optim.adam(lr=LR),
                                      global_batch_size=batch, num_workers=1, zero_stage=1, seed=0, use_gpu=True,
                                      max_failures=failures)
                 workers[failures] = Worker(config, 0)
@@ -232,12 +233,6 @@ def bench_step(quick: bool) -> dict:
     return {"batches": results, "goals": goals}
 
 
-def _mse(model, batch):
-    import torch.nn.functional as F
-    x, y = batch
-    return F.mse_loss(model(x), y)
-
-
 def bench_precision(quick: bool) -> dict:
     """Section 4: the demo task in fp32 and bf16 on 2 workers sharing the GPU."""
     import distopt
@@ -271,7 +266,6 @@ def bench_faults(quick: bool) -> dict:
     import tempfile
 
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     import distopt
     from distopt.collectives import TorchCommunicator
@@ -298,7 +292,7 @@ def bench_faults(quick: bool) -> dict:
             for name, kw in {"max_failures=0": {"max_failures": 0}, "max_failures=3": {"max_failures": 3},
                              "max_failures=3, checkpoint every 10": {"max_failures": 3, "checkpoint_dir": root,
                                                                      "checkpoint_every": every}}.items():
-                config = TrainConfig(model=make_model, loss=_mse, data=data, optimizer=distopt.optim.adam(lr=LR),
+                config = TrainConfig(model=make_model, loss=mse_loss, data=data, optimizer=distopt.optim.adam(lr=LR),
                                      global_batch_size=batch, num_workers=1, zero_stage=1, seed=0, use_gpu=True, **kw)
                 workers[name] = Worker(config, 0)
                 workers[name].attach(TorchCommunicator(0, 1, backend="nccl", timeout_s=60, store=dist.HashStore(),
@@ -423,7 +417,7 @@ def markdown(result: dict) -> str:
                             "run)", "checkpoint step ms", "step after ms", "checkpoint / plain",
                             "ms lost per checkpoint (all steps)"], rows)]
     if result.get("goals"):
-        parts += [md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]])]
+        parts += [goals_table(result["goals"])]
     errors = [f"{s}: {result[s]['error'].strip().splitlines()[-1]}" for s in SECTIONS if "error" in result.get(s, {})]
     if errors:
         parts += ["Sections that failed: " + "; ".join(errors)]

@@ -14,12 +14,11 @@ Run alone: ``python -m benchmarks.bench_memory [--quick]``.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 
-from benchmarks.common import GOAL_HEADERS, goal, goal_row, md_table, print_goals, text_table
+from benchmarks.common import goal, goals_table, md_table, print_goals, run_alone, text_table
 
 WORLDS = (1, 2, 4, 8)
 ODD_NUMELS = (1_000_003, 4_099, 7)  # sizes no N divides: the padding remainder shows
@@ -221,14 +220,12 @@ def markdown(result: dict) -> str:
         f"({' + '.join(f'{n:,}' for n in ODD_NUMELS)} = {sum(ODD_NUMELS):,} elements) shows the remainder too:",
         md_table(STATE_HEADERS[:-1], [r[:-1] for r in odd_rows(result)]),
         md_table(TRAFFIC_HEADERS, traffic_rows(result)),
-        md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]]),
+        goals_table(result["goals"]),
     ])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="N up to 4, one counted step")
-    result = run(p.parse_args().quick)
+    result = run_alone(__doc__, "N up to 4, one counted step", run)
     print(text_table(STATE_HEADERS, state_rows(result) + odd_rows(result)))
     print(text_table(TRAFFIC_HEADERS, traffic_rows(result)))
     print_goals(result["goals"])

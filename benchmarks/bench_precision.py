@@ -9,12 +9,11 @@ held-out accuracy, and the step time ratio. Run alone: ``python -m benchmarks.be
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
-from benchmarks.common import md_table, median, text_table
+from benchmarks.common import md_table, median, run_alone, text_table
 
 RUNS = {"fp32": {}, "bf16": {"mixed_precision": "bf16", "grad_wire_dtype": torch.bfloat16}}
 
@@ -77,9 +76,7 @@ def plot(result: dict, out_dir: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps")
-    result = run(p.parse_args().quick)
+    result = run_alone(__doc__, "fewer steps", run)
     print(text_table(HEADERS, table_rows(result)))
     print(plot(result, os.path.dirname(os.path.abspath(__file__))))
 

@@ -14,12 +14,11 @@ Ratios are only taken within a phase. Run alone: ``python -m benchmarks.bench_st
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 from benchmarks import step_ranks
-from benchmarks.common import (GOAL_HEADERS, ProcessPair, goal, goal_row, md_table, median, print_goals, rotated,
+from benchmarks.common import (goal, goals_table, md_table, median, print_goals, ProcessPair, rotated, run_alone,
                                text_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,15 +230,13 @@ def markdown(result: dict) -> str:
         f"defaults (`torch.optim.Adam()` on CPU: the per-tensor loop); distopt uses its defaults (Trainer and "
         f"TrainConfig defaults, bucket 25 MB).",
         md_table(HEADERS, table_rows(result)),
-        md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]]),
+        goals_table(result["goals"]),
         md_table(["overhead", "ratio", "note"], result["overheads"]),
     ] + [f"**{label(name)} failed** and was dropped: `{err}`" for name, err in result.get("errors", {}).items()])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer rounds and steps (a smoke run)")
-    result = run(p.parse_args().quick)
+    result = run_alone(__doc__, "fewer rounds and steps (a smoke run)", run)
     print(text_table(HEADERS, table_rows(result)))
     print_goals(result["goals"])
     print(text_table(["overhead", "ratio", "note"], result["overheads"]))

@@ -13,13 +13,12 @@ Run alone: ``python -m benchmarks.bench_update [--quick]``.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Callable
 
 import torch
 
-from benchmarks.common import GOAL_HEADERS, goal, goal_row, md_table, median, print_goals, rotated, text_table
+from benchmarks.common import goal, goals_table, md_table, median, print_goals, rotated, run_alone, text_table
 
 NUMEL = 10_000_000
 LR = 1e-3
@@ -132,14 +131,12 @@ def markdown(result: dict) -> str:
         f"Flat fp32 shard of {result['numel']:,} parameters, one thread, median of interleaved calls. "
         f"Copy bandwidth measured alongside: {result['copy_gb_s']:.1f} GB/s.",
         md_table(HEADERS, table_rows(result)),
-        md_table(GOAL_HEADERS, [goal_row(g) for g in result["goals"]]),
+        goals_table(result["goals"]),
     ])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions")
-    result = run(p.parse_args().quick)
+    result = run_alone(__doc__, "fewer repetitions", run)
     print(text_table(HEADERS, table_rows(result)))
     print_goals(result["goals"])
 

@@ -56,6 +56,19 @@ def goal_row(g: dict) -> list[str]:
 GOAL_HEADERS = ["goal", "measured", "bound", "holds", "short by"]
 
 
+def goals_table(goals: Sequence[dict]) -> str:
+    """Goal records as a Markdown table."""
+    return md_table(GOAL_HEADERS, [goal_row(g) for g in goals])
+
+
+def run_alone(doc: str, quick_help: str, run: Callable[[bool], dict]) -> dict:
+    """A benchmark started on its own (``python -m benchmarks.bench_x [--quick]``): its result."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return run(p.parse_args().quick)
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table."""
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

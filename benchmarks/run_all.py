@@ -17,7 +17,7 @@ import sys
 import time
 
 from benchmarks import bench_collectives, bench_memory, bench_step, bench_update, cost_model, plots
-from benchmarks.common import (GOAL_HEADERS, HERE, bucket_count, git_state, goal_row, machine_facts, md_table,
+from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_table, machine_facts, md_table,
                                norm_accumulation)
 
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
@@ -195,7 +195,7 @@ def write_markdown(results: dict, argv: list[str], wall_s: float) -> str:
         "by side in the same run are meaningful, and every benchmark interleaves its contenders (A B A B ...) "
         "and reports medians. Benchmarks record goals, they never assert them.", "",
         f"## Every goal ({held} of {len(goals)} hold)", "",
-        md_table(GOAL_HEADERS, [goal_row(g) for g in goals]), ""]
+        goals_table(goals), ""]
     for name in SECTIONS:
         if name in results:
             lines += [_section(name, results[name], figures.get(name)), ""]
