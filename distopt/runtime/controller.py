@@ -139,7 +139,7 @@ class Controller:
         # A shard and its replica died together: memory cannot rebuild the last commit, the
         # newest checkpoint can. Its steps are redone on the same data: the same weights.
         t0 = time.perf_counter()
-        good = self._newest_checkpoint()
+        good = self._newest_checkpoint(k)
         if good is None:
             self._record(k, outcomes, decision, detect_s, replace_s, 0.0)
             raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
@@ -157,12 +157,14 @@ class Controller:
         log.warning("step %d: %s; back to the checkpoint of step %d, redoing %d steps", k + 1, lost, start, k - start)
         return start
 
-    def _newest_checkpoint(self):
+    def _newest_checkpoint(self, committed: int):
         from distopt.checkpoint import CheckpointError
         from distopt.runtime.checkpointing import load_for_resume
-        if not self.config.checkpoint_dir:
+        if self.checkpoints is None:
             return None
-        self.checkpoints.add(self.group.flush_checkpoints()) if self.checkpoints is not None else None
+        # The survivors' finished writes may complete a checkpoint whose manifest is not out yet.
+        self.checkpoints.add(self.group.flush_checkpoints())
+        self.checkpoints.finish(committed, self._shard_ranks())
         try:
             return load_for_resume(self.config.checkpoint_dir)
         except (CheckpointError, FileNotFoundError):
