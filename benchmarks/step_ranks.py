@@ -44,12 +44,13 @@ def make_data() -> TensorDataset:
     return TensorDataset(torch.randn(SAMPLES, DIMS[0], generator=g), torch.randn(SAMPLES, DIMS[-1], generator=g))
 
 
-def train_config(world: int, zero_stage: int, max_failures: int, overlap: bool = True):
+def train_config(world: int, zero_stage: int, max_failures: int, overlap: bool = True,
+                 batch_per_worker: int = BATCH_PER_WORKER):
     """The distopt run description every contender shares."""
     import distopt
     from distopt.runtime.config import TrainConfig
     return TrainConfig(model=make_model, loss=mse_loss, data=make_data(), optimizer=distopt.optim.adam(lr=LR),
-                       global_batch_size=BATCH_PER_WORKER * world, num_workers=world, zero_stage=zero_stage,
+                       global_batch_size=batch_per_worker * world, num_workers=world, zero_stage=zero_stage,
                        seed=SEED, max_failures=max_failures, overlap=overlap)
 
 
@@ -77,10 +78,11 @@ def _torch_runner(rank: int, world: int, data: TensorDataset, zero: bool) -> Cal
 
 
 def _distopt_runner(rank: int, world: int, port: int, zero_stage: int, max_failures: int,
-                    overlap: bool = True) -> Callable[[int], dict]:
+                    overlap: bool = True, batch_per_worker: int = BATCH_PER_WORKER) -> Callable[[int], dict]:
     from distopt.runtime.worker import Worker
-    worker = Worker(train_config(world, zero_stage, max_failures, overlap), rank)
-    worker.connect("127.0.0.1", port, group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}")
+    worker = Worker(train_config(world, zero_stage, max_failures, overlap, batch_per_worker), rank)
+    worker.connect("127.0.0.1", port,
+                   group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}-b{batch_per_worker}")
 
     def step(k: int) -> dict:
         t0 = time.perf_counter()
@@ -105,10 +107,12 @@ def rank_main(rank: int, world: int, cmds, results, default_port: int, ports: di
             runners[name] = _torch_runner(rank, world, data, zero=False)
         elif name == "zero":
             runners[name] = _torch_runner(rank, world, data, zero=True)
-        else:  # "rt-s{stage}-f{max_failures}", "-nooverlap" for buckets reduced after backward
-            parts = name.split("-")
+        else:  # "rt-s{stage}-f{max_failures}", then "-nooverlap" (buckets reduced after backward)
+            parts = name.split("-")  # or "-b{samples per worker}"
             stage, failures = int(parts[1][1:]), int(parts[2][1:])
-            runners[name] = _distopt_runner(rank, world, ports[name], stage, failures, "nooverlap" not in parts)
+            batch = next((int(p[1:]) for p in parts[3:] if p[0] == "b"), BATCH_PER_WORKER)
+            runners[name] = _distopt_runner(rank, world, ports[name], stage, failures, "nooverlap" not in parts,
+                                            batch)
         for k in range(warmup):
             runners[name](k)
 
