@@ -97,3 +97,27 @@ def test_every_worker_lost_without_a_checkpoint_fails_naming_the_fix(ray_cluster
     with pytest.raises(distopt.TrainingError, match="no checkpoint to fall back on .*checkpoint_dir=") as info:
         _fit(1, faults=BOTH_AT_5, max_failures=2)
     assert sorted(f["rank"] for f in info.value.failures) == [0, 1]
+
+
+def test_rank_lost_during_the_recovery_is_recovered_from_memory_too(ray_cluster):
+    # Four ranks at stage 1: rank 1 dies in step 5, rank 3 while the group is re-formed.
+    # Shard 1 lives on in rank 2's replica, shard 3 in rank 0's: the second attempt
+    # rebuilds both from memory and the run ends with the clean run's bits.
+    clean4 = _fit(1, workers=4, num_cpus_per_worker=0.5)
+    faults = (Fault(rank=1, step=4, phase="compute"), Fault(rank=3, step=4, phase="recovery"))
+    result = _fit(1, faults=faults, workers=4, num_cpus_per_worker=0.5)
+    assert _same(result, clean4)
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (3, 5, "replace")]
+    assert result.failures[1]["phase"] == "recovery"
+
+
+def test_last_holder_lost_during_the_recovery_falls_back_to_the_checkpoint(clean, tmp_path):
+    # Two ranks: rank 1 dies, then rank 0 (the only holder of both shards) during the
+    # recovery; memory cannot rebuild the commit, the checkpoint can.
+    faults = (Fault(rank=1, step=5, phase="compute"), Fault(rank=0, step=5, phase="recovery"))
+    result = _fit(1, faults=faults, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    assert _same(result, clean[1])
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert [f["rank"] for f in result.failures] == [1, 0]
+    assert result.failures[1]["action"].startswith("replace, restart from checkpoint step")

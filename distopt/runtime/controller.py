@@ -63,7 +63,7 @@ class Controller:
         k = start
         while k < steps:
             if self.world_size < self.config.num_workers and self.config.grow_back:
-                self._maybe_grow(k)
+                k = self._maybe_grow(k)
             t0 = time.perf_counter()
             outcomes = self.group.run_step(k)
             statuses = [o.status for o in outcomes]
@@ -74,22 +74,31 @@ class Controller:
                 continue
             k = self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
 
-    def _maybe_grow(self, k: int) -> None:
+    def _maybe_grow(self, k: int) -> int:
+        """Grow back before 0-based step ``k`` if capacity returned; the step to run next."""
         # Between steps (step k has not started): every shard sits with its owner, so the
         # group grows by resharding from memory, like a recovery with nothing to undo.
         ready_to_grow = getattr(self.group, "ready_to_grow", None)
         if ready_to_grow is None:
-            return
+            return k
         ready = ready_to_grow(self.config.num_workers)
         size = policy.grow_size(self.world_size, ready, self.config.global_batch_size,
                                 self.config.gradient_accumulation_steps)
         if size is None:
-            return
+            return k
         t0 = time.perf_counter()
-        self.world_size = self.group.grow(self.committed_updates, size - self.world_size)
+        old_world = self.world_size
+        outcomes = self.group.grow(self.committed_updates, size - old_world)
+        if not all(o.status.ok for o in outcomes):  # a rank failed meanwhile: recover as after a step
+            decision = self._decide([o.status for o in outcomes], can_replace=True)
+            return self._recover(k, outcomes, decision, time.perf_counter() - t0,
+                                 origin=list(range(old_world)) + [None] * (len(outcomes) - old_world),
+                                 phase="grow back")
+        self.world_size = len(outcomes)
         self.growths.append({"step": k + 1, "world_size": self.world_size, "restore_s": time.perf_counter() - t0})
         log.warning("before step %d: capacity is back, grew to %d workers in %.2fs", k + 1, self.world_size,
                     time.perf_counter() - t0)
+        return k
 
     def _decide(self, statuses, can_replace: bool) -> policy.Decision:
         c = self.config
@@ -105,43 +114,60 @@ class Controller:
         self.history.append(entry)
         self.on_commit(entry)
 
-    def _recover(self, k: int, outcomes, decision: policy.Decision, detect_s: float) -> int:
-        """Recover from a failed step ``k``; returns the 0-based step to run next."""
-        if decision.action == "fail" or not self.config.fault_tolerant:
-            self._give_up(k, outcomes, decision)
-        t1 = time.perf_counter()
-        if decision.action == "replace" and not self.group.replace(decision.lost):
-            decision = self._decide([o.status for o in outcomes], can_replace=False)
-            if decision.action == "fail":
-                self._give_up(k, outcomes, decision)
-        t2 = time.perf_counter()
-        old_world = len(outcomes)
-        if decision.action == "replace" or decision.action == "retry":
-            order, alive = list(range(old_world)), {r: r for r in range(old_world) if r not in decision.lost}
-        else:
-            order = [r for r in range(old_world) if r not in decision.lost]
-            alive = {o: n for n, o in enumerate(order)}
-        shards = old_world if self.config.zero_stage >= 1 else 1
-        try:
-            holder_of = holders(shards, alive, shards > 1)
-        except RecoveryError as lost:
-            return self._from_checkpoint(k, outcomes, decision, order, lost, detect_s, t2 - t1)
-        self.group.regroup(self.committed_updates, order, holder_of, old_world, keep=decision.world_size)
+    def _recover(self, k: int, outcomes, decision: policy.Decision, detect_s: float,
+                 origin: list[int | None] | None = None, phase: str | None = None) -> int:
+        """Recover from a failed step ``k``; returns the 0-based step to run next.
+
+        A rank lost during the recovery itself is one more failure: the policy decides
+        again and the recovery starts over from the same commit, each survivor offering
+        what it held then. ``origin`` gives each current rank's rank at the last commit
+        (None: it holds nothing of it); by default the ranks are those of the commit.
+        """
+        origin = list(range(len(outcomes))) if origin is None else list(origin)
+        old_world = sum(o is not None for o in origin)
+        while True:
+            if decision.action == "fail" or not self.config.fault_tolerant:
+                self._give_up(k, outcomes, decision, phase)
+            t1 = time.perf_counter()
+            if decision.action == "replace" and not self.group.replace(decision.lost):
+                decision = self._decide([o.status for o in outcomes], can_replace=False)
+                if decision.action == "fail":
+                    self._give_up(k, outcomes, decision, phase)
+            t2 = time.perf_counter()
+            if decision.action == "replace" or decision.action == "retry":
+                order = list(range(len(outcomes)))
+                origin = [None if r in decision.lost else origin[r] for r in order]  # a replacement holds nothing
+            else:
+                order = [r for r in range(len(outcomes)) if r not in decision.lost]
+                origin = [origin[r] for r in order]
+            alive = {o: n for n, o in enumerate(origin) if o is not None}
+            shards = old_world if self.config.zero_stage >= 1 else 1
+            try:
+                holder_of = holders(shards, alive, shards > 1)
+            except RecoveryError as lost:
+                return self._from_checkpoint(k, outcomes, decision, order, lost, detect_s, t2 - t1, phase)
+            regrouped = self.group.regroup(self.committed_updates, order, holder_of, old_world,
+                                           keep=decision.world_size)
+            t3 = time.perf_counter()
+            self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2, phase)
+            if all(o.status.ok for o in regrouped):
+                break
+            outcomes, phase, detect_s = regrouped, "recovery", t3 - t2
+            decision = self._decide([o.status for o in outcomes], can_replace=True)
+            log.warning("step %d: a rank failed while the group was re-formed; recovering again", k + 1)
         self.world_size = decision.world_size
         if self.checkpoints is not None:
             self.checkpoints.forget_after(k)
-        t3 = time.perf_counter()
-        self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2)
         return k
 
     def _from_checkpoint(self, k: int, outcomes, decision: policy.Decision, order: list[int], lost: RecoveryError,
-                         detect_s: float, replace_s: float) -> int:
+                         detect_s: float, replace_s: float, phase: str | None = None) -> int:
         # A shard and its replica died together: memory cannot rebuild the last commit, the
         # newest checkpoint can. Its steps are redone on the same data: the same weights.
         t0 = time.perf_counter()
         good = self._newest_checkpoint(k)
         if good is None:
-            self._record(k, outcomes, decision, detect_s, replace_s, 0.0)
+            self._record(k, outcomes, decision, detect_s, replace_s, 0.0, phase)
             raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
                             f"checkpoint_every= to survive this)", self.failures)
         self.group.rejoin(order, keep=decision.world_size)
@@ -153,7 +179,7 @@ class Controller:
         if self.checkpoints is not None:
             self.checkpoints.forget_after(start)
         self._record(k, outcomes, decision._replace(action=f"{decision.action}, restart from checkpoint step {start}"),
-                     detect_s, replace_s, time.perf_counter() - t0)
+                     detect_s, replace_s, time.perf_counter() - t0, phase)
         log.warning("step %d: %s; back to the checkpoint of step %d, redoing %d steps", k + 1, lost, start, k - start)
         return start
 
@@ -171,8 +197,8 @@ class Controller:
             return None
 
     def _record(self, k: int, outcomes, decision: policy.Decision, detect_s: float, replace_s: float,
-                restore_s: float) -> None:
-        observed = _observed_phase(outcomes)
+                restore_s: float, phase: str | None = None) -> None:
+        observed = phase or _observed_phase(outcomes)
         nodes = getattr(self.group, "nodes", [])
         lost = decision.lost or (None,)
         for rank in lost:
@@ -188,13 +214,13 @@ class Controller:
                         "restore %.2fs", k + 1, rank, record["cause"], observed, decision.action,
                         decision.world_size, detect_s, replace_s, restore_s)
 
-    def _give_up(self, k: int, outcomes, decision: policy.Decision) -> None:
+    def _give_up(self, k: int, outcomes, decision: policy.Decision, phase: str | None = None) -> None:
         from distopt.runtime.group import worker_error
         for o in outcomes:
             if o.status.user_error:
-                raise worker_error(o, f"step {k}")
+                raise worker_error(o, f"step {k}" if phase is None else f"{phase} after step {k}")
         lost = [o.status.rank for o in outcomes if o.status.dead or o.status.hung]
-        self._record(k, outcomes, decision, 0.0, 0.0, 0.0) if lost else None
+        self._record(k, outcomes, decision, 0.0, 0.0, 0.0, phase) if lost else None
         raise RunFailed(f"step {k + 1}: {decision.reason}; ranks lost {lost}", self.failures)
 
 

@@ -9,7 +9,8 @@ import os
 import signal
 from dataclasses import dataclass
 
-PHASES = ("data", "compute", "grad_collective", "shard_update", "param_gather", "checkpoint")
+# "recovery": while re-forming the group after another rank's failure.
+PHASES = ("data", "compute", "grad_collective", "shard_update", "param_gather", "checkpoint", "recovery")
 ACTIONS = ("kill", "stop")
 
 

@@ -124,7 +124,10 @@ class RayWorkerGroup:
         Waits at most ``step_timeout_s``; once a rank has failed, the others get
         ``collective_timeout_s`` plus a margin to report before they count as hung.
         """
-        refs = [a.run_step.remote(step) for a in self.actors]
+        return self._outcomes([a.run_step.remote(step) for a in self.actors])
+
+    def _outcomes(self, refs: list) -> list[Outcome]:
+        """One :class:`Outcome` per ref (rank order), collected against the step deadlines."""
         rank_of = {ref: r for r, ref in enumerate(refs)}
         outcomes: dict[int, Outcome] = {}
         deadline = time.monotonic() + self.config.step_timeout_s
@@ -179,20 +182,36 @@ class RayWorkerGroup:
             self._add_spare(bundle)
         return True
 
-    def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int, keep: int) -> None:
-        """Re-form the collective group from ``order`` (old ranks, new rank = position)."""
-        dropped = [b for r, b in enumerate(self.bundles) if r not in order]
+    def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int,
+                keep: int) -> list[Outcome]:
+        """Re-form the collective group from ``order`` (current ranks, new rank = position).
+
+        Returns one :class:`Outcome` per new rank. When one is not ok (a rank failed during
+        the recovery) the group keeps all ``len(order)`` actors, none dropped, and the
+        caller recovers again.
+        """
+        self.free_bundles += [b for r, b in enumerate(self.bundles) if r not in order and b not in self.free_bundles]
         self.actors = [self.actors[o] for o in order]
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
-        self._rendezvous(lambda r, a, host, port, name: a.recover.remote(
+        outcomes = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
             host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback))
-        if keep < world:
+        if keep < world and all(o.status.ok for o in outcomes):
             self.kill(tuple(range(keep, world)))
             self.free_bundles += self.bundles[keep:]
             del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
-        self.free_bundles += [b for b in dropped if b not in self.free_bundles]
+        return outcomes
+
+    def _rendezvous_outcomes(self, call) -> list[Outcome]:
+        """:meth:`_rendezvous`, with each rank's end as an Outcome instead of the first failure raised."""
+        try:
+            host, port = self._gather([self.actors[0].address.remote(self.loopback)], "rendezvous", ranks=[0])[0]
+        except WorkerLost:  # nothing started: the others are as they were
+            return [Outcome(WorkerStatus(0, ok=False, dead=True))] + \
+                [Outcome(WorkerStatus(r, ok=False)) for r in range(1, len(self.actors))]
+        name = f"distopt-{uuid.uuid4().hex[:8]}"
+        return self._outcomes([call(r, a, host, port, name) for r, a in enumerate(self.actors)])
 
     def rejoin(self, order: list[int], keep: int) -> None:
         """Re-form the group from ``order`` (old ranks, new rank = position) with no state
@@ -232,11 +251,11 @@ class RayWorkerGroup:
         self.joining = [j for j in self.joining if j not in failed]
         return len(ready) - len(failed)
 
-    def grow(self, committed: int, count: int) -> int:
+    def grow(self, committed: int, count: int) -> list[Outcome]:
         """Add ``count`` ready joining actors as the last ranks and re-form the group; a collective.
 
         Every old shard is still held by its owner, so the state is resharded from memory.
-        Returns the new world size.
+        Returns one :class:`Outcome` per rank of the grown group (see :meth:`regroup`).
         """
         ready = set(ray.wait([ref for _, _, ref in self.joining], num_returns=len(self.joining), timeout=0)[0])
         old_world = len(self.actors)
@@ -250,9 +269,8 @@ class RayWorkerGroup:
         shards = old_world if self.config.zero_stage >= 1 else 1
         holder_of = list(range(shards))
         world = len(self.actors)
-        self._rendezvous(lambda r, a, host, port, name: a.recover.remote(
+        return self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
             host, port, name, r, world, committed, holder_of, old_world, world, self.loopback))
-        return world
 
     def kill(self, ranks: tuple[int, ...]) -> None:
         """Kill the actors of ``ranks`` (dead, hung or dropped)."""

@@ -66,6 +66,10 @@ class Worker:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
+        # What this rank held at the last commit (old shard index -> packet), kept from the
+        # first attempt of a recovery until a step runs, so a recovery cut short by another
+        # failure can be attempted again with the same offer.
+        self._offer: dict[int, torch.Tensor] | None = None
         self._writer = ShardWriter()
         self._buffers = Buffers()
 
@@ -111,30 +115,43 @@ class Worker:
         fresh replacement offers nothing. Every rank then rebuilds the committed parameters
         and state. The first ``keep`` ranks (all by default) go on in a group of their own
         and take their shard of the new plan; the others are left idle, to be dropped.
+
+        If another rank fails meanwhile, this raises and may be called again (with a new
+        group and holders): it offers again what it held at the commit, whatever the first
+        attempt got through. ``holder_of`` names shards by their rank at the commit.
         """
-        mine = {}
-        if self.optimizer is not None:
-            self.optimizer.rollback(committed)
-            mine = recovery.packets(self.optimizer, self.rank)
+        self._inject("recovery")
+        if self._offer is None:  # the first attempt since the last step
+            self._offer = {}
+            if self.optimizer is not None:
+                self.optimizer.rollback(committed)
+                self._offer = recovery.packets(self.optimizer, self.rank)
         if self.comm is not None:
             self.comm.close()
+            self.comm = None
         self.rank, self.world_size = rank, world_size
         c = self.config
         comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
                                  group_name=group_name, local_host=local_host or _local_host(host))
         names, tensors = list(self.params), list(self.params.values())
         old_plan = build_plan(names, tensors, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
-        params, full = recovery.assemble(comm, old_plan, c.optimizer, names, [t.shape for t in tensors], holder_of,
-                                         mine, committed, tensors[0].dtype, tensors[0].device)
+        try:
+            params, full = recovery.assemble(comm, old_plan, c.optimizer, names, [t.shape for t in tensors],
+                                             holder_of, self._offer, committed, tensors[0].dtype, tensors[0].device)
+        except Exception:
+            comm.close()  # a peer failed: the group is useless, and its threads and sockets must go
+            raise
         with torch.no_grad():
             for name, t in self.params.items():
                 t.copy_(params[name])
         keep = world_size if keep is None else keep
         if keep < world_size:
             # The kept ranks need a group of their own size; rank 0's store serves it too.
-            kept = TorchCommunicator(rank, keep, host, port, c.backend, c.collective_timeout_s, store=comm.store,
-                                     group_name=group_name + "/kept") if rank < keep else None
-            comm.close()
+            try:
+                kept = TorchCommunicator(rank, keep, host, port, c.backend, c.collective_timeout_s, store=comm.store,
+                                         group_name=group_name + "/kept") if rank < keep else None
+            finally:
+                comm.close()
             comm, self.world_size = kept, keep
         self._drop_optimizer()
         self.comm = comm
@@ -146,8 +163,10 @@ class Worker:
                local_host: str | None = None) -> None:
         """Join a re-formed group as ``rank`` of ``world_size`` with nothing to restore from
         memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
+        self._offer = None
         if self.comm is not None:
             self.comm.close()
+            self.comm = None
         self._drop_optimizer()
         self.rank, self.world_size = rank, world_size
         self.connect(host, port, group_name, local_host)
@@ -157,6 +176,7 @@ class Worker:
         start = time.perf_counter()
         c = self.config
         self._step = step
+        self._offer = None  # any recovery before this step is complete
         self._inject("data")
         indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
         losses, metrics, total, data_s = [], {}, None, 0.0

@@ -1,0 +1,113 @@
+"""The step controller against a scripted worker group: no Ray, no processes.
+
+The group plays back what a real one would report (a rank dead in a step, another lost
+while the group is re-formed, a rank lost while growing back) and records what the
+controller asks of it: which ranks, which holders of which shards.
+"""
+from __future__ import annotations
+
+import pytest
+
+from distopt.optim import adam
+from distopt.runtime.config import TrainConfig
+from distopt.runtime.controller import Controller, RunFailed
+from distopt.runtime.policy import Outcome, WorkerStatus
+from distopt.runtime.worker import StepReport
+from trainer_task import loss, make_data, make_model
+
+
+def _ok(world: int, step: int = 0) -> list[Outcome]:
+    return [Outcome(WorkerStatus(r), StepReport(r, step, 1.0, updates=step + 1)) for r in range(world)]
+
+
+def _lost(world: int, dead: int, op: str) -> list[Outcome]:
+    """``dead`` died; the others saw collective ``op`` break under them."""
+    return [Outcome(WorkerStatus(r, ok=False, dead=True)) if r == dead else
+            Outcome(WorkerStatus(r, ok=False, collective_error=f"{op}: peer closed the connection"))
+            for r in range(world)]
+
+
+class ScriptedGroup:
+    """A worker group whose failures come from a script: ``fail_step[k]`` (rank dying in
+    step k), ``fail_regroup`` (one list of ranks per regroup call), ``fail_grow``."""
+
+    def __init__(self, world: int, fail_step=None, fail_regroup=(), fail_grow=None, ready=0) -> None:
+        self.world, self.fail_step, self.fail_regroup = world, dict(fail_step or {}), list(fail_regroup)
+        self.fail_grow, self.ready = fail_grow, ready
+        self.calls: list[tuple] = []
+
+    def run_step(self, k: int) -> list[Outcome]:
+        dead = self.fail_step.pop(k, None)
+        return _ok(self.world, k) if dead is None else _lost(self.world, dead, "allgather")
+
+    def replace(self, lost) -> bool:
+        self.calls.append(("replace", tuple(lost)))
+        return True
+
+    def regroup(self, committed, order, holder_of, old_world, keep) -> list[Outcome]:
+        self.calls.append(("regroup", list(order), list(holder_of), old_world, keep))
+        self.world = len(order)
+        dead = self.fail_regroup.pop(0) if self.fail_regroup else None
+        out = _ok(self.world) if dead is None else _lost(self.world, dead, "broadcast")
+        if dead is None:
+            self.world = keep
+        return out
+
+    def ready_to_grow(self, target: int) -> int:
+        return self.ready
+
+    def grow(self, committed, count) -> list[Outcome]:
+        self.calls.append(("grow", count))
+        self.world += count
+        self.ready = 0
+        dead, self.fail_grow = self.fail_grow, None
+        return _ok(self.world) if dead is None else _lost(self.world, dead, "broadcast")
+
+
+def _controller(group: ScriptedGroup, workers: int, **kw) -> Controller:
+    config = TrainConfig(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2), global_batch_size=16,
+                         num_workers=workers, **kw)
+    return Controller(group, config, on_commit=lambda entry: None)
+
+
+def test_rank_lost_during_the_recovery_recovers_again_from_the_same_commit():
+    # 4 ranks, stage 1: rank 1 dies in step 3, then rank 3 while the group is re-formed.
+    group = ScriptedGroup(4, fail_step={2: 1}, fail_regroup=[3])
+    ctl = _controller(group, 4)
+    ctl.run(0, 5)
+    regroups = [c for c in group.calls if c[0] == "regroup"]
+    # First attempt: shard 1 from rank 2's replica. Second: rank 3 is gone too, so shard 3
+    # comes from rank 0's replica and shard 1 still from rank 2 (the new rank 1 holds nothing).
+    assert regroups[0][1:] == ([0, 1, 2, 3], [0, 2, 2, 3], 4, 4)
+    assert regroups[1][1:] == ([0, 1, 2, 3], [0, 2, 2, 0], 4, 4)
+    assert [c for c in group.calls if c[0] == "replace"] == [("replace", (1,)), ("replace", (3,))]
+    assert [(f["rank"], f["step"], f["phase"]) for f in ctl.failures] == [(1, 3, "param_gather"), (3, 3, "recovery")]
+    assert [h["step"] for h in ctl.history] == [1, 2, 3, 4, 5]
+
+
+def test_rank_lost_during_the_recovery_counts_against_max_failures():
+    group = ScriptedGroup(4, fail_step={2: 1}, fail_regroup=[3])
+    with pytest.raises(RunFailed, match="exceed max_failures=1") as info:
+        _controller(group, 4, max_failures=1).run(0, 5)
+    assert [f["rank"] for f in info.value.failures] == [1, 3]
+
+
+def test_neighbours_lost_one_after_the_other_need_a_checkpoint():
+    # Rank 2 dies in a step, then rank 1 while the group is re-formed: shard 1's replica
+    # lived on rank 2, so memory no longer holds shard 1.
+    group = ScriptedGroup(4, fail_step={1: 2}, fail_regroup=[1])
+    with pytest.raises(RunFailed, match="no checkpoint to fall back on"):
+        _controller(group, 4).run(0, 3)
+
+
+def test_rank_lost_while_growing_back_is_recovered_before_the_step():
+    # A shrunk group of 1 (of 2 wanted) grows back; the newcomer dies during the regroup:
+    # rank 0 still holds the whole commit, the newcomer is replaced, and the step runs.
+    group = ScriptedGroup(1, fail_grow=1, ready=1)
+    ctl = _controller(group, 2)
+    ctl.world_size = 1
+    ctl.run(0, 2)
+    assert group.calls[0] == ("grow", 1)
+    assert group.calls[1:3] == [("replace", (1,)), ("regroup", [0, 1], [0], 1, 2)]
+    assert [(f["rank"], f["phase"]) for f in ctl.failures] == [(1, "grow back")]
+    assert ctl.world_size == 2 and [h["step"] for h in ctl.history] == [1, 2]
