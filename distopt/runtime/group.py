@@ -156,14 +156,15 @@ class RayWorkerGroup:
     def replace(self, lost: tuple[int, ...]) -> bool:
         """New actors for ``lost`` ranks: warm spares first, else fresh ones in the lost bundles.
 
-        Returns False when no replacement is ready within ``replace_timeout_s``.
+        Returns False when no replacement is ready within ``replace_timeout_s``, or one
+        died while starting (its node went away); the group is then as before.
         """
         self.kill(lost)
-        fresh, refs, freed = {}, {}, []
+        fresh, refs, swapped = {}, {}, {}
         for r in lost:
             if self.spares:
                 actor, bundle, ref = self.spares.pop(0)
-                freed.append(self.bundles[r])
+                swapped[r] = (self.bundles[r], bundle)
                 self.bundles[r] = bundle
                 fresh[r], refs[r] = actor, ref
             else:
@@ -171,15 +172,23 @@ class RayWorkerGroup:
                 fresh[r] = self._spawn(r, self.bundles[r], self.incarnations)
                 refs[r] = fresh[r].setup.remote()
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.replace_timeout_s)
-        if len(ready) < len(refs):
+        nodes = {}
+        if len(ready) == len(refs):
+            try:
+                nodes = {r: _get(refs[r], r, "replacement setup")["node_id"] for r in fresh}
+            except WorkerLost:  # a user error in setup still raises (WorkerError)
+                nodes = {}
+        if len(nodes) < len(fresh):
             for a in fresh.values():
                 ray.kill(a, no_restart=True)
+            for r, (own, spare) in swapped.items():  # the spares' bundles host new spares
+                self.bundles[r] = own
+                self._add_spare(spare)
             return False
         for r, a in fresh.items():
-            self.nodes[r] = _get(refs[r], r, "replacement setup")["node_id"]
-            self.actors[r] = a
-        for bundle in freed:  # the lost actor's bundle now hosts the next spare
-            self._add_spare(bundle)
+            self.nodes[r], self.actors[r] = nodes[r], a
+        for own, _ in swapped.values():  # the lost actor's bundle now hosts the next spare
+            self._add_spare(own)
         return True
 
     def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int,
