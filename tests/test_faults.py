@@ -99,11 +99,15 @@ def test_every_worker_lost_without_a_checkpoint_fails_naming_the_fix(ray_cluster
     assert sorted(f["rank"] for f in info.value.failures) == [0, 1]
 
 
-def test_rank_lost_during_the_recovery_is_recovered_from_memory_too(ray_cluster):
+@pytest.fixture(scope="module")
+def clean4(ray_cluster):
+    return _fit(1, workers=4, num_cpus_per_worker=0.5)
+
+
+def test_rank_lost_during_the_recovery_is_recovered_from_memory_too(clean4):
     # Four ranks at stage 1: rank 1 dies in step 5, rank 3 while the group is re-formed.
     # Shard 1 lives on in rank 2's replica, shard 3 in rank 0's: the second attempt
     # rebuilds both from memory and the run ends with the clean run's bits.
-    clean4 = _fit(1, workers=4, num_cpus_per_worker=0.5)
     faults = (Fault(rank=1, step=4, phase="compute"), Fault(rank=3, step=4, phase="recovery"))
     result = _fit(1, faults=faults, workers=4, num_cpus_per_worker=0.5)
     assert _same(result, clean4)
@@ -121,3 +125,18 @@ def test_last_holder_lost_during_the_recovery_falls_back_to_the_checkpoint(clean
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     assert [f["rank"] for f in result.failures] == [1, 0]
     assert result.failures[1]["action"].startswith("replace, restart from checkpoint step")
+
+
+def test_rank_lost_while_going_back_to_the_checkpoint_is_replaced_too(clean4, tmp_path):
+    # Ranks 1 and 2 die together (shard 1 and its replica), so the run goes back to the
+    # checkpoint; rank 0 dies while the group re-forms for it. Replaced, the run still ends
+    # with the clean run's bits.
+    faults = (Fault(rank=1, step=5, phase="compute"), Fault(rank=2, step=5, phase="compute"),
+              Fault(rank=0, step=5, phase="recovery"))
+    result = _fit(1, faults=faults, workers=4, num_cpus_per_worker=0.5, checkpoint_dir=str(tmp_path / "ckpt"),
+                  checkpoint_every=2)
+    assert _same(result, clean4)
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert sorted(f["rank"] for f in result.failures[:2]) == [1, 2] and result.failures[2]["rank"] == 0
+    assert result.failures[2]["phase"] == "recovery"
+    assert all("restart from checkpoint step" in f["action"] for f in result.failures)

@@ -15,7 +15,8 @@ from distopt.optim.recovery import RecoveryError, holders
 from distopt.runtime import policy
 from distopt.runtime.checkpointing import Coordinator
 from distopt.runtime.config import TrainConfig
-from distopt.runtime.errors import TrainingError
+from distopt.runtime.errors import TrainingError, WorkerLost
+from distopt.runtime.policy import Outcome, WorkerStatus
 from distopt.runtime.worker import StepReport
 
 log = logging.getLogger("distopt")
@@ -126,20 +127,10 @@ class Controller:
         origin = list(range(len(outcomes))) if origin is None else list(origin)
         old_world = sum(o is not None for o in origin)
         while True:
-            if decision.action == "fail" or not self.config.fault_tolerant:
-                self._give_up(k, outcomes, decision, phase)
             t1 = time.perf_counter()
-            if decision.action == "replace" and not self.group.replace(decision.lost):
-                decision = self._decide([o.status for o in outcomes], can_replace=False)
-                if decision.action == "fail":
-                    self._give_up(k, outcomes, decision, phase)
+            decision, order = self._replace_or_shrink(k, outcomes, decision, phase)
             t2 = time.perf_counter()
-            if decision.action == "replace" or decision.action == "retry":
-                order = list(range(len(outcomes)))
-                origin = [None if r in decision.lost else origin[r] for r in order]  # a replacement holds nothing
-            else:
-                order = [r for r in range(len(outcomes)) if r not in decision.lost]
-                origin = [origin[r] for r in order]
+            origin = [None if r in decision.lost else origin[r] for r in order]  # a replacement holds nothing
             alive = {o: n for n, o in enumerate(origin) if o is not None}
             shards = old_world if self.config.zero_stage >= 1 else 1
             try:
@@ -160,6 +151,20 @@ class Controller:
             self.checkpoints.forget_after(k)
         return k
 
+    def _replace_or_shrink(self, k: int, outcomes, decision: policy.Decision,
+                           phase: str | None) -> tuple[policy.Decision, list[int]]:
+        """Carry out ``decision``'s replacements (shrinking when none can be placed); returns
+        the decision taken and the current ranks that go on, in their new order."""
+        if decision.action == "fail" or not self.config.fault_tolerant:
+            self._give_up(k, outcomes, decision, phase)
+        if decision.action == "replace" and not self.group.replace(decision.lost):
+            decision = self._decide([o.status for o in outcomes], can_replace=False)
+            if decision.action == "fail":
+                self._give_up(k, outcomes, decision, phase)
+        if decision.action == "replace" or decision.action == "retry":
+            return decision, list(range(len(outcomes)))
+        return decision, [r for r in range(len(outcomes)) if r not in decision.lost]
+
     def _from_checkpoint(self, k: int, outcomes, decision: policy.Decision, order: list[int], lost: RecoveryError,
                          detect_s: float, replace_s: float, phase: str | None = None) -> int:
         # A shard and its replica died together: memory cannot rebuild the last commit, the
@@ -170,10 +175,25 @@ class Controller:
             self._record(k, outcomes, decision, detect_s, replace_s, 0.0, phase)
             raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
                             f"checkpoint_every= to survive this)", self.failures)
-        self.group.rejoin(order, keep=decision.world_size)
-        self.group.load(good.model_state, good.optimizer_state)
+        start = good.manifest["next_step"]
+        while True:  # a rank lost on the way is one more failure, as in a recovery from memory
+            rejoined = self.group.rejoin(order, keep=decision.world_size)
+            if all(o.status.ok for o in rejoined):
+                try:
+                    self.group.load(good.model_state, good.optimizer_state)
+                    break
+                except WorkerLost as e:
+                    rejoined = [Outcome(WorkerStatus(r, ok=False, dead=r == e.rank)) for r in range(len(rejoined))]
+            self._record(k, outcomes, decision._replace(action=f"{decision.action}, restart from checkpoint step "
+                                                               f"{start}"),
+                         detect_s, replace_s, time.perf_counter() - t0, phase)
+            outcomes, phase, detect_s = rejoined, "recovery", time.perf_counter() - t0
+            t0 = time.perf_counter()
+            decision, order = self._replace_or_shrink(k, outcomes, self._decide([o.status for o in outcomes], True),
+                                                      phase)
+            replace_s = time.perf_counter() - t0
         self.world_size = decision.world_size
-        start, self.committed_updates = good.manifest["next_step"], good.manifest["optimizer_step"]
+        self.committed_updates = good.manifest["optimizer_step"]
         self.history = [h for h in self.history if h["step"] <= start]
         self.on_rewind(start)
         if self.checkpoints is not None:

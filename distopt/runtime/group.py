@@ -126,8 +126,12 @@ class RayWorkerGroup:
         """
         return self._outcomes([a.run_step.remote(step) for a in self.actors])
 
-    def _outcomes(self, refs: list) -> list[Outcome]:
-        """One :class:`Outcome` per ref (rank order), collected against the step deadlines."""
+    def _outcomes(self, refs: list, timeouts: int = 1) -> list[Outcome]:
+        """One :class:`Outcome` per ref (rank order), collected against the step deadlines.
+
+        After the first failure the others get ``timeouts`` collective timeouts (plus a
+        margin) to report before they count as hung.
+        """
         rank_of = {ref: r for r, ref in enumerate(refs)}
         outcomes: dict[int, Outcome] = {}
         deadline = time.monotonic() + self.config.step_timeout_s
@@ -141,7 +145,7 @@ class RayWorkerGroup:
                 outcome = _outcome(ref, rank_of[ref])
                 outcomes[outcome.status.rank] = outcome
                 if not outcome.status.ok:
-                    deadline = min(deadline, time.monotonic() + self.config.collective_timeout_s + 5.0)
+                    deadline = min(deadline, time.monotonic() + timeouts * self.config.collective_timeout_s + 5.0)
         for ref in pending:
             r = rank_of[ref]
             outcomes[r] = Outcome(WorkerStatus(r, ok=False, hung=True))
@@ -220,11 +224,15 @@ class RayWorkerGroup:
             return [Outcome(WorkerStatus(0, ok=False, dead=True))] + \
                 [Outcome(WorkerStatus(r, ok=False)) for r in range(1, len(self.actors))]
         name = f"distopt-{uuid.uuid4().hex[:8]}"
-        return self._outcomes([call(r, a, host, port, name) for r, a in enumerate(self.actors)])
+        # A rank whose store never answers gives up after up to two timeouts (the store
+        # client retries its connect once), then one more for the group itself.
+        return self._outcomes([call(r, a, host, port, name) for r, a in enumerate(self.actors)], timeouts=3)
 
-    def rejoin(self, order: list[int], keep: int) -> None:
+    def rejoin(self, order: list[int], keep: int) -> list[Outcome]:
         """Re-form the group from ``order`` (old ranks, new rank = position) with no state
-        restored from memory (a checkpoint is loaded next); ranks from ``keep`` on are dropped."""
+        restored from memory (a checkpoint is loaded next); ranks from ``keep`` on are dropped.
+
+        Returns one :class:`Outcome` per rank that goes on."""
         self.kill(tuple(order[keep:]))
         self.free_bundles += [b for r, b in enumerate(self.bundles) if r not in order[:keep]]
         order = order[:keep]
@@ -232,7 +240,8 @@ class RayWorkerGroup:
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
-        self._rendezvous(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world, self.loopback))
+        return self._rendezvous_outcomes(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world,
+                                                                                        self.loopback))
 
     # --- growing back ---------------------------------------------------------------
     def ready_to_grow(self, target: int) -> int:

@@ -163,6 +163,7 @@ class Worker:
                local_host: str | None = None) -> None:
         """Join a re-formed group as ``rank`` of ``world_size`` with nothing to restore from
         memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
+        self._inject("recovery")
         self._offer = None
         if self.comm is not None:
             self.comm.close()
