@@ -7,12 +7,15 @@ controller asks of it: which ranks, which holders of which shards.
 from __future__ import annotations
 
 import pytest
+import torch
 
+from distopt.collectives import free_port
+from distopt.collectives.in_process import run_ranks
 from distopt.optim import adam
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.controller import Controller, RunFailed
 from distopt.runtime.policy import Outcome, WorkerStatus
-from distopt.runtime.worker import StepReport
+from distopt.runtime.worker import StepReport, Worker
 from trainer_task import loss, make_data, make_model
 
 
@@ -35,6 +38,7 @@ class ScriptedGroup:
         self.world, self.fail_step, self.fail_regroup = world, dict(fail_step or {}), list(fail_regroup)
         self.fail_grow, self.ready = fail_grow, ready
         self.calls: list[tuple] = []
+        self.episodes: list[int] = []  # the episode each regroup or grow belonged to
 
     def run_step(self, k: int) -> list[Outcome]:
         dead = self.fail_step.pop(k, None)
@@ -44,8 +48,9 @@ class ScriptedGroup:
         self.calls.append(("replace", tuple(lost)))
         return True
 
-    def regroup(self, committed, order, holder_of, old_world, keep) -> list[Outcome]:
+    def regroup(self, committed, order, holder_of, old_world, keep, episode) -> list[Outcome]:
         self.calls.append(("regroup", list(order), list(holder_of), old_world, keep))
+        self.episodes.append(episode)
         self.world = len(order)
         dead = self.fail_regroup.pop(0) if self.fail_regroup else None
         out = _ok(self.world) if dead is None else _lost(self.world, dead, "broadcast")
@@ -56,8 +61,9 @@ class ScriptedGroup:
     def ready_to_grow(self, target: int) -> int:
         return self.ready
 
-    def grow(self, committed, count) -> list[Outcome]:
+    def grow(self, committed, count, episode) -> list[Outcome]:
         self.calls.append(("grow", count))
+        self.episodes.append(episode)
         self.world += count
         self.ready = 0
         dead, self.fail_grow = self.fail_grow, None
@@ -83,6 +89,7 @@ def test_rank_lost_during_the_recovery_recovers_again_from_the_same_commit():
     assert [c for c in group.calls if c[0] == "replace"] == [("replace", (1,)), ("replace", (3,))]
     assert [(f["rank"], f["step"], f["phase"]) for f in ctl.failures] == [(1, 3, "param_gather"), (3, 3, "recovery")]
     assert [h["step"] for h in ctl.history] == [1, 2, 3, 4, 5]
+    assert group.episodes == [1, 1]  # both attempts offer what the ranks held at the commit
 
 
 def test_rank_lost_during_the_recovery_counts_against_max_failures():
@@ -111,3 +118,46 @@ def test_rank_lost_while_growing_back_is_recovered_before_the_step():
     assert group.calls[1:3] == [("replace", (1,)), ("regroup", [0, 1], [0], 1, 2)]
     assert [(f["rank"], f["phase"]) for f in ctl.failures] == [(1, "grow back")]
     assert ctl.world_size == 2 and [h["step"] for h in ctl.history] == [1, 2]
+    assert group.episodes == [1, 1]  # the failed growth is redone within its own episode
+
+
+def test_each_recovery_is_a_new_episode():
+    # Two failures in different steps: the second recovery must not reuse the first's offers.
+    group = ScriptedGroup(2, fail_step={1: 1, 3: 0})
+    ctl = _controller(group, 2)
+    ctl.run(0, 5)
+    assert group.episodes == [1, 2]
+
+
+def _workers_run(workers, steps) -> None:
+    run_ranks(workers, lambda w: [w.run_step(k) for k in steps], timeout_s=60)
+
+
+def test_growing_back_right_after_a_shrink_offers_the_shrunk_groups_shards():
+    # Real workers (threads, gloo on loopback): 2 ranks train, rank 1 is lost and the group
+    # shrinks to rank 0, which then grows back at once, with no step in between. The growth
+    # is a new episode: rank 0 offers its shard of the 1-rank plan, not what it offered to
+    # the shrink, and the run ends with the bits of a run that never lost anyone.
+    config = TrainConfig(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2), global_batch_size=16,
+                         num_workers=2, zero_stage=1, seed=0, collective_timeout_s=20)
+    clean = [Worker(config, r) for r in range(2)]
+    port = free_port()
+    run_ranks(clean, lambda w: w.connect("127.0.0.1", port), timeout_s=60)
+    _workers_run(clean, range(6))
+
+    a, b = Worker(config, 0), Worker(config, 1)
+    port = free_port()
+    run_ranks([a, b], lambda w: w.connect("127.0.0.1", port), timeout_s=60)
+    _workers_run([a, b], range(3))
+    updates = a.optimizer.step_count
+    b.close()
+    a.recover("127.0.0.1", free_port(), "shrunk", 0, 1, updates, [0, 0], 2, keep=1, episode=1)
+    c = Worker(config, 1, incarnation=1)
+    port = free_port()
+    run_ranks([(a, 0), (c, 1)], lambda wr: wr[0].recover("127.0.0.1", port, "grown", wr[1], 2, updates, [0], 1,
+                                                         keep=2, episode=2), timeout_s=60)
+    _workers_run([a, c], range(3, 6))
+    for name, t in clean[0].model.state_dict().items():
+        assert torch.equal(t, a.model.state_dict()[name]) and torch.equal(t, c.model.state_dict()[name]), name
+    for w in clean + [a, c]:
+        w.close()

@@ -44,6 +44,7 @@ class Controller:
         self.growths: list[dict] = []  # one record per growth back after a shrink
         self.committed_updates = committed_updates
         self.world_size = config.num_workers
+        self.episodes = 0  # recoveries and growths begun: a worker's offer is kept within one
         self.checkpoints = Coordinator(config.checkpoint_dir, config.keep_last) if config.checkpoint_dir else None
 
     def _shard_ranks(self) -> int:
@@ -89,7 +90,8 @@ class Controller:
             return k
         t0 = time.perf_counter()
         old_world = self.world_size
-        outcomes = self.group.grow(self.committed_updates, size - old_world)
+        self.episodes += 1
+        outcomes = self.group.grow(self.committed_updates, size - old_world, self.episodes)
         if not all(o.status.ok for o in outcomes):  # a rank failed meanwhile: recover as after a step
             decision = self._decide([o.status for o in outcomes], can_replace=True)
             return self._recover(k, outcomes, decision, time.perf_counter() - t0,
@@ -126,6 +128,8 @@ class Controller:
         """
         origin = list(range(len(outcomes))) if origin is None else list(origin)
         old_world = sum(o is not None for o in origin)
+        if phase != "grow back":  # a failed growth recovers within the growth's episode
+            self.episodes += 1
         while True:
             t1 = time.perf_counter()
             decision, order = self._replace_or_shrink(k, outcomes, decision, phase)
@@ -138,7 +142,7 @@ class Controller:
             except RecoveryError as lost:
                 return self._from_checkpoint(k, outcomes, decision, order, lost, detect_s, t2 - t1, phase)
             regrouped = self.group.regroup(self.committed_updates, order, holder_of, old_world,
-                                           keep=decision.world_size)
+                                           keep=decision.world_size, episode=self.episodes)
             t3 = time.perf_counter()
             self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2, phase)
             if all(o.status.ok for o in regrouped):

@@ -49,9 +49,9 @@ class WorkerActor:
         self.worker.connect(host, port, group_name, local_host=_local(loopback))
 
     def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
-                holder_of: list[int], old_world: int, keep: int, loopback: bool) -> None:
+                holder_of: list[int], old_world: int, keep: int, loopback: bool, episode: int) -> None:
         self.worker.recover(host, port, group_name, rank, world_size, committed, holder_of, old_world,
-                            keep=keep, local_host=_local(loopback))
+                            keep=keep, local_host=_local(loopback), episode=episode)
 
     def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int, loopback: bool) -> None:
         self.worker.rejoin(host, port, group_name, rank, world_size, local_host=_local(loopback))
@@ -196,12 +196,12 @@ class RayWorkerGroup:
         return True
 
     def regroup(self, committed: int, order: list[int], holder_of: list[int], old_world: int,
-                keep: int) -> list[Outcome]:
+                keep: int, episode: int) -> list[Outcome]:
         """Re-form the collective group from ``order`` (current ranks, new rank = position).
 
         Returns one :class:`Outcome` per new rank. When one is not ok (a rank failed during
         the recovery) the group keeps all ``len(order)`` actors, none dropped, and the
-        caller recovers again.
+        caller recovers again with the same ``episode`` (see :meth:`Worker.recover`).
         """
         self.free_bundles += [b for r, b in enumerate(self.bundles) if r not in order and b not in self.free_bundles]
         self.actors = [self.actors[o] for o in order]
@@ -209,7 +209,7 @@ class RayWorkerGroup:
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
         outcomes = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
-            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback))
+            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback, episode))
         if keep < world and all(o.status.ok for o in outcomes):
             self.kill(tuple(range(keep, world)))
             self.free_bundles += self.bundles[keep:]
@@ -269,7 +269,7 @@ class RayWorkerGroup:
         self.joining = [j for j in self.joining if j not in failed]
         return len(ready) - len(failed)
 
-    def grow(self, committed: int, count: int) -> list[Outcome]:
+    def grow(self, committed: int, count: int, episode: int) -> list[Outcome]:
         """Add ``count`` ready joining actors as the last ranks and re-form the group; a collective.
 
         Every old shard is still held by its owner, so the state is resharded from memory.
@@ -288,7 +288,7 @@ class RayWorkerGroup:
         holder_of = list(range(shards))
         world = len(self.actors)
         return self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
-            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback))
+            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback, episode))
 
     def kill(self, ranks: tuple[int, ...]) -> None:
         """Kill the actors of ``ranks`` (dead, hung or dropped)."""

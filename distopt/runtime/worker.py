@@ -66,10 +66,11 @@ class Worker:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
-        # What this rank held at the last commit (old shard index -> packet), kept from the
-        # first attempt of a recovery until a step runs, so a recovery cut short by another
+        # What this rank held at the last commit (old shard index -> packet), kept through the
+        # attempts of one recovery (its ``episode``), so a recovery cut short by another
         # failure can be attempted again with the same offer.
         self._offer: dict[int, torch.Tensor] | None = None
+        self._episode: int | None = None
         self._writer = ShardWriter()
         self._buffers = Buffers()
 
@@ -108,7 +109,8 @@ class Worker:
         maybe_fire(self.config.faults, self.rank, self.incarnation, self._step, phase)
 
     def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
-                holder_of: list[int], old_world: int, keep: int | None = None, local_host: str | None = None) -> None:
+                holder_of: list[int], old_world: int, keep: int | None = None, local_host: str | None = None,
+                episode: int = 0) -> None:
         """Rejoin a re-formed group and return to update ``committed``; a collective.
 
         Survivors roll back their shard and offer it (and their neighbour's replica); a
@@ -116,13 +118,14 @@ class Worker:
         and state. The first ``keep`` ranks (all by default) go on in a group of their own
         and take their shard of the new plan; the others are left idle, to be dropped.
 
-        If another rank fails meanwhile, this raises and may be called again (with a new
-        group and holders): it offers again what it held at the commit, whatever the first
-        attempt got through. ``holder_of`` names shards by their rank at the commit.
+        If another rank fails meanwhile, this raises and may be called again with the same
+        ``episode`` (and a new group and holders): it offers again what it held at the
+        commit, whatever the first attempt got through. A new ``episode`` starts from what
+        the rank holds now. ``holder_of`` names shards by their rank at the commit.
         """
         self._inject("recovery")
-        if self._offer is None:  # the first attempt since the last step
-            self._offer = {}
+        if self._offer is None or self._episode != episode:  # the first attempt of this recovery
+            self._offer, self._episode = {}, episode
             if self.optimizer is not None:
                 self.optimizer.rollback(committed)
                 self._offer = recovery.packets(self.optimizer, self.rank)
