@@ -3,7 +3,9 @@
 Commit, then step: step k enters the history only when every rank reported it. After a
 failure the survivors return to the last commit, lost ranks are replaced (or the group
 shrinks), the group is re-formed, and step k is redone on the same data, so the history
-holds every step exactly once and the weights match a run without the failure.
+holds every step exactly once and the weights match a run without the failure. A worker
+lost while the group re-forms is one more failure, and the recovery starts over from
+the same commit.
 """
 from __future__ import annotations
 
