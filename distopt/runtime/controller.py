@@ -241,7 +241,7 @@ class Controller:
                         decision.world_size, detect_s, replace_s, restore_s)
 
     def _give_up(self, k: int, outcomes, decision: policy.Decision, phase: str | None = None) -> None:
-        from distopt.runtime.group import worker_error
+        from distopt.runtime.results import worker_error
         for o in outcomes:
             if o.status.user_error:
                 raise worker_error(o, f"step {k}" if phase is None else f"{phase} after step {k}")

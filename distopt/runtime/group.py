@@ -1,82 +1,24 @@
 """The Ray side: worker actors in a placement group, rendezvous through Ray.
 
-``ray.remote`` is applied here, to a thin actor around the plain :class:`Worker`. Step
-results come back as :class:`Outcome` records (report or failure, per rank) collected with
-``ray.wait`` against deadlines, so a dead, stopped or failing worker is seen in seconds
-and never waited on forever.
+The actors (:mod:`distopt.runtime.actor`) sit one per placement-group bundle; this module
+owns who is in the group: spawning, replacing, shrinking, growing back and re-forming
+it. What the actors return is collected against deadlines (:mod:`distopt.runtime.results`),
+so a dead, stopped or failing worker is seen in seconds and never waited on forever.
 """
 from __future__ import annotations
 
-import re
-import socket
-import time
 import uuid
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distopt.collectives.base import CollectiveError
+from distopt.runtime.actor import WorkerActor
 from distopt.runtime.config import TrainConfig
-from distopt.runtime.errors import PlacementError, TrainingError, WorkerError, WorkerLost
+from distopt.runtime.errors import PlacementError, WorkerLost
 from distopt.runtime.policy import Outcome, WorkerStatus
-from distopt.runtime.worker import StepReport, Worker
-
-
-class WorkerActor:
-    """Holds one :class:`Worker` in a Ray actor process."""
-
-    def __init__(self, config: TrainConfig, rank: int, num_threads: int, incarnation: int = 0) -> None:
-        import torch
-        torch.set_num_threads(max(1, num_threads))  # one actor per CPU bundle: no oversubscription
-        self.config, self.rank, self.incarnation = config, rank, incarnation
-        self.worker: Worker | None = None
-
-    def setup(self) -> dict:
-        # Not in __init__: an error in a method reaches the driver as the user's exception.
-        self.worker = Worker(self.config, self.rank, incarnation=self.incarnation)
-        return {"node_id": ray.get_runtime_context().get_node_id()}
-
-    def address(self, loopback: bool) -> tuple[str, int]:
-        """This node's address and a port that was free on it, for rank 0's store."""
-        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
-
-    def connect(self, host: str, port: int, group_name: str, loopback: bool) -> None:
-        self.worker.connect(host, port, group_name, local_host=_local(loopback))
-
-    def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
-                holder_of: list[int], old_world: int, keep: int, loopback: bool, episode: int) -> None:
-        self.worker.recover(host, port, group_name, rank, world_size, committed, holder_of, old_world,
-                            keep=keep, local_host=_local(loopback), episode=episode)
-
-    def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int, loopback: bool) -> None:
-        self.worker.rejoin(host, port, group_name, rank, world_size, local_host=_local(loopback))
-
-    def run_step(self, step: int) -> StepReport:
-        return self.worker.run_step(step)
-
-    def checkpoint(self, steps_done: int) -> list[dict]:
-        return self.worker.checkpoint(steps_done, wait=True)
-
-    def flush_checkpoints(self) -> list[dict]:
-        return self.worker.flush_checkpoints()
-
-    def load(self, model_state: dict, full_state: dict) -> None:
-        self.worker.load(model_state, full_state)
-
-    def state_dict(self) -> dict:
-        return self.worker.state_dict()
-
-    def info(self) -> dict:
-        return {**self.worker.info(), "node_id": ray.get_runtime_context().get_node_id()}
-
-
-def _local(loopback: bool) -> str:
-    return "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+from distopt.runtime.results import gather, get, outcomes
 
 
 class RayWorkerGroup:
@@ -99,8 +41,9 @@ class RayWorkerGroup:
             self.bundles = list(range(config.num_workers))
             for b in range(config.num_workers, config.num_workers + config.spare_workers):
                 self._add_spare(b)
-            self.nodes = [i["node_id"] for i in self._gather([a.setup.remote() for a in self.actors], "setup")]
-            self._rendezvous(lambda r, a, host, port, name: a.connect.remote(host, port, name, loopback))
+            self.nodes = [i["node_id"] for i in gather([a.setup.remote() for a in self.actors], "setup", self.config)]
+            gather(self._rendezvous(lambda r, a, host, port, name: a.connect.remote(host, port, name, loopback)),
+                   "rendezvous", config)
         except BaseException:
             self.close()
             raise
@@ -112,10 +55,12 @@ class RayWorkerGroup:
                                        num_gpus=1 if c.use_gpu else 0).remote(
             self._cfg_ref, rank, int(c.num_cpus_per_worker), incarnation)
 
-    def _rendezvous(self, call) -> None:
-        host, port = self._gather([self.actors[0].address.remote(self.loopback)], "rendezvous", ranks=[0])[0]
+    def _rendezvous(self, call) -> list:
+        """Start ``call(rank, actor, host, port, group_name)`` on every actor, around rank 0's
+        address; the refs. Raises WorkerLost when rank 0 cannot give its address."""
+        host, port = gather([self.actors[0].address.remote(self.loopback)], "rendezvous", self.config, ranks=[0])[0]
         name = f"distopt-{uuid.uuid4().hex[:8]}"
-        self._gather([call(r, a, host, port, name) for r, a in enumerate(self.actors)], "rendezvous")
+        return [call(r, a, host, port, name) for r, a in enumerate(self.actors)]
 
     # --- steps ----------------------------------------------------------------------
     def run_step(self, step: int) -> list[Outcome]:
@@ -124,32 +69,7 @@ class RayWorkerGroup:
         Waits at most ``step_timeout_s``; once a rank has failed, the others get
         ``collective_timeout_s`` plus a margin to report before they count as hung.
         """
-        return self._outcomes([a.run_step.remote(step) for a in self.actors])
-
-    def _outcomes(self, refs: list, timeouts: int = 1) -> list[Outcome]:
-        """One :class:`Outcome` per ref (rank order), collected against the step deadlines.
-
-        After the first failure the others get ``timeouts`` collective timeouts (plus a
-        margin) to report before they count as hung.
-        """
-        rank_of = {ref: r for r, ref in enumerate(refs)}
-        outcomes: dict[int, Outcome] = {}
-        deadline = time.monotonic() + self.config.step_timeout_s
-        pending = list(refs)
-        while pending:
-            left = deadline - time.monotonic()
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, left))
-            if not done:
-                break
-            for ref in done:
-                outcome = _outcome(ref, rank_of[ref])
-                outcomes[outcome.status.rank] = outcome
-                if not outcome.status.ok:
-                    deadline = min(deadline, time.monotonic() + timeouts * self.config.collective_timeout_s + 5.0)
-        for ref in pending:
-            r = rank_of[ref]
-            outcomes[r] = Outcome(WorkerStatus(r, ok=False, hung=True))
-        return [outcomes[r] for r in range(len(refs))]
+        return outcomes([a.run_step.remote(step) for a in self.actors], self.config)
 
     # --- recovery -------------------------------------------------------------------
     def _add_spare(self, bundle: int) -> None:
@@ -179,7 +99,7 @@ class RayWorkerGroup:
         nodes = {}
         if len(ready) == len(refs):
             try:
-                nodes = {r: _get(refs[r], r, "replacement setup")["node_id"] for r in fresh}
+                nodes = {r: get(refs[r], r, "replacement setup")["node_id"] for r in fresh}
             except WorkerLost:  # a user error in setup still raises (WorkerError)
                 nodes = {}
         if len(nodes) < len(fresh):
@@ -208,25 +128,24 @@ class RayWorkerGroup:
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
-        outcomes = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
+        ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
             host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback, episode))
-        if keep < world and all(o.status.ok for o in outcomes):
+        if keep < world and all(o.status.ok for o in ended):
             self.kill(tuple(range(keep, world)))
             self.free_bundles += self.bundles[keep:]
             del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
-        return outcomes
+        return ended
 
     def _rendezvous_outcomes(self, call) -> list[Outcome]:
         """:meth:`_rendezvous`, with each rank's end as an Outcome instead of the first failure raised."""
         try:
-            host, port = self._gather([self.actors[0].address.remote(self.loopback)], "rendezvous", ranks=[0])[0]
+            refs = self._rendezvous(call)
         except WorkerLost:  # nothing started: the others are as they were
             return [Outcome(WorkerStatus(0, ok=False, dead=True))] + \
                 [Outcome(WorkerStatus(r, ok=False)) for r in range(1, len(self.actors))]
-        name = f"distopt-{uuid.uuid4().hex[:8]}"
         # A rank whose store never answers gives up after up to two timeouts (the store
         # client retries its connect once), then one more for the group itself.
-        return self._outcomes([call(r, a, host, port, name) for r, a in enumerate(self.actors)], timeouts=3)
+        return outcomes(refs, self.config, timeouts=3)
 
     def rejoin(self, order: list[int], keep: int) -> list[Outcome]:
         """Re-form the group from ``order`` (old ranks, new rank = position) with no state
@@ -279,7 +198,7 @@ class RayWorkerGroup:
         old_world = len(self.actors)
         taken = [j for j in self.joining if j[2] in ready][:count]
         for actor, bundle, ref in taken:
-            self.nodes.append(_get(ref, len(self.actors), "setup")["node_id"])
+            self.nodes.append(get(ref, len(self.actors), "setup")["node_id"])
             self.actors.append(actor)
             self.bundles.append(bundle)
             self.free_bundles.remove(bundle)
@@ -301,27 +220,27 @@ class RayWorkerGroup:
     # --- checkpoints ----------------------------------------------------------------
     def checkpoint(self, steps_done: int) -> list[dict]:
         """Every rank writes its part now and waits; their file records."""
-        return [r for rs in self._gather([a.checkpoint.remote(steps_done) for a in self.actors], "checkpoint")
+        return [r for rs in gather([a.checkpoint.remote(steps_done) for a in self.actors], "checkpoint", self.config)
                 for r in rs]
 
     def flush_checkpoints(self) -> list[dict]:
         """Wait for background checkpoint writes; their file records."""
-        return [r for rs in self._gather([a.flush_checkpoints.remote() for a in self.actors], "checkpoint")
+        return [r for rs in gather([a.flush_checkpoints.remote() for a in self.actors], "checkpoint", self.config)
                 for r in rs]
 
     def load(self, model_state: dict, full_state: dict) -> None:
         """Every rank takes weights and optimizer state from a checkpoint."""
         refs = ray.put(model_state), ray.put(full_state)
-        self._gather([a.load.remote(*refs) for a in self.actors], "resume")
+        gather([a.load.remote(*refs) for a in self.actors], "resume", self.config)
 
     # --- results --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Rank 0's model weights on CPU."""
-        return self._gather([self.actors[0].state_dict.remote()], "state_dict", ranks=[0])[0]
+        return gather([self.actors[0].state_dict.remote()], "state_dict", self.config, ranks=[0])[0]
 
     def info(self) -> list[dict]:
         """Every actor's facts (state bytes, node, pid)."""
-        return self._gather([a.info.remote() for a in self.actors], "info")
+        return gather([a.info.remote() for a in self.actors], "info", self.config)
 
     def close(self) -> None:
         """Kill the actors and spares and free their bundles; safe after any failure."""
@@ -334,57 +253,6 @@ class RayWorkerGroup:
             remove_placement_group(self.pg)
             self.pg = None
 
-    def _gather(self, refs: list, phase: str, ranks: list[int] | None = None) -> list:
-        """Results in order; the first failing rank raises immediately, naming it."""
-        ranks = ranks if ranks is not None else list(range(len(refs)))
-        rank_of = {ref: r for ref, r in zip(refs, ranks)}
-        results, pending = {}, list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=self.config.step_timeout_s)
-            if not done:
-                raise TrainingError(f"{phase}: ranks {[rank_of[p] for p in pending]} did not answer within "
-                                    f"step_timeout_s={self.config.step_timeout_s:g}")
-            for ref in done:
-                results[ref] = _get(ref, rank_of[ref], phase)
-        return [results[ref] for ref in refs]
-
-
-def _outcome(ref, rank: int) -> Outcome:
-    try:
-        return Outcome(WorkerStatus(rank), ray.get(ref))
-    except RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
-        if isinstance(cause, CollectiveError):
-            return Outcome(WorkerStatus(rank, ok=False, collective_error=str(cause)[:300]), cause=cause)
-        return Outcome(WorkerStatus(rank, ok=False, user_error=_headline(e, cause)), cause=e)
-    except RayActorError as e:
-        return Outcome(WorkerStatus(rank, ok=False, dead=True), cause=e)
-
-
-def _get(ref, rank: int, phase: str):
-    try:
-        return ray.get(ref)
-    except RayTaskError as e:
-        raise _worker_error(e, rank, phase) from None
-    except RayActorError as e:
-        raise WorkerLost(rank, phase, str(e).strip().splitlines()[0] if str(e).strip() else "actor died") from None
-
-
-def _headline(e: RayTaskError, cause: BaseException | None) -> str:
-    return f"{type(cause).__name__}: {cause}" if cause is not None else "see the traceback"
-
-
-def _worker_error(e: RayTaskError, rank: int, phase: str) -> WorkerError:
-    cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
-    trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    return WorkerError(rank, phase, f"{_headline(e, cause)}\n\nworker traceback:\n{trace}", cause)
-
-
-def worker_error(outcome: Outcome, phase: str) -> WorkerError:
-    """The exception to raise for a user error reported in ``outcome``."""
-    if isinstance(outcome.cause, RayTaskError):
-        return _worker_error(outcome.cause, outcome.status.rank, phase)
-    return WorkerError(outcome.status.rank, phase, outcome.status.user_error or "failed", outcome.cause)
 
 
 def _place(config: TrainConfig):
