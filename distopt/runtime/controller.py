@@ -130,6 +130,7 @@ class Controller:
         """
         origin = list(range(len(outcomes))) if origin is None else list(origin)
         old_world = sum(o is not None for o in origin)
+        shards = old_world if self.config.zero_stage >= 1 else 1
         if phase != "grow back":  # a failed growth recovers within the growth's episode
             self.episodes += 1
         while True:
@@ -138,7 +139,6 @@ class Controller:
             t2 = time.perf_counter()
             origin = [None if r in decision.lost else origin[r] for r in order]  # a replacement holds nothing
             alive = {o: n for n, o in enumerate(origin) if o is not None}
-            shards = old_world if self.config.zero_stage >= 1 else 1
             try:
                 holder_of = holders(shards, alive, shards > 1)
             except RecoveryError as lost:
@@ -182,6 +182,9 @@ class Controller:
             raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
                             f"checkpoint_every= to survive this)", self.failures)
         start = good.manifest["next_step"]
+
+        def restarting(d: policy.Decision) -> policy.Decision:
+            return d._replace(action=f"{d.action}, restart from checkpoint step {start}")
         while True:  # a rank lost on the way is one more failure, as in a recovery from memory
             rejoined = self.group.rejoin(order, keep=decision.world_size)
             if all(o.status.ok for o in rejoined):
@@ -190,9 +193,7 @@ class Controller:
                     break
                 except WorkerLost as e:
                     rejoined = [Outcome(WorkerStatus(r, ok=False, dead=r == e.rank)) for r in range(len(rejoined))]
-            self._record(k, outcomes, decision._replace(action=f"{decision.action}, restart from checkpoint step "
-                                                               f"{start}"),
-                         detect_s, replace_s, time.perf_counter() - t0, phase)
+            self._record(k, outcomes, restarting(decision), detect_s, replace_s, time.perf_counter() - t0, phase)
             outcomes, phase, detect_s = rejoined, "recovery", time.perf_counter() - t0
             t0 = time.perf_counter()
             decision, order = self._replace_or_shrink(k, outcomes, self._decide([o.status for o in outcomes], True),
@@ -204,8 +205,7 @@ class Controller:
         self.on_rewind(start)
         if self.checkpoints is not None:
             self.checkpoints.forget_after(start)
-        self._record(k, outcomes, decision._replace(action=f"{decision.action}, restart from checkpoint step {start}"),
-                     detect_s, replace_s, time.perf_counter() - t0, phase)
+        self._record(k, outcomes, restarting(decision), detect_s, replace_s, time.perf_counter() - t0, phase)
         log.warning("step %d: %s; back to the checkpoint of step %d, redoing %d steps", k + 1, lost, start, k - start)
         return start
 

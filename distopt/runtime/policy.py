@@ -78,16 +78,18 @@ def decide(statuses: Sequence[WorkerStatus], failures_so_far: int, max_failures:
 
 def shrink_size(survivors: int, min_workers: int, global_batch_size: int, accumulation: int) -> int | None:
     """The most workers, at most ``survivors`` and at least ``min_workers``, that split the batch."""
-    for m in range(survivors, max(min_workers, 1) - 1, -1):
-        if global_batch_size % (m * accumulation) == 0:
-            return m
-    return None
+    return _largest_split(survivors, max(min_workers, 1), global_batch_size, accumulation)
 
 
 def grow_size(world: int, ready: int, global_batch_size: int, accumulation: int) -> int | None:
     """The most workers, more than ``world`` and at most ``world + ready``, that split the
     batch; None when no such size exists."""
-    for m in range(world + ready, world, -1):
+    return _largest_split(world + ready, world + 1, global_batch_size, accumulation)
+
+
+def _largest_split(most: int, least: int, global_batch_size: int, accumulation: int) -> int | None:
+    """The largest worker count in ``[least, most]`` that divides the global batch."""
+    for m in range(most, least - 1, -1):
         if global_batch_size % (m * accumulation) == 0:
             return m
     return None

@@ -129,9 +129,7 @@ class Worker:
             if self.optimizer is not None:
                 self.optimizer.rollback(committed)
                 self._offer = recovery.packets(self.optimizer, self.rank)
-        if self.comm is not None:
-            self.comm.close()
-            self.comm = None
+        self._leave_group()
         self.rank, self.world_size = rank, world_size
         c = self.config
         comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
@@ -168,9 +166,7 @@ class Worker:
         memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
         self._inject("recovery")
         self._offer = None
-        if self.comm is not None:
-            self.comm.close()
-            self.comm = None
+        self._leave_group()
         self._drop_optimizer()
         self.rank, self.world_size = rank, world_size
         self.connect(host, port, group_name, local_host)
@@ -262,8 +258,12 @@ class Worker:
 
     def close(self) -> None:
         """Release the collective group."""
-        if self.comm is not None and hasattr(self.comm, "close"):
+        self._leave_group()
+
+    def _leave_group(self) -> None:
+        if self.comm is not None and hasattr(self.comm, "close"):  # in-process groups may not close
             self.comm.close()
+        self.comm = None
 
 
 def device_for(use_gpu: bool, index: int = 0) -> torch.device:
