@@ -78,6 +78,17 @@ def test_broadcast_all_to_all_shift_barrier(groups, w):
         np.testing.assert_array_equal(a2a.numpy(), ref)
 
 
+@pytest.mark.parametrize("w", WORLD_SIZES)
+def test_shift_by_a_distance(groups, w):
+    xs = inputs(w, 5)
+    for d in range(1, w + 1):
+        got = run_ranks(groups(w), lambda c: c.shift(xs[c.rank].clone(), distance=d))
+        for r, shifted in enumerate(got):
+            np.testing.assert_array_equal(shifted.numpy(), xs[(r - d) % w].numpy())
+    with pytest.raises(ValueError, match="distance=0 must be an int >= 1"):  # before any communication
+        groups(w)[0].shift(xs[0].clone(), distance=0)
+
+
 @pytest.mark.parametrize("w", [2, 3, 4])
 @pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
 def test_wire_compression_accumulates_wide(groups, w, wire):

@@ -8,7 +8,7 @@ from distopt.collectives import CollectiveError, in_process, run_ranks
 from distopt.optim import ShardedOptimizer, adam, sgd
 from distopt.optim.sharded import build_plan
 from distopt.optim.recovery import assemble, holders, packets
-from distopt.optim.redundancy import RecoveryError
+from distopt.optim.redundancy import RecoveryError, replica_distance
 
 from odd_params import grads_of as _grads, init_params as _init
 
@@ -21,10 +21,10 @@ RULES = {
 
 
 
-def _opt(comm, rule, stage, replicate=True, params=None, sync=True):
+def _opt(comm, rule, stage, replicate=True, params=None, sync=True, distance=1):
     params = params if params is not None else _init()
     return params, ShardedOptimizer(params, RULES[rule](), comm, zero_stage=stage, bucket_bytes=512,
-                                    replicate=replicate, sync_params=sync)
+                                    replicate=replicate, sync_params=sync, replica_distance=distance)
 
 
 def _run(w, rule, stage, steps, replicate):
@@ -54,14 +54,14 @@ def test_redundancy_changes_no_bit_and_replicas_match_their_owner(rule, stage):
             assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
 
-def _recover(comm, old_rank, opt, params, alive, old_world, rule, stage, committed):
+def _recover(comm, old_rank, opt, params, alive, old_world, rule, stage, committed, distance=1):
     """What a worker does after a failure: roll back, assemble on the new group, rebuild."""
     mine = {}
     if opt is not None:
         opt.rollback(committed)
         mine = packets(opt, old_rank)
     old_plan = build_plan(list(params), list(params.values()), old_world, stage, 512)
-    hold = holders(old_plan.world_size, alive, stage >= 1)
+    hold = holders(old_plan.world_size, alive, stage >= 1, distance)
     full_params, full = assemble(comm, old_plan, RULES[rule](), list(params), [t.shape for t in params.values()],
                                  hold, mine, committed, torch.float32, torch.device("cpu"))
     with torch.no_grad():
@@ -155,3 +155,64 @@ def test_shard_and_its_replica_both_lost_is_refused():
         holders(4, {0: 0, 3: 1}, True)
     assert holders(4, {0: 0, 2: 1, 3: 2}, True) == [0, 1, 1, 2]
     assert holders(1, {2: 1, 3: 0}, False) == [0]
+
+
+def test_replica_distance_puts_every_replica_on_another_node():
+    assert replica_distance(["a"]) == (1, [0])
+    assert replica_distance(["a"] * 4) == (1, [0, 1, 2, 3])  # one node: nothing to separate
+    assert replica_distance(["a", "b", "a", "b"]) == (1, [])
+    assert replica_distance(["a", "a", "b", "b"]) == (2, [])  # packed two to a node
+    assert replica_distance(["a"] * 3 + ["b"] * 3 + ["c"] * 3) == (3, [])
+    assert replica_distance(["a", "a", "a", "b"]) == (1, [0, 1])  # "a" holds more than half: the fewest shared
+
+
+def test_holders_follow_the_replica_distance():
+    assert holders(4, {0: 0, 1: 1}, True, distance=2) == [0, 1, 0, 1]  # ranks 2, 3 (one node) lost
+    with pytest.raises(RecoveryError, match="shard 1 and its replica on rank 3 were both lost"):
+        holders(4, {0: 0, 2: 1}, True, distance=2)
+
+
+def test_replica_distance_must_fit_the_world():
+    comm = in_process(1)[0]
+    with pytest.raises(ValueError, match="replica_distance=2 must be an int in"):
+        _opt(comm, "adamw", 1, distance=2)
+    comm.close()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_neighbours_lost_together_come_back_from_replicas_two_ranks_away(stage):
+    """Ranks packed two to a node (0, 1 | 2, 3) with distance 2: losing ranks 2 and 3 (a node)
+    loses no shard together with its replica."""
+    rule, w, fail_step, total, d = "adamw", 4, 4, 7, 2
+    expected = _run(w, rule, stage, total, False)
+    comms = in_process(w, timeout_s=5)
+
+    def first_part(comm):
+        params, opt = _opt(comm, rule, stage, distance=d)
+        for k in range(fail_step - 1):
+            opt.step(_grads(k, comm.rank))
+        if comm.rank in (2, 3):
+            def die(p, step):
+                if p == "shard_update":
+                    comm.close()
+                    raise SystemExit("killed")
+            opt.on_phase = die
+        try:
+            opt.step(_grads(fail_step - 1, comm.rank))
+        except (CollectiveError, SystemExit):
+            return params, opt
+        return params, opt
+
+    state = run_ranks(comms, first_part)
+    for c in comms:
+        c.close()
+
+    def second_part(comm):
+        params, opt = (_init(), None) if comm.rank in (2, 3) else state[comm.rank]
+        opt = _recover(comm, comm.rank, opt, params, {0: 0, 1: 1}, w, rule, stage, fail_step - 1, d)
+        for k in range(fail_step - 1, total):
+            opt.step(_grads(k, comm.rank))
+        return params
+
+    for got, (want, _) in zip(run_ranks(in_process(w, timeout_s=5), second_part), expected):
+        assert all(torch.equal(got[n], want[n]) for n in want), "recovery changed bits"

@@ -44,8 +44,8 @@ class Communicator(Protocol):
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """Chunk ``j`` of the result is chunk ``rank`` of rank ``j``'s ``t``."""
 
-    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Send ``t`` to rank ``rank + 1``; return what rank ``rank - 1`` sent (ring neighbours)."""
+    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None, distance: int = 1) -> torch.Tensor:
+        """Send ``t`` to rank ``rank + distance``; return what rank ``rank - distance`` sent."""
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``t`` with rank ``src``'s values and return it."""

@@ -227,18 +227,21 @@ class TorchCommunicator:
         works = self._start("all_to_all", lambda _: self._pg.alltoall_base(out, t, [], [], AllToAllOptions()))
         return self._finish("all_to_all", works, lambda: out, async_op)
 
-    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None, async_op: bool = False):
-        """Send ``t`` to rank ``rank + 1`` and return what rank ``rank - 1`` sent (mod world size).
+    def shift(self, t: torch.Tensor, out: torch.Tensor | None = None, async_op: bool = False, distance: int = 1):
+        """Send ``t`` to rank ``rank + distance`` and return what rank ``rank - distance`` sent
+        (mod world size).
 
-        Every rank passes a 1-D tensor of the same size and dtype.
+        Every rank passes a 1-D tensor of the same size and dtype, and the same ``distance``.
         """
         _check_flat(t, "shift")
-        if self.world_size == 1:  # its own neighbour: no backend sends to itself
+        if not isinstance(distance, int) or distance < 1:
+            raise ValueError(f"shift: distance={distance!r} must be an int >= 1")
+        if distance % self.world_size == 0:  # its own neighbour: no backend sends to itself
             return completed(t.clone() if out is None else out.copy_(t), async_op)
         if self._staged(t):
-            return self._via_host(t, lambda h: self.shift(h, async_op=True), out, async_op)
+            return self._via_host(t, lambda h: self.shift(h, async_op=True, distance=distance), out, async_op)
         out = out if out is not None else torch.empty_like(t)
-        right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        right, left = (self.rank + distance) % self.world_size, (self.rank - distance) % self.world_size
         works = self._start("shift", lambda tag: [self._pg.send([t], right, tag), self._pg.recv([out], left, tag)])
         return self._finish("shift", works, lambda: out, async_op)
 

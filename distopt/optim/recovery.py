@@ -1,7 +1,8 @@
 """Rebuilding the last committed state on a new group after ranks were lost.
 
 Every rank of the new group calls :func:`assemble` with the shards it can vouch for: a
-survivor its own (rolled back) shard and its replica of its left neighbour. For each shard
+survivor its own (rolled back) shard and its replica of its left neighbour (the rank
+``replica_distance`` before it). For each shard
 of the old plan one holder broadcasts it; every rank ends with the full parameters and
 optimizer state of the last commit, from which a new ShardedOptimizer (same or another
 world size) takes its shard. Holders are chosen by the caller with :func:`holders`.
@@ -19,13 +20,14 @@ from distopt.optim.rules import Rule
 from distopt.optim.state_io import FORMAT
 
 
-def holders(old_plan_ranks: int, alive: dict[int, int], replicated: bool) -> list[int]:
+def holders(old_plan_ranks: int, alive: dict[int, int], replicated: bool, distance: int = 1) -> list[int]:
     """For each old shard, the new rank that holds it at the last commit.
 
     Args:
         old_plan_ranks: number of shards in the old plan (1 at stage 0).
         alive: old rank -> new rank, for the ranks that survived.
-        replicated: whether rank ``o + 1`` holds a replica of shard ``o``.
+        replicated: whether rank ``o + distance`` holds a replica of shard ``o``.
+        distance: the old group's replica distance.
 
     Raises:
         RecoveryError: a shard and its replica were both lost.
@@ -39,10 +41,10 @@ def holders(old_plan_ranks: int, alive: dict[int, int], replicated: bool) -> lis
     for o in range(old_plan_ranks):
         if o in alive:
             out.append(alive[o])
-        elif replicated and (o + 1) % old_world in alive:
-            out.append(alive[(o + 1) % old_world])
+        elif replicated and (o + distance) % old_world in alive:
+            out.append(alive[(o + distance) % old_world])
         else:
-            raise RecoveryError(f"shard {o} and its replica on rank {(o + 1) % old_world} were both lost: "
+            raise RecoveryError(f"shard {o} and its replica on rank {(o + distance) % old_world} were both lost: "
                                 f"restore from a checkpoint")
     return out
 

@@ -1,12 +1,13 @@
 """In-memory redundancy: every shard, as of the last commit, also lives on a second rank.
 
-Rank ``r`` keeps
+Rank ``r`` keeps, with ``d`` the replica distance (1 unless the ranks span nodes, see
+:func:`replica_distance`),
 
 * a snapshot of its own shard (parameters and state) taken just before each update, so it
   can roll back to the last commit whatever point of the step a failure interrupted;
-* a replica of rank ``r - 1``'s shard as of the last commit, so a replacement for a lost
-  ``r - 1`` gets it from memory instead of a checkpoint;
-* rank ``r - 1``'s prepared gradients of the step in flight (sent with one ring shift),
+* a replica of rank ``r - d``'s shard as of the last commit, so a replacement for a lost
+  ``r - d`` gets it from memory instead of a checkpoint;
+* rank ``r - d``'s prepared gradients of the step in flight (sent with one ring shift),
   which it replays onto the replica once the step commits.
 
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
@@ -16,7 +17,7 @@ workers learn it from the next step's start (or from ``rollback``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 
@@ -32,8 +33,8 @@ class RecoveryError(RuntimeError):
 class Redundancy:
     """The snapshot, replica and in-flight gradients of one rank (see the module docstring)."""
 
-    def __init__(self, opt: "ShardedOptimizer") -> None:
-        self.opt = opt
+    def __init__(self, opt: "ShardedOptimizer", distance: int = 1) -> None:
+        self.opt, self.distance = opt, distance
         self.snapshot = Shard.like(opt._p_shards, opt.rule)
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
@@ -48,7 +49,7 @@ class Redundancy:
     @property
     def left(self) -> int:
         """The rank whose shard this rank replicates."""
-        return (self.opt.comm.rank - 1) % self.opt.comm.world_size
+        return (self.opt.comm.rank - self.distance) % self.opt.comm.world_size
 
     def reset_replica(self) -> None:
         """Take the left neighbour's shard from the (identical everywhere) parameters, zero state."""
@@ -75,7 +76,7 @@ class Redundancy:
         if self.sharded:
             # Without L2 decay the prepared gradients are the shard buffer itself: no copy.
             flat = self.opt._g_flat if prepared is self.opt._g_shards else torch.cat([g.reshape(-1) for g in prepared])
-            self._shift = self.opt.comm.shift(flat, out=self._pending_flat, async_op=True)
+            self._shift = self.opt.comm.shift(flat, out=self._pending_flat, async_op=True, distance=self.distance)
             self.pending_step = step
         self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
 
@@ -117,6 +118,25 @@ class Redundancy:
         """Memory this redundancy costs on this rank."""
         total = self.snapshot.nbytes() + (self.replica.nbytes() if self.replica else 0)
         return total + sum(t.numel() * t.element_size() for t in self.pending) * (2 if self.sharded else 0)
+
+
+def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
+    """The distance ``d`` at which rank ``r + d`` holds rank ``r``'s replica, given each rank's
+    node; and the ranks whose replica would still share their node.
+
+    The smallest ``d`` that puts every replica on another node than its shard, so losing a
+    whole node loses no shard together with its replica (ranks packed by node, ``k`` to a
+    node, give ``d = k``). Where no ``d`` does that (one node, or one node holding more
+    than half the ranks), the ``d`` that separates the most pairs, smallest first.
+    """
+    world = len(nodes)
+    if world <= 1 or len(set(nodes)) == 1:
+        return 1, list(range(world))
+
+    def shared(d: int) -> list[int]:
+        return [r for r in range(world) if nodes[r] == nodes[(r + d) % world]]
+    best = min(range(1, world), key=lambda d: (len(shared(d)), d))
+    return best, shared(best)
 
 
 class Shard:

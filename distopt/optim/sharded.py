@@ -58,6 +58,9 @@ class ShardedOptimizer:
             backward is still running (1 MiB, as DDP's first bucket); None: ``bucket_bytes``.
         replicate: keep the in-memory redundancy that lets a lost rank be rebuilt and a
             failed step be undone (:mod:`distopt.optim.redundancy`).
+        replica_distance: rank ``r + replica_distance`` holds rank ``r``'s replica; pick it
+            with :func:`distopt.optim.redundancy.replica_distance` so a replica sits on
+            another node than its shard.
 
     Raises:
         TypeError, ValueError: bad arguments, before any communication.
@@ -66,9 +69,13 @@ class ShardedOptimizer:
     def __init__(self, params: Params, rule: Rule, comm: Communicator, zero_stage: int = 1,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False,
-                 last_bucket_bytes: int | None = 2**20) -> None:
+                 last_bucket_bytes: int | None = 2**20, replica_distance: int = 1) -> None:
         self.names, self._tensors = _named_tensors(params)
         _check_args(self._tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype)
+        if not isinstance(replica_distance, int) or isinstance(replica_distance, bool) or \
+                not 1 <= replica_distance <= max(1, comm.world_size - 1):
+            raise ValueError(f"replica_distance={replica_distance!r} must be an int in [1, world_size - 1] "
+                             f"(world_size={comm.world_size}): use distopt.optim.redundancy.replica_distance(nodes)")
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
         first = self._tensors[0]
@@ -88,7 +95,7 @@ class ShardedOptimizer:
         self.step_count = 0
         # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
         self.on_phase: Callable[[str, int], None] | None = None
-        self.redundancy = Redundancy(self) if replicate else None
+        self.redundancy = Redundancy(self, replica_distance) if replicate else None
         self.overlap: Overlap | None = None
 
     # --- set-up ---------------------------------------------------------------------

@@ -34,16 +34,21 @@ class WorkerActor:
             s.bind((host, 0))
             return host, s.getsockname()[1]
 
-    def connect(self, host: str, port: int, group_name: str, loopback: bool) -> None:
-        self.worker.connect(host, port, group_name, local_host=local_address(loopback))
+    def connect(self, host: str, port: int, group_name: str, loopback: bool, replica_distance: int) -> None:
+        self.worker.connect(host, port, group_name, local_host=local_address(loopback),
+                            replica_distance=replica_distance)
 
     def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
-                holder_of: list[int], old_world: int, keep: int, loopback: bool, episode: int) -> None:
+                holder_of: list[int], old_world: int, keep: int, loopback: bool, episode: int,
+                replica_distance: int) -> None:
         self.worker.recover(host, port, group_name, rank, world_size, committed, holder_of, old_world,
-                            keep=keep, local_host=local_address(loopback), episode=episode)
+                            keep=keep, local_host=local_address(loopback), episode=episode,
+                            replica_distance=replica_distance)
 
-    def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int, loopback: bool) -> None:
-        self.worker.rejoin(host, port, group_name, rank, world_size, local_host=local_address(loopback))
+    def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int, loopback: bool,
+               replica_distance: int) -> None:
+        self.worker.rejoin(host, port, group_name, rank, world_size, local_host=local_address(loopback),
+                           replica_distance=replica_distance)
 
     def run_step(self, step: int) -> StepReport:
         return self.worker.run_step(step)

@@ -131,6 +131,7 @@ class Controller:
         origin = list(range(len(outcomes))) if origin is None else list(origin)
         old_world = sum(o is not None for o in origin)
         shards = old_world if self.config.zero_stage >= 1 else 1
+        distance = getattr(self.group, "replica_distance", 1)  # the commit's group: a failed attempt keeps it
         if phase != "grow back":  # a failed growth recovers within the growth's episode
             self.episodes += 1
         while True:
@@ -140,7 +141,7 @@ class Controller:
             origin = [None if r in decision.lost else origin[r] for r in order]  # a replacement holds nothing
             alive = {o: n for n, o in enumerate(origin) if o is not None}
             try:
-                holder_of = holders(shards, alive, shards > 1)
+                holder_of = holders(shards, alive, shards > 1, distance)
             except RecoveryError as lost:
                 return self._from_checkpoint(k, outcomes, decision, order, lost, detect_s, t2 - t1, phase)
             regrouped = self.group.regroup(self.committed_updates, order, holder_of, old_world,

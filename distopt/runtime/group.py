@@ -7,6 +7,7 @@ so a dead, stopped or failing worker is seen in seconds and never waited on fore
 """
 from __future__ import annotations
 
+import logging
 import uuid
 
 import ray
@@ -14,11 +15,14 @@ from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distopt.optim.redundancy import replica_distance
 from distopt.runtime.actor import WorkerActor
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import PlacementError, WorkerLost
 from distopt.runtime.policy import Outcome, WorkerStatus
 from distopt.runtime.results import gather, get, outcomes
+
+log = logging.getLogger("distopt")
 
 
 class RayWorkerGroup:
@@ -34,6 +38,7 @@ class RayWorkerGroup:
         self.spares: list[tuple] = []  # (actor, bundle, setup ref): warm stand-ins for lost ranks
         self.free_bundles: list[int] = []  # bundles of ranks a shrink dropped: where growth goes
         self.joining: list[tuple] = []  # (actor, bundle, setup ref): started for growth, not yet in
+        self.replica_distance = 1  # of the group as last formed: rank r + d holds r's replica
         self._actor_cls = ray.remote(WorkerActor)
         self._cfg_ref = ray.put(config)
         try:
@@ -42,8 +47,10 @@ class RayWorkerGroup:
             for b in range(config.num_workers, config.num_workers + config.spare_workers):
                 self._add_spare(b)
             self.nodes = [i["node_id"] for i in gather([a.setup.remote() for a in self.actors], "setup", self.config)]
-            gather(self._rendezvous(lambda r, a, host, port, name: a.connect.remote(host, port, name, loopback)),
+            d = self._distance(self.nodes)
+            gather(self._rendezvous(lambda r, a, host, port, name: a.connect.remote(host, port, name, loopback, d)),
                    "rendezvous", config)
+            self.replica_distance = d
         except BaseException:
             self.close()
             raise
@@ -128,13 +135,25 @@ class RayWorkerGroup:
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
+        d = self._distance(self.nodes[:keep])
         ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
-            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback, episode))
-        if keep < world and all(o.status.ok for o in ended):
-            self.kill(tuple(range(keep, world)))
-            self.free_bundles += self.bundles[keep:]
-            del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
+            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback, episode, d))
+        if all(o.status.ok for o in ended):
+            self.replica_distance = d
+            if keep < world:
+                self.kill(tuple(range(keep, world)))
+                self.free_bundles += self.bundles[keep:]
+                del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
         return ended
+
+    def _distance(self, nodes: list[str]) -> int:
+        """The replica distance for a group on ``nodes`` (one per rank); warns when some
+        shard would share its node with its replica."""
+        d, shared = replica_distance(nodes)
+        if shared and len(set(nodes)) > 1 and self.config.fault_tolerant and self.config.zero_stage >= 1:
+            log.warning("ranks %s share a node with the rank holding their replica (no replica distance separates "
+                        "them on this placement): losing that node falls back to a checkpoint", shared)
+        return d
 
     def _rendezvous_outcomes(self, call) -> list[Outcome]:
         """:meth:`_rendezvous`, with each rank's end as an Outcome instead of the first failure raised."""
@@ -159,8 +178,12 @@ class RayWorkerGroup:
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
         world = len(order)
-        return self._rendezvous_outcomes(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world,
-                                                                                        self.loopback))
+        d = self._distance(self.nodes)
+        ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world,
+                                                                                         self.loopback, d))
+        if all(o.status.ok for o in ended):
+            self.replica_distance = d
+        return ended
 
     # --- growing back ---------------------------------------------------------------
     def ready_to_grow(self, target: int) -> int:
@@ -206,8 +229,12 @@ class RayWorkerGroup:
         shards = old_world if self.config.zero_stage >= 1 else 1
         holder_of = list(range(shards))
         world = len(self.actors)
-        return self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
-            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback, episode))
+        d = self._distance(self.nodes)
+        ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
+            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback, episode, d))
+        if all(o.status.ok for o in ended):
+            self.replica_distance = d
+        return ended
 
     def kill(self, ranks: tuple[int, ...]) -> None:
         """Kill the actors of ``ranks`` (dead, hung or dropped)."""

@@ -66,6 +66,7 @@ class Worker:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
+        self.replica_distance = 1  # rank r + d holds rank r's replica (chosen by node, see connect)
         # What this rank held at the last commit (old shard index -> packet), kept through the
         # attempts of one recovery (its ``episode``), so a recovery cut short by another
         # failure can be attempted again with the same offer.
@@ -74,19 +75,22 @@ class Worker:
         self._writer = ShardWriter()
         self._buffers = Buffers()
 
-    def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None) -> None:
+    def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None,
+                replica_distance: int = 1) -> None:
         """Join the collective group at rank 0's ``host:port`` and build the optimizer.
 
-        ``local_host`` is the address this rank's transport binds to (its node's IP).
+        ``local_host`` is the address this rank's transport binds to (its node's IP);
+        ``replica_distance`` the group's (:func:`distopt.optim.redundancy.replica_distance`).
         """
         c = self.config
         self.attach(TorchCommunicator(self.rank, self.world_size, host, port, c.backend, c.collective_timeout_s,
-                                      group_name=group_name, local_host=local_host or _local_host(host)))
+                                      group_name=group_name, local_host=local_host or _local_host(host)),
+                    replica_distance)
 
-    def attach(self, comm: Communicator) -> None:
+    def attach(self, comm: Communicator, replica_distance: int = 1) -> None:
         """Use an existing communicator (in-process groups) and build the optimizer."""
         self._drop_optimizer()
-        self.comm = comm
+        self.comm, self.replica_distance = comm, replica_distance
         self.optimizer = self._optimizer(comm, sync_params=True)
 
     def _drop_optimizer(self) -> None:
@@ -98,7 +102,8 @@ class Worker:
         c = self.config
         opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant,
-                               wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes)
+                               wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes,
+                               replica_distance=self.replica_distance if comm.world_size > 1 else 1)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:
@@ -110,7 +115,7 @@ class Worker:
 
     def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
                 holder_of: list[int], old_world: int, keep: int | None = None, local_host: str | None = None,
-                episode: int = 0) -> None:
+                episode: int = 0, replica_distance: int = 1) -> None:
         """Rejoin a re-formed group and return to update ``committed``; a collective.
 
         Survivors roll back their shard and offer it (and their neighbour's replica); a
@@ -121,7 +126,8 @@ class Worker:
         If another rank fails meanwhile, this raises and may be called again with the same
         ``episode`` (and a new group and holders): it offers again what it held at the
         commit, whatever the first attempt got through. A new ``episode`` starts from what
-        the rank holds now. ``holder_of`` names shards by their rank at the commit.
+        the rank holds now. ``holder_of`` names shards by their rank at the commit;
+        ``replica_distance`` is the one the group that goes on uses.
         """
         self._inject("recovery")
         if self._offer is None or self._episode != episode:  # the first attempt of this recovery
@@ -155,13 +161,13 @@ class Worker:
                 comm.close()
             comm, self.world_size = kept, keep
         self._drop_optimizer()
-        self.comm = comm
+        self.comm, self.replica_distance = comm, replica_distance
         if comm is not None:
             self.optimizer = self._optimizer(comm, sync_params=False)
             self.optimizer.load_full_state_dict(full)
 
     def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int,
-               local_host: str | None = None) -> None:
+               local_host: str | None = None, replica_distance: int = 1) -> None:
         """Join a re-formed group as ``rank`` of ``world_size`` with nothing to restore from
         memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
         self._inject("recovery")
@@ -169,7 +175,7 @@ class Worker:
         self._leave_group()
         self._drop_optimizer()
         self.rank, self.world_size = rank, world_size
-        self.connect(host, port, group_name, local_host)
+        self.connect(host, port, group_name, local_host, replica_distance)
 
     def run_step(self, step: int) -> StepReport:
         """Compute this rank's gradients for 0-based ``step``, then the sharded update."""

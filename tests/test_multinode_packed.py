@@ -1,0 +1,68 @@
+"""Two Ray nodes on one machine with two workers each: a lost node takes two ranks at once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distopt
+from conftest import RAY_ENV, init_local_ray
+from distopt.optim import adam
+from trainer_task import loss, make_data, make_model
+
+
+@pytest.fixture(scope="module")
+def packed_nodes(ray_cluster):
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, runtime_env=RAY_ENV, configure_logging=False, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    init_local_ray()  # later tests expect the session's cluster
+
+
+def _slow_loss(model, batch):
+    import time
+    time.sleep(0.15)  # gives the test time to pull a node out mid-run
+    return loss(model, batch)
+
+
+def test_node_with_two_ranks_lost_recovers_from_memory(packed_nodes, tmp_path):
+    """Each replica sits on the other node, so losing a node (two ranks, whichever they
+    are) loses no shard together with its replica: no checkpoint is needed to go on."""
+    import json
+    import threading
+    import time
+
+    reference = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
+                                global_batch_size=16, num_workers=4, zero_stage=1, seed=0, log_every=0,
+                                ray_address="local").fit(steps=10)
+    out = tmp_path / "run"
+    worker_node = packed_nodes.list_all_nodes()[1]
+
+    def pull_the_plug():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            if len(lines) >= 3:
+                packed_nodes.remove_node(worker_node, allow_graceful=False)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=pull_the_plug, daemon=True).start()
+    trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
+                              global_batch_size=16, num_workers=4, zero_stage=1, seed=0, log_every=0,
+                              placement_strategy="PACK", collective_timeout_s=10, replace_timeout_s=5,
+                              out_dir=str(out))  # no checkpoint_dir: memory is the only way back
+    result = trainer.fit(steps=10)
+    assert len(result.failures) == 2, result.failures
+    assert len({f["node"] for f in result.failures}) == 1  # both on the node that went
+    for f in result.failures:
+        assert f["action"] == "shrink" and f["world_size"] == 2, f
+    assert [h["step"] for h in result.history] == list(range(1, 11))
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+    for name, value in reference.state_dict.items():  # same math; summation order may differ
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-6)
