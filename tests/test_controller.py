@@ -44,7 +44,7 @@ class ScriptedGroup:
         dead = self.fail_step.pop(k, None)
         return _ok(self.world, k) if dead is None else _lost(self.world, dead, "allgather")
 
-    def replace(self, lost) -> bool:
+    def replace(self, lost, step=-1) -> bool:
         self.calls.append(("replace", tuple(lost)))
         return True
 

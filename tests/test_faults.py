@@ -51,6 +51,19 @@ def test_two_failures_in_one_run(clean):
     assert [(f["rank"], f["step"]) for f in result.failures] == [(0, 3), (1, 6)]
 
 
+def test_replacement_that_dies_while_starting_means_a_shrink(clean):
+    """The fresh replacement's process dies while it builds its model (as when its node goes
+    away during the start): no replacement, so the run goes on with one worker, on the same math."""
+    faults = (Fault(rank=1, step=3, phase="compute"), Fault(rank=1, step=3, phase="setup"))
+    result = _fit(1, faults=faults, grow_back=False)
+    (failure,) = result.failures
+    assert (failure["rank"], failure["step"], failure["action"], failure["world_size"]) == (1, 4, "shrink", 1)
+    assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
+    assert [h["world_size"] for h in result.history] == [2] * 3 + [1] * (STEPS - 3)
+    for name, value in clean[1].state_dict.items():  # same math; summation order may differ
+        torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_stopped_worker_is_detected_by_deadline_and_replaced(clean):
     result = _fit(2, faults=(Fault(rank=0, step=3, phase="compute", action="stop"),))
     assert _same(result, clean[2])

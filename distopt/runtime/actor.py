@@ -10,20 +10,24 @@ import socket
 import ray
 
 from distopt.runtime.config import TrainConfig
+from distopt.runtime.faults import maybe_fire
 from distopt.runtime.worker import StepReport, Worker
 
 
 class WorkerActor:
     """Holds one :class:`Worker` in a Ray actor process."""
 
-    def __init__(self, config: TrainConfig, rank: int, num_threads: int, incarnation: int = 0) -> None:
+    def __init__(self, config: TrainConfig, rank: int, num_threads: int, incarnation: int = 0,
+                 replacing_step: int = -1) -> None:
         import torch
         torch.set_num_threads(max(1, num_threads))  # one actor per CPU bundle: no oversubscription
         self.config, self.rank, self.incarnation = config, rank, incarnation
+        self.replacing_step = replacing_step  # the 0-based step whose failure this actor replaces, or -1
         self.worker: Worker | None = None
 
     def setup(self) -> dict:
         # Not in __init__: an error in a method reaches the driver as the user's exception.
+        maybe_fire(self.config.faults, self.rank, self.incarnation, self.replacing_step, "setup")
         self.worker = Worker(self.config, self.rank, incarnation=self.incarnation)
         return {"node_id": ray.get_runtime_context().get_node_id()}
 

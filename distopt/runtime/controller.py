@@ -164,7 +164,7 @@ class Controller:
         the decision taken and the current ranks that go on, in their new order."""
         if decision.action == "fail" or not self.config.fault_tolerant:
             self._give_up(k, outcomes, decision, phase)
-        if decision.action == "replace" and not self.group.replace(decision.lost):
+        if decision.action == "replace" and not self.group.replace(decision.lost, k):
             decision = self._decide([o.status for o in outcomes], can_replace=False)
             if decision.action == "fail":
                 self._give_up(k, outcomes, decision, phase)

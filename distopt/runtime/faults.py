@@ -1,7 +1,9 @@
 """Fault injection for chaos tests: kill or stop a worker's own process at a named phase.
 
 A :class:`Fault` fires once, in the worker's first incarnation only, so the step redone
-by the replacement runs clean.
+by the replacement runs clean. The exception is phase ``"setup"``: it fires in the fresh
+replacement actor started for ``rank`` after a failure in ``step``, while that actor builds
+its model (as when its node goes away during the start), so the replacement never joins.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import signal
 from dataclasses import dataclass
 
 # "recovery": while re-forming the group after another rank's failure.
-PHASES = ("data", "compute", "grad_collective", "shard_update", "param_gather", "checkpoint", "recovery")
+# "setup": a fresh replacement for the rank, while it starts (see the module docstring).
+PHASES = ("data", "compute", "grad_collective", "shard_update", "param_gather", "checkpoint", "recovery", "setup")
 ACTIONS = ("kill", "stop")
 
 
@@ -32,7 +35,7 @@ class Fault:
 
 def maybe_fire(faults: tuple[Fault, ...], rank: int, incarnation: int, step: int, phase: str) -> None:
     """Send this process the signal of the matching fault, if any."""
-    if incarnation:
+    if (incarnation > 0) != (phase == "setup"):  # "setup" fires in replacements, the rest in first incarnations
         return
     for f in faults:
         if f.rank == rank and f.step == step and f.phase == phase:

@@ -55,12 +55,12 @@ class RayWorkerGroup:
             self.close()
             raise
 
-    def _spawn(self, rank: int, bundle: int, incarnation: int = 0):
+    def _spawn(self, rank: int, bundle: int, incarnation: int = 0, replacing_step: int = -1):
         c = self.config
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
         return self._actor_cls.options(scheduling_strategy=strategy, max_restarts=0, num_cpus=c.num_cpus_per_worker,
                                        num_gpus=1 if c.use_gpu else 0).remote(
-            self._cfg_ref, rank, int(c.num_cpus_per_worker), incarnation)
+            self._cfg_ref, rank, int(c.num_cpus_per_worker), incarnation, replacing_step)
 
     def _rendezvous(self, call) -> list:
         """Start ``call(rank, actor, host, port, group_name)`` on every actor, around rank 0's
@@ -84,8 +84,9 @@ class RayWorkerGroup:
         actor = self._spawn(-1, bundle, self.incarnations)
         self.spares.append((actor, bundle, actor.setup.remote()))
 
-    def replace(self, lost: tuple[int, ...]) -> bool:
-        """New actors for ``lost`` ranks: warm spares first, else fresh ones in the lost bundles.
+    def replace(self, lost: tuple[int, ...], step: int = -1) -> bool:
+        """New actors for ``lost`` ranks (lost in 0-based ``step``): warm spares first, else
+        fresh ones in the lost bundles.
 
         Returns False when no replacement is ready within ``replace_timeout_s``, or one
         died while starting (its node went away); the group is then as before.
@@ -100,7 +101,7 @@ class RayWorkerGroup:
                 fresh[r], refs[r] = actor, ref
             else:
                 self.incarnations += 1
-                fresh[r] = self._spawn(r, self.bundles[r], self.incarnations)
+                fresh[r] = self._spawn(r, self.bundles[r], self.incarnations, step)
                 refs[r] = fresh[r].setup.remote()
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.config.replace_timeout_s)
         nodes = {}
