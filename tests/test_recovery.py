@@ -36,13 +36,22 @@ def _run(w, rule, stage, steps, replicate):
     return run_ranks(in_process(w, timeout_s=10), body)
 
 
+@pytest.fixture(params=["window", "shift"])
+def transport(request, monkeypatch):
+    """The gradients reach the replica's holder through shared memory, or with a ring shift."""
+    if request.param == "shift":
+        monkeypatch.setenv("DISTOPT_SHM", "0")
+    return request.param
+
+
 @pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("stage", [1, 2])
-def test_redundancy_changes_no_bit_and_replicas_match_their_owner(rule, stage):
+def test_redundancy_changes_no_bit_and_replicas_match_their_owner(rule, stage, transport):
     plain, kept = _run(3, rule, stage, 6, False), _run(3, rule, stage, 6, True)
     for (p1, _), (p2, _) in zip(plain, kept):
         assert all(torch.equal(p1[n], p2[n]) for n in p1)
     opts = [opt for _, opt in kept]
+    assert all(opt.redundancy.shared == (transport == "window") for opt in opts)
     for opt in opts:
         opt.redundancy.commit(opt.step_count)
     for r, opt in enumerate(opts):
@@ -74,7 +83,7 @@ def _recover(comm, old_rank, opt, params, alive, old_world, rule, stage, committ
 
 @pytest.mark.parametrize("phase", ["grad_collective", "shard_update", "param_gather"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_rank_lost_mid_step_is_replaced_bit_for_bit(phase, stage):
+def test_rank_lost_mid_step_is_replaced_bit_for_bit(phase, stage, transport):
     rule, w, fail_step, total = "adam_l2", 3, 5, 8
     expected = _run(w, rule, stage, total, False)
     comms = in_process(w, timeout_s=5)
@@ -216,3 +225,23 @@ def test_two_neighbours_lost_together_come_back_from_replicas_two_ranks_away(sta
 
     for got, (want, _) in zip(run_ranks(in_process(w, timeout_s=5), second_part), expected):
         assert all(torch.equal(got[n], want[n]) for n in want), "recovery changed bits"
+
+
+def test_clipped_steps_replay_to_the_owners_bits(transport):
+    """With clipping on, the holder clips the owner's gradient shard as the owner did."""
+    def body(comm):
+        params = _init()
+        opt = ShardedOptimizer(params, RULES["adam_l2"](), comm, zero_stage=1, bucket_bytes=512, replicate=True,
+                               max_grad_norm=0.01)
+        for k in range(4):
+            info = opt.step(_grads(k, comm.rank))
+            assert info.grad_norm > 0.01  # every step is clipped
+        opt.redundancy.commit(opt.step_count)
+        return opt
+
+    opts = run_ranks(in_process(3, timeout_s=10), body)
+    for r, opt in enumerate(opts):
+        left = opts[(r - 1) % 3]
+        assert all(torch.equal(a, b) for a, b in zip(opt.redundancy.replica.params, left._p_shards))
+        for mine, theirs in zip(opt.redundancy.replica.state, left.state):
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs))

@@ -41,6 +41,8 @@ class Overlap:
         """Before a micro-batch's backward: ``first`` of the step, ``last`` to reduce after it."""
         opt = self.opt
         if first:
+            if opt.redundancy is not None:  # before this step's first gradient leaves (see redundancy)
+                opt.redundancy.commit(opt.step_count)
             if opt._grads is None:  # stage 2 keeps a full-size buffer only while a step runs
                 opt._grads = FlatBuffer([t.shape for t in opt._tensors], opt.plan.layout,
                                         opt._params.data.dtype, opt._params.data.device, zero=False)

@@ -3,12 +3,31 @@
 Rank ``r`` keeps, with ``d`` the replica distance (1 unless the ranks span nodes, see
 :func:`replica_distance`),
 
-* a snapshot of its own shard (parameters and state) taken just before each update, so it
-  can roll back to the last commit whatever point of the step a failure interrupted;
 * a replica of rank ``r - d``'s shard as of the last commit, so a replacement for a lost
   ``r - d`` gets it from memory instead of a checkpoint;
-* rank ``r - d``'s prepared gradients of the step in flight (sent with one ring shift),
-  which it replays onto the replica once the step commits.
+* rank ``r - d``'s averaged gradient shard of the step in flight, and its clipping factor,
+  which it replays onto the replica once the step commits (clipping, L2 decay and the
+  update, as the owner did them);
+* a way back to the last commit for its own shard, whatever point of the step a failure
+  interrupted: a snapshot taken just before each update, unless its holder shares its host.
+
+When a rank and its holder share a host they share memory instead of sending
+(:mod:`distopt.collectives.window`): the owner reduces its gradient shard straight into a
+window the holder replays from, and the holder keeps the replica in a window the owner
+maps, so the owner needs no snapshot: an update it applied but that never committed is
+undone by copying the replica back, which a dead holder's mapping still holds. Why that
+is safe:
+
+* the owner never writes its gradient window between its reduction and the commit, and
+  reduces into it again only once the holder has replayed: the next reduction needs the
+  holder's own gradients, which the holder sends after it replayed
+  (:meth:`Redundancy.commit` runs before a step's first gradient leaves);
+* the owner updates its shard only after the step's gradient-norm allreduce, which its
+  holder joins only after replaying the last commit: a replica is never mid-replay while
+  its owner's shard is ahead of the commit, and it replays a step only once that step
+  committed, so after a failed step it holds exactly the last commit.
+
+Across hosts the gradients travel with one ring shift and the owner keeps its snapshot.
 
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
 recovery changes no bit of the result. At stage 0 every rank holds everything, so only
@@ -20,6 +39,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
+
+from distopt.collectives.window import carve, open_window
 
 if TYPE_CHECKING:
     from distopt.optim.sharded import ShardedOptimizer
@@ -35,15 +56,35 @@ class Redundancy:
 
     def __init__(self, opt: "ShardedOptimizer", distance: int = 1) -> None:
         self.opt, self.distance = opt, distance
-        self.snapshot = Shard.like(opt._p_shards, opt.rule)
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
-        self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded else None
-        self._pending_flat = torch.empty(sum(t.numel() for t in opt._p_shards), dtype=opt._params.data.dtype,
-                                         device=opt._params.data.device) if self.sharded else None
-        self.pending = list(self._pending_flat.split([t.numel() for t in opt._p_shards])) if self.sharded else []
+        sizes = [t.numel() for t in opt._p_shards]
+        like = opt._params.data
+        item = like.element_size()
+        grads = replicas = None
+        if self.sharded and like.device.type == "cpu":
+            grads = open_window(opt.comm, sum(sizes) * item, -distance)  # a holder maps its owner's gradients
+            if grads is not None:  # an owner maps its holder's replica
+                replicas = open_window(opt.comm, 8 + len(_fields(opt.rule)) * sum(sizes) * item, distance)
+        self.shared = grads is not None and replicas is not None
+        if self.shared:
+            grads.mine.view(like.dtype).copy_(opt._g_flat)  # the optimizer reduces straight into the window
+            opt._g_flat = grads.mine.view(like.dtype)
+            opt._g_shards = list(opt._g_flat.split(sizes))
+            self.pending = carve(grads.peer, like.dtype, sizes)
+            self.replica = Shard.in_buffer(replicas.mine, opt)
+            self._holder = Shard.in_buffer(replicas.peer, opt)  # this rank's committed shard, kept by its holder
+            self._pending_flat = self.snapshot = None
+        else:
+            self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded else None
+            self._holder = None
+            self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
+                if self.sharded else None
+            self.pending = list(self._pending_flat.split(sizes)) if self.sharded else []
+            self.snapshot = Shard.like(opt._p_shards, opt.rule)
         self.pending_step: int | None = None
-        self._shift = None  # the in-flight send of this step's prepared gradients
+        self.pending_scale = 1.0  # the clipping factor of the pending step
+        self._shift = None  # the in-flight send of this step's gradient shard
         self.reset_replica()
 
     @property
@@ -71,14 +112,16 @@ class Redundancy:
             self.reset_replica()
             fill_shard(self.opt, full, self.left, self.replica.state)
 
-    def before_update(self, prepared: list[torch.Tensor], step: int) -> None:
-        """Snapshot the committed shard and ship the prepared gradients to the right neighbour."""
+    def before_update(self, step: int, scale: float) -> None:
+        """Snapshot the committed shard and hand this step's gradient shard (clipped by
+        ``scale`` in the update) to the replica's holder."""
         if self.sharded:
-            # Without L2 decay the prepared gradients are the shard buffer itself: no copy.
-            flat = self.opt._g_flat if prepared is self.opt._g_shards else torch.cat([g.reshape(-1) for g in prepared])
-            self._shift = self.opt.comm.shift(flat, out=self._pending_flat, async_op=True, distance=self.distance)
-            self.pending_step = step
-        self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
+            if not self.shared:
+                self._shift = self.opt.comm.shift(self.opt._g_flat, out=self._pending_flat, async_op=True,
+                                                  distance=self.distance)
+            self.pending_step, self.pending_scale = step, scale
+        if self.snapshot is not None:
+            self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
 
     def shipped(self) -> None:
         """Wait until the right neighbour has this step's prepared gradients."""
@@ -96,15 +139,19 @@ class Redundancy:
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
-            self.opt.rule.apply(self.replica.params, self.pending, self.replica.state, self.pending_step)
-            self.replica.step, self.pending_step = self.pending_step, None
+            rule, step, rep = self.opt.rule, self.pending_step, self.replica
+            grads = clipped(self.pending, self.pending_scale)
+            rule.apply(rep.params, rule.prepare(rep.params, grads, step), rep.state, step)
+            self.replica.step, self.pending_step = step, None
 
     def rollback(self, committed: int) -> None:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
         self._shift = None  # its group is gone; a half-received gradient is never replayed
-        if self.live_step == committed + 1 and self.snapshot.step == committed:
-            self.snapshot.copy_to(self.opt._p_shards, self.opt.state)
-            self.live_step = committed
+        if self.live_step == committed + 1:
+            back = self.snapshot if self.snapshot is not None else self._holder
+            if back.step == committed:
+                back.copy_to(self.opt._p_shards, self.opt.state)
+                self.live_step = committed
         if self.live_step != committed:
             raise RecoveryError(f"rank {self.opt.comm.rank} holds update {self.live_step} and cannot return to "
                                 f"update {committed}")
@@ -116,8 +163,15 @@ class Redundancy:
 
     def nbytes(self) -> int:
         """Memory this redundancy costs on this rank."""
-        total = self.snapshot.nbytes() + (self.replica.nbytes() if self.replica else 0)
-        return total + sum(t.numel() * t.element_size() for t in self.pending) * (2 if self.sharded else 0)
+        total = (self.snapshot.nbytes() if self.snapshot else 0) + (self.replica.nbytes() if self.replica else 0)
+        return total + (self._pending_flat.numel() * self._pending_flat.element_size()
+                        if self._pending_flat is not None else 0)
+
+
+def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """``grads`` times the clipping factor, as new tensors (the owner's buffer stays as
+    reduced: its holder replays from it)."""
+    return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
 
 
 def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
@@ -139,15 +193,52 @@ def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
     return best, shared(best)
 
 
-class Shard:
-    """Parameters and state of one shard, as lists of per-bucket tensors."""
+def _fields(rule) -> list[bool]:
+    """Parameters, then whether each state field of ``rule`` holds tensors."""
+    return [True] + [bool(f) for f in rule.init([torch.zeros(1)])]
 
-    def __init__(self, params: list[torch.Tensor], state, step: int) -> None:
-        self.params, self.state, self.step = params, state, step
+
+class Shard:
+    """Parameters and state of one shard, as lists of per-bucket tensors.
+
+    With a ``header`` (a one-element int64 tensor, in shared memory) the step lives there,
+    so another process that maps it reads the step along with the tensors.
+    """
+
+    def __init__(self, params: list[torch.Tensor], state, step: int | None,
+                 header: torch.Tensor | None = None) -> None:
+        self.params, self.state, self._header = params, state, header
+        if step is not None:  # None: the header already holds the step (its writer is another process)
+            self.step = step
+
+    @property
+    def step(self) -> int:
+        return int(self._header[0]) if self._header is not None else self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = value
+        if self._header is not None:
+            self._header[0] = value
 
     @classmethod
     def like(cls, params: list[torch.Tensor], rule) -> "Shard":
         return cls([torch.empty_like(p) for p in params], rule.init(params), -1)
+
+    @classmethod
+    def in_buffer(cls, buf: torch.Tensor, opt: "ShardedOptimizer") -> "Shard":
+        """A shard shaped like ``opt``'s, laid out in the bytes ``buf``: the step, then the
+        parameters, then each state field (as :func:`_fields`)."""
+        sizes = [t.numel() for t in opt._p_shards]
+        present = _fields(opt.rule)
+        views = carve(buf, opt._params.data.dtype, sizes * sum(present), offset=8)
+        parts = [views[i * len(sizes):(i + 1) * len(sizes)] for i in range(sum(present))]
+        template = opt.rule.init([torch.zeros(1)])
+        state, i = [], 1
+        for has in present[1:]:
+            state.append(parts[i] if has else [])
+            i += has
+        return cls(parts[0], type(template)(*state), None, header=buf[:8].view(torch.int64))
 
     def copy_from(self, params: list[torch.Tensor], state, step: int) -> None:
         torch._foreach_copy_(self.params, params)

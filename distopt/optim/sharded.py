@@ -25,7 +25,7 @@ from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, FlatBuffer
 from distopt.optim import state_io
 from distopt.optim.plan import ShardPlan, plan
 from distopt.optim.overlap import Overlap
-from distopt.optim.redundancy import RecoveryError, Redundancy
+from distopt.optim.redundancy import RecoveryError, Redundancy, clipped
 from distopt.optim.rules import Rule
 
 log = logging.getLogger("distopt")
@@ -155,9 +155,9 @@ class ShardedOptimizer:
             log.warning("rank %d: non-finite gradient (norm %s): step %d skipped on every rank",
                         self.comm.rank, norm, self.step_count + 1)
             return StepInfo(self.step_count, norm, True, t1 - t0, replay_s)
-        if self.max_grad_norm is not None and norm > self.max_grad_norm:
-            torch._foreach_mul_(self._g_shards, self.max_grad_norm / (norm + 1e-6))
-        self._update(step)
+        scale = self.max_grad_norm / (norm + 1e-6) if self.max_grad_norm is not None and norm > self.max_grad_norm \
+            else 1.0
+        self._update(step, scale)
         t2 = time.perf_counter()
         self._phase("param_gather", step)
         if self.zero_stage >= 1:
@@ -190,13 +190,14 @@ class ShardedOptimizer:
             raise RuntimeError("begin_micro_batch needs overlap_backward() first")
         self.overlap.begin(first, last, scale)
 
-    def _update(self, step: int) -> None:
+    def _update(self, step: int, scale: float) -> None:
+        grads = clipped(self._g_shards, scale)
         if self.redundancy is None:
             self._phase("shard_update", step)
-            self.rule.update(self._p_shards, self._g_shards, self.state, step)
+            self.rule.update(self._p_shards, grads, self.state, step)
             return
-        prepared = self.rule.prepare(self._p_shards, self._g_shards, step)
-        self.redundancy.before_update(prepared, step)  # the shift to the neighbour stays in flight
+        prepared = self.rule.prepare(self._p_shards, grads, step)
+        self.redundancy.before_update(step, scale)  # the shift to the holder stays in flight
         self._phase("shard_update", step)
         self.rule.apply(self._p_shards, prepared, self.state, step)
         self.redundancy.after_update(step)
