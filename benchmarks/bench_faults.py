@@ -54,10 +54,13 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
     """Redundancy on/off on the runtime (two rank processes, no Ray) at several batch sizes.
 
     Per batch size: the median over rounds of (median step on) / (median step off), the
-    two trials of a round back to back, and the median extra milliseconds.
+    trials of a round back to back, and the median extra milliseconds; "on" both as here
+    (shared memory between the two ranks) and as across hosts (``DISTOPT_SHM=0``: a ring
+    shift of the gradients and a snapshot per step).
     """
     from distopt.collectives import free_port
-    names = [f"rt-s1-f{f}-b{b}" for b in batches for f in (0, 3)]
+    variants = ("f0", "f3", "f3-noshm")
+    names = [f"rt-s1-{v}-b{b}" for b in batches for v in variants]
     pair = ProcessPair(step_ranks.rank_main, (free_port(), {n: free_port() for n in names}, names, 3))
     ms: dict[str, list[float]] = {n: [] for n in names}
     first = 1000
@@ -65,8 +68,8 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
         pair.call("ping")
         for r in range(rounds):
             for b in batches:
-                for f in rotated((0, 3), r):
-                    name = f"rt-s1-f{f}-b{b}"
+                for v in rotated(variants, r):
+                    name = f"rt-s1-{v}-b{b}"
                     per_rank = pair.call((name, first, steps))
                     first += steps
                     ms[name].append(1e3 * median(max(x["time_s"] for x in step) for step in zip(*per_rank)))
@@ -74,10 +77,11 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
         pair.close()
     rows = []
     for b in batches:
-        off, on = ms[f"rt-s1-f0-b{b}"], ms[f"rt-s1-f3-b{b}"]
+        off, on, hosts = ms[f"rt-s1-f0-b{b}"], ms[f"rt-s1-f3-b{b}"], ms[f"rt-s1-f3-noshm-b{b}"]
         rows.append({"batch_per_worker": b, "off_ms": median(off), "on_ms": median(on),
                      "extra_ms": median(y - x for x, y in zip(off, on)),
-                     "ratio": median(y / x for x, y in zip(off, on))})
+                     "ratio": median(y / x for x, y in zip(off, on)),
+                     "noshm_ms": median(hosts), "noshm_ratio": median(y / x for x, y in zip(off, hosts))})
     return rows
 
 
@@ -142,13 +146,15 @@ def table_rows(result: dict) -> list[list[str]]:
     return rows
 
 
-BATCH_HEADERS = ["samples per worker", "step ms, max_failures=0", "step ms, max_failures=3", "extra ms", "ratio"]
+BATCH_HEADERS = ["samples per worker", "step ms, max_failures=0", "step ms, max_failures=3", "extra ms", "ratio",
+                 "step ms, as across hosts", "ratio, as across hosts"]
 
 
 def batch_rows(result: dict) -> list[list[str]]:
     """The overhead sweep, one row per batch size."""
     return [[r["batch_per_worker"], f"{r['off_ms']:.1f}", f"{r['on_ms']:.1f}", f"{r['extra_ms']:.1f}",
-             f"{r['ratio']:.3f}x"] for r in result.get("by_batch", [])]
+             f"{r['ratio']:.3f}x", f"{r['noshm_ms']:.1f}" if "noshm_ms" in r else "",
+             f"{r['noshm_ratio']:.3f}x" if "noshm_ratio" in r else ""] for r in result.get("by_batch", [])]
 
 
 def markdown(result: dict) -> str:
@@ -165,12 +171,14 @@ def markdown(result: dict) -> str:
     if result.get("by_batch"):
         parts += [
             "The redundancy's cost as the step computes more: the same MLP on the runtime (2 rank processes, no "
-            "Ray), stage 1, redundancy on and off back to back in each round; per batch size the median over "
-            "rounds of the ratio and of the extra milliseconds. The redundancy's own work (a snapshot of the "
-            "shard, the ring shift of the shard's gradients, the neighbour's replayed update) is per parameter, "
-            "so the batch changes only the step it is compared with; on two cores that both ranks keep busy, "
-            "none of that work can hide behind the step. Not goals: the goal row above is at 32 samples per "
-            "worker.",
+            "Ray), stage 1, redundancy off, on, and on as across hosts, back to back in each round; per batch "
+            "size the median over rounds of the ratio and of the extra milliseconds. Here the two ranks share a "
+            "host, so the redundancy goes through shared memory (distopt/collectives/window.py): what is left "
+            "per step is the holder's replay of its neighbour's update. Across hosts (`DISTOPT_SHM=0` gives "
+            "that path on one host) each step also ships the shard's gradients with a ring shift and copies a "
+            "snapshot of the shard. That work is per parameter, so the batch changes only the step it is "
+            "compared with; on two cores that both ranks keep busy, none of it can hide behind the step. Not "
+            "goals: the goal row above is at 32 samples per worker.",
             md_table(BATCH_HEADERS, batch_rows(result))]
     return "\n\n".join(parts)
 

@@ -8,6 +8,7 @@ no process start in between.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -78,11 +79,20 @@ def _torch_runner(rank: int, world: int, data: TensorDataset, zero: bool) -> Cal
 
 
 def _distopt_runner(rank: int, world: int, port: int, zero_stage: int, max_failures: int,
-                    overlap: bool = True, batch_per_worker: int = BATCH_PER_WORKER) -> Callable[[int], dict]:
+                    overlap: bool = True, batch_per_worker: int = BATCH_PER_WORKER,
+                    shm: bool = True) -> Callable[[int], dict]:
     from distopt.runtime.worker import Worker
     worker = Worker(train_config(world, zero_stage, max_failures, overlap, batch_per_worker), rank)
-    worker.connect("127.0.0.1", port,
-                   group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}-b{batch_per_worker}")
+    before = os.environ.get("DISTOPT_SHM")
+    os.environ["DISTOPT_SHM"] = "1" if shm else "0"  # read once, when the optimizer is built
+    try:
+        worker.connect("127.0.0.1", port, group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}"
+                                                     f"-b{batch_per_worker}-m{int(shm)}")
+    finally:
+        if before is None:
+            del os.environ["DISTOPT_SHM"]
+        else:
+            os.environ["DISTOPT_SHM"] = before
 
     def step(k: int) -> dict:
         t0 = time.perf_counter()
@@ -107,12 +117,12 @@ def rank_main(rank: int, world: int, cmds, results, default_port: int, ports: di
             runners[name] = _torch_runner(rank, world, data, zero=False)
         elif name == "zero":
             runners[name] = _torch_runner(rank, world, data, zero=True)
-        else:  # "rt-s{stage}-f{max_failures}", then "-nooverlap" (buckets reduced after backward)
-            parts = name.split("-")  # or "-b{samples per worker}"
+        else:  # "rt-s{stage}-f{max_failures}", then "-nooverlap" (buckets reduced after backward),
+            parts = name.split("-")  # "-b{samples per worker}", "-noshm" (the redundancy as across hosts)
             stage, failures = int(parts[1][1:]), int(parts[2][1:])
             batch = next((int(p[1:]) for p in parts[3:] if p[0] == "b"), BATCH_PER_WORKER)
             runners[name] = _distopt_runner(rank, world, ports[name], stage, failures, "nooverlap" not in parts,
-                                            batch)
+                                            batch, "noshm" not in parts)
         for k in range(warmup):
             runners[name](k)
 

@@ -36,6 +36,7 @@ workers learn it from the next step's start (or from ``rollback``).
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
@@ -84,6 +85,7 @@ class Redundancy:
             self.snapshot = Shard.like(opt._p_shards, opt.rule)
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
+        self.replay_s = 0.0  # seconds replaying since the optimizer last reported them
         self._shift = None  # the in-flight send of this step's gradient shard
         self.reset_replica()
 
@@ -136,6 +138,7 @@ class Redundancy:
     def commit(self, committed: int) -> None:
         """Every rank finished update ``committed``: replay the neighbour's in-flight update."""
         if self.sharded and self.pending_step is not None and self.pending_step <= committed:
+            t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
@@ -143,6 +146,7 @@ class Redundancy:
             grads = clipped(self.pending, self.pending_scale)
             rule.apply(rep.params, rule.prepare(rep.params, grads, step), rep.state, step)
             self.replica.step, self.pending_step = step, None
+            self.replay_s += time.perf_counter() - t0
 
     def rollback(self, committed: int) -> None:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""

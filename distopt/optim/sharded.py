@@ -138,10 +138,10 @@ class ShardedOptimizer:
             CollectiveError: a peer failed; parameters and state are then unspecified.
         """
         given = None if grads is None else _match_grads(grads, self.names, self._tensors)
-        t_commit = time.perf_counter()
+        replay_s = 0.0
         if self.redundancy is not None:
             self.redundancy.commit(self.step_count)  # being called again means the last step committed
-        replay_s = time.perf_counter() - t_commit
+            replay_s, self.redundancy.replay_s = self.redundancy.replay_s, 0.0  # (perhaps replayed in begin)
         step = self.step_count + 1
         t0 = time.perf_counter()
         self._phase("grad_collective", step)
