@@ -5,7 +5,9 @@ step benchmark's 6.3M-parameter MLP, Adam:
 
 * optimizer-state bytes per worker (``ShardedOptimizer.state_bytes()``) against the ideal
   ``8 x P / N`` at zero_stage >= 1; the excess is the plan's zero padding. The in-memory
-  redundancy that fault tolerance keeps is reported beside it (``Redundancy.nbytes()``).
+  redundancy that fault tolerance keeps is reported beside it (``Redundancy.nbytes()``), as
+  across hosts (``DISTOPT_SHM=0``: snapshot, replica, received gradients) and as on one host
+  (shared memory: the replica only).
 * bytes each worker sends per step, counted by :class:`CountingComm`, a thin proxy around
   the TorchCommunicator that adds up what each collective sends under the ring algorithm,
   against DDP's ``2(N-1)/N x 4 x P`` (ZeroRedundancyOptimizer's is about 1.5x that).
@@ -14,6 +16,7 @@ Run alone: ``python -m benchmarks.bench_memory [--quick]``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -106,8 +109,26 @@ def _one_rank(comm, stage: int, replicate: bool, steps: int) -> dict:
             "buckets": len(opt.plan.layout.buckets)}
 
 
-def measure(world: int, stage: int, replicate: bool, steps: int) -> dict:
-    """One configuration on ``world`` in-process ranks; the rank with the most bytes sent."""
+def measure(world: int, stage: int, replicate: bool, steps: int, shm: bool = False) -> dict:
+    """One configuration on ``world`` in-process ranks; the rank with the most bytes sent.
+
+    ``shm=False`` (the default) measures the redundancy as across hosts, where what it
+    sends goes over the wire; the in-process ranks share a host, so it would otherwise take
+    the shared-memory path.
+    """
+    from distopt.collectives import in_process, run_ranks
+    before = os.environ.get("DISTOPT_SHM")
+    os.environ["DISTOPT_SHM"] = "1" if shm else "0"
+    try:
+        return _measure(world, stage, replicate, steps)
+    finally:
+        if before is None:
+            del os.environ["DISTOPT_SHM"]
+        else:
+            os.environ["DISTOPT_SHM"] = before
+
+
+def _measure(world: int, stage: int, replicate: bool, steps: int) -> dict:
     from distopt.collectives import in_process, run_ranks
     comms = in_process(world, timeout_s=120.0)
     try:
@@ -148,6 +169,9 @@ def run(quick: bool = False) -> dict:
         for stage in (0, 1, 2):
             for replicate in (False, True):
                 m = measure(n, stage, replicate, 1 if quick else STEPS)
+                if replicate:
+                    m["redundancy_bytes_shm"] = \
+                        measure(n, stage, True, 1, shm=True)["redundancy_bytes"]
                 ideal_state = 8 * num_params / (n if stage >= 1 else 1)
                 ddp = 2 * (n - 1) / n * 4 * num_params
                 rows.append({"world": n, "stage": stage, "replicate": replicate, **m, "ideal_state": ideal_state,
@@ -171,24 +195,26 @@ def run(quick: bool = False) -> dict:
 
 
 STATE_HEADERS = ["N", "stage", "state B/worker", "ideal 8P/N (or 8P)", "padding remainder B", "x ideal",
-                 "+ redundancy B (max_failures>0)"]
+                 "+ redundancy B (max_failures>0), across hosts", "one host"]
 TRAFFIC_HEADERS = ["N", "stage", "redundancy", "sent B/step/worker", "by collective", "x DDP", "over DDP B",
                    "x ZeRO (1.5 DDP)"]
 
 
 def state_rows(result: dict) -> list[list[str]]:
     """Optimizer state per worker, one row per N and stage (redundancy from the replicate run)."""
-    red = {(r["world"], r["stage"]): r["redundancy_bytes"] for r in result["rows"] if r["replicate"]}
+    red = {(r["world"], r["stage"]): r for r in result["rows"] if r["replicate"]}
     return [[r["world"], r["stage"], f"{r['state_bytes_max']:,}", f"{r['ideal_state']:,.0f}",
              f"{r['state_bytes_max'] - r['ideal_state']:,.0f}", f"{r['state_bytes_max'] / r['ideal_state']:.6f}",
-             f"{red[(r['world'], r['stage'])]:,}"] for r in result["rows"] if not r["replicate"]]
+             f"{red[(r['world'], r['stage'])]['redundancy_bytes']:,}",
+             f"{red[(r['world'], r['stage'])].get('redundancy_bytes_shm', 0):,}"]
+            for r in result["rows"] if not r["replicate"]]
 
 
 def odd_rows(result: dict) -> list[list[str]]:
     """State per worker for the awkwardly sized list: the padding remainder."""
     return [[r["world"], 1, f"{r['state_bytes_max']:,}", f"{r['ideal_state']:,.1f}",
-             f"{r['state_bytes_max'] - r['ideal_state']:,.1f}", f"{r['state_bytes_max'] / r['ideal_state']:.6f}", ""]
-            for r in result["odd"]]
+             f"{r['state_bytes_max'] - r['ideal_state']:,.1f}", f"{r['state_bytes_max'] / r['ideal_state']:.6f}", "",
+             ""] for r in result["odd"]]
 
 
 def traffic_rows(result: dict) -> list[list[str]]:
@@ -212,13 +238,15 @@ def markdown(result: dict) -> str:
         f"State is exact (`state_bytes()`); traffic is counted per collective by a proxy communicator "
         f"(ring accounting; `shift` counts its whole tensor, it goes to one neighbour). DDP sends "
         f"2(N-1)/N x 4P bytes per step. Without redundancy stages 1/2 send DDP's bytes plus the 8-byte "
-        f"allreduce of the gradient norm (8 x 2(N-1)/N B); the redundancy's ring `shift` adds 4P/N B.",
+        f"allreduce of the gradient norm (8 x 2(N-1)/N B); the redundancy's ring `shift` adds 4P/N B. The "
+        f"redundancy is measured as across hosts (`DISTOPT_SHM=0`); ranks on one host share memory instead "
+        f"(no shift, no snapshot: the last column).",
         md_table(STATE_HEADERS, state_rows(result)),
         f"The plan pads every bucket to a multiple of N x 32 elements, so each rank's shard exceeds P/N by less "
         f"than 32 elements per bucket: less than 8 x 32 = 256 B of Adam state per bucket (the MLP has "
         f"{result['rows'][0].get('buckets', '?')} bucket(s)). An awkward list "
         f"({' + '.join(f'{n:,}' for n in ODD_NUMELS)} = {sum(ODD_NUMELS):,} elements) shows the remainder too:",
-        md_table(STATE_HEADERS[:-1], [r[:-1] for r in odd_rows(result)]),
+        md_table(STATE_HEADERS[:-2], [r[:-2] for r in odd_rows(result)]),
         md_table(TRAFFIC_HEADERS, traffic_rows(result)),
         goals_table(result["goals"]),
     ])
