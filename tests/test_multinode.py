@@ -8,6 +8,7 @@ import distopt
 from conftest import RAY_ENV, init_local_ray
 from distopt.optim import adam
 from trainer_task import loss, make_data, make_model
+from unplug import unplug_after
 
 
 def _fit(**kw):
@@ -53,22 +54,9 @@ def _slow_loss(model, batch):
 def test_node_removed_mid_run_shrinks_and_finishes(two_nodes, single_node_result, tmp_path):
     """Runs last in this module: it leaves the cluster with one node."""
     import json
-    import threading
-    import time
 
     out = tmp_path / "run"
-    worker_node = two_nodes.list_all_nodes()[1]
-
-    def pull_the_plug():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            if len(lines) >= 3:
-                two_nodes.remove_node(worker_node, allow_graceful=False)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=pull_the_plug, daemon=True).start()
+    unplug_after(two_nodes, two_nodes.list_all_nodes()[1], out / "metrics.jsonl")
     trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
                               global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
                               placement_strategy="STRICT_SPREAD", collective_timeout_s=5, replace_timeout_s=5,

@@ -8,6 +8,7 @@ import distopt
 from conftest import RAY_ENV, init_local_ray
 from distopt.optim import adam
 from trainer_task import loss, make_data, make_model
+from unplug import unplug_after
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +35,12 @@ def test_node_with_two_ranks_lost_recovers_from_memory(packed_nodes, tmp_path):
     """Each replica sits on the other node, so losing a node (two ranks, whichever they
     are) loses no shard together with its replica: no checkpoint is needed to go on."""
     import json
-    import threading
-    import time
 
     reference = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
                                 global_batch_size=16, num_workers=4, zero_stage=1, seed=0, log_every=0,
                                 ray_address="local").fit(steps=10)
     out = tmp_path / "run"
-    worker_node = packed_nodes.list_all_nodes()[1]
-
-    def pull_the_plug():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            if len(lines) >= 3:
-                packed_nodes.remove_node(worker_node, allow_graceful=False)
-                return
-            time.sleep(0.05)
-
-    threading.Thread(target=pull_the_plug, daemon=True).start()
+    unplug_after(packed_nodes, packed_nodes.list_all_nodes()[1], out / "metrics.jsonl", within_s=180)
     trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
                               global_batch_size=16, num_workers=4, zero_stage=1, seed=0, log_every=0,
                               placement_strategy="PACK", collective_timeout_s=10, replace_timeout_s=5,

@@ -245,3 +245,27 @@ def test_clipped_steps_replay_to_the_owners_bits(transport):
         assert all(torch.equal(a, b) for a, b in zip(opt.redundancy.replica.params, left._p_shards))
         for mine, theirs in zip(opt.redundancy.replica.state, left.state):
             assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_replica():
+    """No snapshot on one host: rank 0 takes its last committed shard back from rank 1's
+    replica (shared memory), and refuses a replica at any other step."""
+    def run(steps):
+        def body(comm):
+            params, opt = _opt(comm, "adamw", 1)
+            for k in range(steps):
+                opt.step(_grads(k, comm.rank))
+            return opt
+        return run_ranks(in_process(2, timeout_s=10), body)
+
+    two, three = run(2), run(3)  # the third update is treated as never committed
+    assert three[0].redundancy.shared and three[0].redundancy.snapshot is None
+    holder = three[1].redundancy.replica  # rank 1 holds rank 0's replica
+    holder.step = 7
+    with pytest.raises(RecoveryError, match="rank 0 holds update 3 and cannot return to update 2"):
+        three[0].rollback(2)
+    holder.step = 2
+    three[0].rollback(2)
+    assert all(torch.equal(a, b) for a, b in zip(three[0]._p_shards, two[0]._p_shards))
+    for mine, want in zip(three[0].state, two[0].state):
+        assert all(torch.equal(a, b) for a, b in zip(mine, want))
