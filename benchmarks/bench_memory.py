@@ -6,8 +6,8 @@ step benchmark's 6.3M-parameter MLP, Adam:
 * optimizer-state bytes per worker (``ShardedOptimizer.state_bytes()``) against the ideal
   ``8 x P / N`` at zero_stage >= 1; the excess is the plan's zero padding. The in-memory
   redundancy that fault tolerance keeps is reported beside it (``Redundancy.nbytes()``), as
-  across hosts (``DISTOPT_SHM=0``: snapshot, replica, received gradients) and as on one host
-  (shared memory: the replica only).
+  across hosts (``shared_memory=False``: snapshot, replica, received gradients) and as on one
+  host (shared memory: the replica only).
 * bytes each worker sends per step, counted by :class:`CountingComm`, a thin proxy around
   the TorchCommunicator that adds up what each collective sends under the ring algorithm,
   against DDP's ``2(N-1)/N x 4 x P`` (ZeroRedundancyOptimizer's is about 1.5x that).
@@ -16,7 +16,6 @@ Run alone: ``python -m benchmarks.bench_memory [--quick]``.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -92,12 +91,13 @@ def _params(seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in make_model().named_parameters()}
 
 
-def _one_rank(comm, stage: int, replicate: bool, steps: int) -> dict:
+def _one_rank(comm, stage: int, replicate: bool, steps: int, shm: bool) -> dict:
     import distopt
     from distopt.optim import ShardedOptimizer
     params = _params()
     counting = CountingComm(comm)
-    opt = ShardedOptimizer(params, distopt.optim.adam(lr=1e-3), counting, zero_stage=stage, replicate=replicate)
+    opt = ShardedOptimizer(params, distopt.optim.adam(lr=1e-3), counting, zero_stage=stage, replicate=replicate,
+                           shared_memory=shm)
     g = torch.Generator().manual_seed(comm.rank)
     grads = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in params.items()}
     opt.step(grads)  # not counted: the first step, and the construction's broadcast
@@ -117,22 +117,9 @@ def measure(world: int, stage: int, replicate: bool, steps: int, shm: bool = Fal
     the shared-memory path.
     """
     from distopt.collectives import in_process, run_ranks
-    before = os.environ.get("DISTOPT_SHM")
-    os.environ["DISTOPT_SHM"] = "1" if shm else "0"
-    try:
-        return _measure(world, stage, replicate, steps)
-    finally:
-        if before is None:
-            del os.environ["DISTOPT_SHM"]
-        else:
-            os.environ["DISTOPT_SHM"] = before
-
-
-def _measure(world: int, stage: int, replicate: bool, steps: int) -> dict:
-    from distopt.collectives import in_process, run_ranks
     comms = in_process(world, timeout_s=120.0)
     try:
-        per_rank = run_ranks(comms, lambda c: _one_rank(c, stage, replicate, steps))
+        per_rank = run_ranks(comms, lambda c: _one_rank(c, stage, replicate, steps, shm))
     finally:
         for c in comms:
             c.close()
@@ -239,7 +226,7 @@ def markdown(result: dict) -> str:
         f"(ring accounting; `shift` counts its whole tensor, it goes to one neighbour). DDP sends "
         f"2(N-1)/N x 4P bytes per step. Without redundancy stages 1/2 send DDP's bytes plus the 8-byte "
         f"allreduce of the gradient norm (8 x 2(N-1)/N B); the redundancy's ring `shift` adds 4P/N B. The "
-        f"redundancy is measured as across hosts (`DISTOPT_SHM=0`); ranks on one host share memory instead "
+        f"redundancy is measured as across hosts (`shared_memory=False`); ranks on one host share memory instead "
         f"(no shift, no snapshot: the last column).",
         md_table(STATE_HEADERS, state_rows(result)),
         f"The plan pads every bucket to a multiple of N x 32 elements, so each rank's shard exceeds P/N by less "

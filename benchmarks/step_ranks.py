@@ -8,7 +8,6 @@ no process start in between.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -46,13 +45,13 @@ def make_data() -> TensorDataset:
 
 
 def train_config(world: int, zero_stage: int, max_failures: int, overlap: bool = True,
-                 batch_per_worker: int = BATCH_PER_WORKER):
+                 batch_per_worker: int = BATCH_PER_WORKER, shared_memory: bool = True):
     """The distopt run description every contender shares."""
     import distopt
     from distopt.runtime.config import TrainConfig
     return TrainConfig(model=make_model, loss=mse_loss, data=make_data(), optimizer=distopt.optim.adam(lr=LR),
                        global_batch_size=batch_per_worker * world, num_workers=world, zero_stage=zero_stage,
-                       seed=SEED, max_failures=max_failures, overlap=overlap)
+                       seed=SEED, max_failures=max_failures, overlap=overlap, shared_memory=shared_memory)
 
 
 def _torch_runner(rank: int, world: int, data: TensorDataset, zero: bool) -> Callable[[int], dict]:
@@ -82,17 +81,9 @@ def _distopt_runner(rank: int, world: int, port: int, zero_stage: int, max_failu
                     overlap: bool = True, batch_per_worker: int = BATCH_PER_WORKER,
                     shm: bool = True) -> Callable[[int], dict]:
     from distopt.runtime.worker import Worker
-    worker = Worker(train_config(world, zero_stage, max_failures, overlap, batch_per_worker), rank)
-    before = os.environ.get("DISTOPT_SHM")
-    os.environ["DISTOPT_SHM"] = "1" if shm else "0"  # read once, when the optimizer is built
-    try:
-        worker.connect("127.0.0.1", port, group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}"
-                                                     f"-b{batch_per_worker}-m{int(shm)}")
-    finally:
-        if before is None:
-            del os.environ["DISTOPT_SHM"]
-        else:
-            os.environ["DISTOPT_SHM"] = before
+    worker = Worker(train_config(world, zero_stage, max_failures, overlap, batch_per_worker, shm), rank)
+    worker.connect("127.0.0.1", port, group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}"
+                                                 f"-b{batch_per_worker}-m{int(shm)}")
 
     def step(k: int) -> dict:
         t0 = time.perf_counter()

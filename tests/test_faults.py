@@ -44,6 +44,16 @@ def test_sigkill_at_each_phase_costs_no_step_and_no_bit(clean, stage, phase):
     assert time.monotonic() - t0 < 90
 
 
+@pytest.mark.parametrize("phase", ["shard_update", "param_gather"])
+def test_sigkill_on_the_across_hosts_path_costs_no_bit_either(clean, phase):
+    """shared_memory=False: the gradients go with a ring shift and each rank keeps a
+    snapshot, as between hosts; a rank killed after the updates began is undone from it."""
+    result = _fit(1, faults=(Fault(rank=1, step=4, phase=phase), Fault(rank=0, step=6, phase=phase)),
+                  shared_memory=False)
+    assert _same(result, clean[1]), "recovery changed the final weights"
+    assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (0, 7, "replace")]
+
+
 def test_two_failures_in_one_run(clean):
     faults = (Fault(rank=0, step=2, phase="grad_collective"), Fault(rank=1, step=5, phase="param_gather"))
     result = _fit(1, faults=faults)

@@ -107,6 +107,7 @@ def test_more_workers_than_the_cluster_can_place(ray_cluster):
     ({"zero_stage": 3}, ValueError, r"zero_stage=3 must be 0, 1 or 2"),
     ({"optimizer": torch.optim.Adam}, TypeError, r"is not an update rule"),
     ({"checkpoint_every": 5}, ValueError, r"checkpoint_every=5 needs a checkpoint_dir"),
+    ({"shared_memory": "yes"}, ValueError, r"shared_memory='yes' must be True or False"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, exc, message):
     args = {"model": make_model, "loss": loss, "data": make_data(), "optimizer": adam(1e-3),

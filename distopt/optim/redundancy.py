@@ -55,7 +55,7 @@ class RecoveryError(RuntimeError):
 class Redundancy:
     """The snapshot, replica and in-flight gradients of one rank (see the module docstring)."""
 
-    def __init__(self, opt: "ShardedOptimizer", distance: int = 1) -> None:
+    def __init__(self, opt: "ShardedOptimizer", distance: int = 1, shared_memory: bool = True) -> None:
         self.opt, self.distance = opt, distance
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
@@ -63,7 +63,7 @@ class Redundancy:
         like = opt._params.data
         item = like.element_size()
         grads = replicas = None
-        if self.sharded and like.device.type == "cpu":
+        if self.sharded and shared_memory and like.device.type == "cpu":
             grads = open_window(opt.comm, sum(sizes) * item, -distance)  # a holder maps its owner's gradients
             if grads is not None:  # an owner maps its holder's replica
                 replicas = open_window(opt.comm, 8 + len(_fields(opt.rule)) * sum(sizes) * item, distance)

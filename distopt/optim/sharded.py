@@ -61,6 +61,9 @@ class ShardedOptimizer:
         replica_distance: rank ``r + replica_distance`` holds rank ``r``'s replica; pick it
             with :func:`distopt.optim.redundancy.replica_distance` so a replica sits on
             another node than its shard.
+        shared_memory: ranks that share a host keep the redundancy in shared memory
+            (:mod:`distopt.collectives.window`) instead of sending it; False sends it always.
+            The same on every rank.
 
     Raises:
         TypeError, ValueError: bad arguments, before any communication.
@@ -69,7 +72,8 @@ class ShardedOptimizer:
     def __init__(self, params: Params, rule: Rule, comm: Communicator, zero_stage: int = 1,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False,
-                 last_bucket_bytes: int | None = 2**20, replica_distance: int = 1) -> None:
+                 last_bucket_bytes: int | None = 2**20, replica_distance: int = 1,
+                 shared_memory: bool = True) -> None:
         self.names, self._tensors = _named_tensors(params)
         _check_args(self._tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype)
         if not isinstance(replica_distance, int) or isinstance(replica_distance, bool) or \
@@ -95,7 +99,7 @@ class ShardedOptimizer:
         self.step_count = 0
         # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
         self.on_phase: Callable[[str, int], None] | None = None
-        self.redundancy = Redundancy(self, replica_distance) if replicate else None
+        self.redundancy = Redundancy(self, replica_distance, shared_memory) if replicate else None
         self.overlap: Overlap | None = None
 
     # --- set-up ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ class TrainConfig:
     spare_workers: int = 0  # idle workers with the model built, ready to take a lost rank
     step_timeout_s: float = 300.0
     grow_back: bool = True  # after a shrink, take ranks back when their bundles can be placed again
+    shared_memory: bool = True  # ranks on one host keep the redundancy in /dev/shm instead of sending it
     faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end of fit
@@ -101,6 +102,8 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"num_cpus_per_worker={c.num_cpus_per_worker!r} must be > 0")
     if not isinstance(c.max_failures, int) or c.max_failures < 0:
         raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
+    if not isinstance(c.shared_memory, bool):
+        raise ValueError(f"shared_memory={c.shared_memory!r} must be True or False")
     if not isinstance(c.spare_workers, int) or c.spare_workers < 0:
         raise ValueError(f"spare_workers={c.spare_workers!r} must be an int >= 0")
     if c.spare_workers and not c.fault_tolerant:
