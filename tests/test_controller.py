@@ -34,9 +34,11 @@ class ScriptedGroup:
     """A worker group whose failures come from a script: ``fail_step[k]`` (rank dying in
     step k), ``fail_regroup`` (one list of ranks per regroup call), ``fail_grow``."""
 
-    def __init__(self, world: int, fail_step=None, fail_regroup=(), fail_grow=None, ready=0) -> None:
+    def __init__(self, world: int, fail_step=None, fail_regroup=(), fail_grow=None, ready=0,
+                 can_replace=True) -> None:
         self.world, self.fail_step, self.fail_regroup = world, dict(fail_step or {}), list(fail_regroup)
-        self.fail_grow, self.ready = fail_grow, ready
+        self.fail_grow, self.ready, self.can_replace = fail_grow, ready, can_replace
+        self.nodes = [f"n{r}" for r in range(world)]  # each rank's node, moved as the real group moves them
         self.calls: list[tuple] = []
         self.episodes: list[int] = []  # the episode each regroup or grow belonged to
 
@@ -46,16 +48,21 @@ class ScriptedGroup:
 
     def replace(self, lost, step=-1) -> bool:
         self.calls.append(("replace", tuple(lost)))
-        return True
+        if self.can_replace:
+            for r in lost:
+                self.nodes[r] = f"new-{r}"
+        return self.can_replace
 
     def regroup(self, committed, order, holder_of, old_world, keep, episode) -> list[Outcome]:
         self.calls.append(("regroup", list(order), list(holder_of), old_world, keep))
         self.episodes.append(episode)
         self.world = len(order)
+        self.nodes = [self.nodes[o] for o in order]
         dead = self.fail_regroup.pop(0) if self.fail_regroup else None
         out = _ok(self.world) if dead is None else _lost(self.world, dead, "broadcast")
         if dead is None:
             self.world = keep
+            del self.nodes[keep:]
         return out
 
     def ready_to_grow(self, target: int) -> int:
@@ -64,6 +71,7 @@ class ScriptedGroup:
     def grow(self, committed, count, episode) -> list[Outcome]:
         self.calls.append(("grow", count))
         self.episodes.append(episode)
+        self.nodes += [f"grown-{r}" for r in range(self.world, self.world + count)]
         self.world += count
         self.ready = 0
         dead, self.fail_grow = self.fail_grow, None
@@ -90,6 +98,18 @@ def test_rank_lost_during_the_recovery_recovers_again_from_the_same_commit():
     assert [(f["rank"], f["step"], f["phase"]) for f in ctl.failures] == [(1, 3, "param_gather"), (3, 3, "recovery")]
     assert [h["step"] for h in ctl.history] == [1, 2, 3, 4, 5]
     assert group.episodes == [1, 1]  # both attempts offer what the ranks held at the commit
+
+
+def test_failure_records_name_the_node_the_rank_was_on_before_the_group_moved():
+    # Rank 2 (node n2) dies and cannot be replaced: the group shrinks to [0, 1, 3] and keeps
+    # 2; old rank 3 (node n3, now rank 2) dies while it re-forms. Each record names the node
+    # of the rank when it failed, not whatever sits at that index after the group moved.
+    group = ScriptedGroup(4, fail_step={1: 2}, fail_regroup=[2], can_replace=False)
+    group.replica_distance = 2  # shards 2 and 3 are replicated on ranks 0 and 1
+    ctl = _controller(group, 4)
+    ctl.run(0, 3)
+    assert [(f["rank"], f["node"], f["action"]) for f in ctl.failures] == [(2, "n2", "shrink"), (2, "n3", "shrink")]
+    assert group.nodes == ["n0", "n1"] and [h["step"] for h in ctl.history] == [1, 2, 3]
 
 
 def test_rank_lost_during_the_recovery_counts_against_max_failures():

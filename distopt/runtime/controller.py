@@ -134,6 +134,7 @@ class Controller:
         distance = getattr(self.group, "replica_distance", 1)  # the commit's group: a failed attempt keeps it
         if phase != "grow back":  # a failed growth recovers within the growth's episode
             self.episodes += 1
+        nodes = self._nodes()  # of the ranks ``outcomes`` names, before a replacement or regroup moves them
         while True:
             t1 = time.perf_counter()
             decision, order = self._replace_or_shrink(k, outcomes, decision, phase)
@@ -143,14 +144,14 @@ class Controller:
             try:
                 holder_of = holders(shards, alive, shards > 1, distance)
             except RecoveryError as lost:
-                return self._from_checkpoint(k, outcomes, decision, order, lost, detect_s, t2 - t1, phase)
+                return self._from_checkpoint(k, outcomes, nodes, decision, order, lost, detect_s, t2 - t1, phase)
             regrouped = self.group.regroup(self.committed_updates, order, holder_of, old_world,
                                            keep=decision.world_size, episode=self.episodes)
             t3 = time.perf_counter()
-            self._record(k, outcomes, decision, detect_s, t2 - t1, t3 - t2, phase)
+            self._record(k, outcomes, nodes, decision, detect_s, t2 - t1, t3 - t2, phase)
             if all(o.status.ok for o in regrouped):
                 break
-            outcomes, phase, detect_s = regrouped, "recovery", t3 - t2
+            outcomes, nodes, phase, detect_s = regrouped, self._nodes(), "recovery", t3 - t2
             decision = self._decide([o.status for o in outcomes], can_replace=True)
             log.warning("step %d: a rank failed while the group was re-formed; recovering again", k + 1)
         self.world_size = decision.world_size
@@ -172,14 +173,14 @@ class Controller:
             return decision, list(range(len(outcomes)))
         return decision, [r for r in range(len(outcomes)) if r not in decision.lost]
 
-    def _from_checkpoint(self, k: int, outcomes, decision: policy.Decision, order: list[int], lost: RecoveryError,
-                         detect_s: float, replace_s: float, phase: str | None = None) -> int:
+    def _from_checkpoint(self, k: int, outcomes, nodes: list, decision: policy.Decision, order: list[int],
+                         lost: RecoveryError, detect_s: float, replace_s: float, phase: str | None = None) -> int:
         # A shard and its replica died together: memory cannot rebuild the last commit, the
         # newest checkpoint can. Its steps are redone on the same data: the same weights.
         t0 = time.perf_counter()
         good = self._newest_checkpoint(k)
         if good is None:
-            self._record(k, outcomes, decision, detect_s, replace_s, 0.0, phase)
+            self._record(k, outcomes, nodes, decision, detect_s, replace_s, 0.0, phase)
             raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
                             f"checkpoint_every= to survive this)", self.failures)
         start = good.manifest["next_step"]
@@ -194,8 +195,9 @@ class Controller:
                     break
                 except WorkerLost as e:
                     rejoined = [Outcome(WorkerStatus(r, ok=False, dead=r == e.rank)) for r in range(len(rejoined))]
-            self._record(k, outcomes, restarting(decision), detect_s, replace_s, time.perf_counter() - t0, phase)
-            outcomes, phase, detect_s = rejoined, "recovery", time.perf_counter() - t0
+            self._record(k, outcomes, nodes, restarting(decision), detect_s, replace_s, time.perf_counter() - t0,
+                         phase)
+            outcomes, nodes, phase, detect_s = rejoined, self._nodes(), "recovery", time.perf_counter() - t0
             t0 = time.perf_counter()
             decision, order = self._replace_or_shrink(k, outcomes, self._decide([o.status for o in outcomes], True),
                                                       phase)
@@ -206,7 +208,7 @@ class Controller:
         self.on_rewind(start)
         if self.checkpoints is not None:
             self.checkpoints.forget_after(start)
-        self._record(k, outcomes, restarting(decision), detect_s, replace_s, time.perf_counter() - t0, phase)
+        self._record(k, outcomes, nodes, restarting(decision), detect_s, replace_s, time.perf_counter() - t0, phase)
         log.warning("step %d: %s; back to the checkpoint of step %d, redoing %d steps", k + 1, lost, start, k - start)
         return start
 
@@ -223,10 +225,14 @@ class Controller:
         except (CheckpointError, FileNotFoundError):
             return None
 
-    def _record(self, k: int, outcomes, decision: policy.Decision, detect_s: float, replace_s: float,
+    def _nodes(self) -> list:
+        """Each current rank's node (empty for groups that do not know nodes)."""
+        return list(getattr(self.group, "nodes", []))
+
+    def _record(self, k: int, outcomes, nodes: list, decision: policy.Decision, detect_s: float, replace_s: float,
                 restore_s: float, phase: str | None = None) -> None:
+        """One failure record per lost rank; ``nodes`` are those of the ranks ``outcomes`` names."""
         observed = phase or _observed_phase(outcomes)
-        nodes = getattr(self.group, "nodes", [])
         lost = decision.lost or (None,)
         for rank in lost:
             status = outcomes[rank].status if rank is not None else None
@@ -247,7 +253,7 @@ class Controller:
             if o.status.user_error:
                 raise worker_error(o, f"step {k}" if phase is None else f"{phase} after step {k}")
         lost = [o.status.rank for o in outcomes if o.status.dead or o.status.hung]
-        self._record(k, outcomes, decision, 0.0, 0.0, 0.0, phase) if lost else None
+        self._record(k, outcomes, self._nodes(), decision, 0.0, 0.0, 0.0, phase) if lost else None
         raise RunFailed(f"step {k + 1}: {decision.reason}; ranks lost {lost}", self.failures)
 
 
