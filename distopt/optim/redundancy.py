@@ -126,7 +126,7 @@ class Redundancy:
             self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
 
     def shipped(self) -> None:
-        """Wait until the right neighbour has this step's prepared gradients."""
+        """Wait until the replica's holder has this step's gradient shard (across hosts)."""
         if self._shift is not None:
             self._shift, shift = None, self._shift
             shift.wait()
