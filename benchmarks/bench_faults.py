@@ -55,7 +55,7 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
 
     Per batch size: the median over rounds of (median step on) / (median step off), the
     trials of a round back to back, and the median extra milliseconds; "on" both as here
-    (shared memory between the two ranks) and as across hosts (``DISTOPT_SHM=0``: a ring
+    (shared memory between the two ranks) and as across hosts (``shared_memory=False``: a ring
     shift of the gradients and a snapshot per step).
     """
     from distopt.collectives import free_port

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import distopt
-from conftest import RAY_ENV, init_local_ray
 from distopt.optim import adam
 from trainer_task import loss, make_data, make_model
-from unplug import unplug_after
+from cluster_nodes import two_node_cluster, unplug_after
 
 
 def _fit(**kw):
@@ -25,16 +24,7 @@ def single_node_result(ray_cluster):
 
 @pytest.fixture(scope="module")
 def two_nodes(single_node_result):
-    import ray
-    from ray.cluster_utils import Cluster
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, runtime_env=RAY_ENV, configure_logging=False, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    init_local_ray()  # later tests expect the session's cluster
+    yield from two_node_cluster(1)
 
 
 def test_spread_over_two_nodes_gives_the_single_node_weights(two_nodes, single_node_result):

@@ -5,24 +5,14 @@ import pytest
 import torch
 
 import distopt
-from conftest import RAY_ENV, init_local_ray
 from distopt.optim import adam
 from trainer_task import loss, make_data, make_model
-from unplug import unplug_after
+from cluster_nodes import two_node_cluster, unplug_after
 
 
 @pytest.fixture(scope="module")
 def packed_nodes(ray_cluster):
-    import ray
-    from ray.cluster_utils import Cluster
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    ray.init(address=cluster.address, runtime_env=RAY_ENV, configure_logging=False, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    init_local_ray()  # later tests expect the session's cluster
+    yield from two_node_cluster(2)
 
 
 def _slow_loss(model, batch):

@@ -66,7 +66,7 @@ class Redundancy:
         if self.sharded and shared_memory and like.device.type == "cpu":
             grads = open_window(opt.comm, sum(sizes) * item, -distance)  # a holder maps its owner's gradients
             if grads is not None:  # an owner maps its holder's replica
-                replicas = open_window(opt.comm, 8 + len(_fields(opt.rule)) * sum(sizes) * item, distance)
+                replicas = open_window(opt.comm, Shard.buffer_bytes(opt), distance)
         self.shared = grads is not None and replicas is not None
         if self.shared:
             grads.mine.view(like.dtype).copy_(opt._g_flat)  # the optimizer reduces straight into the window
@@ -197,11 +197,6 @@ def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
     return best, shared(best)
 
 
-def _fields(rule) -> list[bool]:
-    """Parameters, then whether each state field of ``rule`` holds tensors."""
-    return [True] + [bool(f) for f in rule.init([torch.zeros(1)])]
-
-
 class Shard:
     """Parameters and state of one shard, as lists of per-bucket tensors.
 
@@ -229,20 +224,24 @@ class Shard:
     def like(cls, params: list[torch.Tensor], rule) -> "Shard":
         return cls([torch.empty_like(p) for p in params], rule.init(params), -1)
 
+    @staticmethod
+    def buffer_bytes(opt: "ShardedOptimizer") -> int:
+        """Bytes :meth:`in_buffer` lays a shard of ``opt`` out in."""
+        fields = 1 + sum(1 for f in opt.rule.init([torch.zeros(1)]) if f)  # parameters and each state field
+        return 8 + fields * sum(t.numel() for t in opt._p_shards) * opt._params.data.element_size()
+
     @classmethod
     def in_buffer(cls, buf: torch.Tensor, opt: "ShardedOptimizer") -> "Shard":
-        """A shard shaped like ``opt``'s, laid out in the bytes ``buf``: the step, then the
-        parameters, then each state field (as :func:`_fields`)."""
+        """A shard shaped like ``opt``'s, laid out in the bytes ``buf``: the step (8 bytes),
+        the parameters, then each state field the rule keeps."""
         sizes = [t.numel() for t in opt._p_shards]
-        present = _fields(opt.rule)
-        views = carve(buf, opt._params.data.dtype, sizes * sum(present), offset=8)
-        parts = [views[i * len(sizes):(i + 1) * len(sizes)] for i in range(sum(present))]
         template = opt.rule.init([torch.zeros(1)])
-        state, i = [], 1
-        for has in present[1:]:
-            state.append(parts[i] if has else [])
-            i += has
-        return cls(parts[0], type(template)(*state), None, header=buf[:8].view(torch.int64))
+        fields = 1 + sum(1 for f in template if f)
+        views = carve(buf, opt._params.data.dtype, sizes * fields, offset=8)
+        parts = iter(views[i * len(sizes):(i + 1) * len(sizes)] for i in range(fields))
+        params = next(parts)
+        state = type(template)(*[next(parts) if f else [] for f in template])
+        return cls(params, state, None, header=buf[:8].view(torch.int64))
 
     def copy_from(self, params: list[torch.Tensor], state, step: int) -> None:
         torch._foreach_copy_(self.params, params)

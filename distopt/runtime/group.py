@@ -132,20 +132,21 @@ class RayWorkerGroup:
         caller recovers again with the same ``episode`` (see :meth:`Worker.recover`).
         """
         self.free_bundles += [b for r, b in enumerate(self.bundles) if r not in order and b not in self.free_bundles]
+        self._reorder(order)
+        world = len(order)
+        ended = self._reform(lambda r, a, host, port, name, d: a.recover.remote(
+            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback, episode, d), keep)
+        if keep < world and all(o.status.ok for o in ended):
+            self.kill(tuple(range(keep, world)))
+            self.free_bundles += self.bundles[keep:]
+            del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
+        return ended
+
+    def _reorder(self, order: list[int]) -> None:
+        """Current ranks ``order`` become ranks 0, 1, ...: actors, bundles and nodes alike."""
         self.actors = [self.actors[o] for o in order]
         self.bundles = [self.bundles[o] for o in order]
         self.nodes = [self.nodes[o] for o in order]
-        world = len(order)
-        d = self._distance(self.nodes[:keep])
-        ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
-            host, port, name, r, world, committed, holder_of, old_world, keep, self.loopback, episode, d))
-        if all(o.status.ok for o in ended):
-            self.replica_distance = d
-            if keep < world:
-                self.kill(tuple(range(keep, world)))
-                self.free_bundles += self.bundles[keep:]
-                del self.actors[keep:], self.bundles[keep:], self.nodes[keep:]
-        return ended
 
     def _distance(self, nodes: list[str]) -> int:
         """The replica distance for a group on ``nodes`` (one per rank); warns when some
@@ -156,16 +157,22 @@ class RayWorkerGroup:
                         "them on this placement): losing that node falls back to a checkpoint", shared)
         return d
 
-    def _rendezvous_outcomes(self, call) -> list[Outcome]:
-        """:meth:`_rendezvous`, with each rank's end as an Outcome instead of the first failure raised."""
+    def _reform(self, call, keep: int) -> list[Outcome]:
+        """Re-form the group: :meth:`_rendezvous` with each rank's end as an Outcome instead of
+        the first failure raised. ``call`` also takes the replica distance of the first
+        ``keep`` ranks, the group that goes on, which is kept once every rank is in."""
+        d = self._distance(self.nodes[:keep])
         try:
-            refs = self._rendezvous(call)
+            refs = self._rendezvous(lambda r, a, host, port, name: call(r, a, host, port, name, d))
         except WorkerLost:  # nothing started: the others are as they were
             return [Outcome(WorkerStatus(0, ok=False, dead=True))] + \
                 [Outcome(WorkerStatus(r, ok=False)) for r in range(1, len(self.actors))]
         # A rank whose store never answers gives up after up to two timeouts (the store
         # client retries its connect once), then one more for the group itself.
-        return outcomes(refs, self.config, timeouts=3)
+        ended = outcomes(refs, self.config, timeouts=3)
+        if all(o.status.ok for o in ended):
+            self.replica_distance = d
+        return ended
 
     def rejoin(self, order: list[int], keep: int) -> list[Outcome]:
         """Re-form the group from ``order`` (old ranks, new rank = position) with no state
@@ -174,17 +181,9 @@ class RayWorkerGroup:
         Returns one :class:`Outcome` per rank that goes on."""
         self.kill(tuple(order[keep:]))
         self.free_bundles += [b for r, b in enumerate(self.bundles) if r not in order[:keep]]
-        order = order[:keep]
-        self.actors = [self.actors[o] for o in order]
-        self.bundles = [self.bundles[o] for o in order]
-        self.nodes = [self.nodes[o] for o in order]
-        world = len(order)
-        d = self._distance(self.nodes)
-        ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.rejoin.remote(host, port, name, r, world,
-                                                                                         self.loopback, d))
-        if all(o.status.ok for o in ended):
-            self.replica_distance = d
-        return ended
+        self._reorder(order[:keep])
+        return self._reform(lambda r, a, host, port, name, d: a.rejoin.remote(host, port, name, r, keep,
+                                                                              self.loopback, d), keep)
 
     # --- growing back ---------------------------------------------------------------
     def ready_to_grow(self, target: int) -> int:
@@ -230,12 +229,8 @@ class RayWorkerGroup:
         shards = old_world if self.config.zero_stage >= 1 else 1
         holder_of = list(range(shards))
         world = len(self.actors)
-        d = self._distance(self.nodes)
-        ended = self._rendezvous_outcomes(lambda r, a, host, port, name: a.recover.remote(
-            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback, episode, d))
-        if all(o.status.ok for o in ended):
-            self.replica_distance = d
-        return ended
+        return self._reform(lambda r, a, host, port, name, d: a.recover.remote(
+            host, port, name, r, world, committed, holder_of, old_world, world, self.loopback, episode, d), world)
 
     def kill(self, ranks: tuple[int, ...]) -> None:
         """Kill the actors of ``ranks`` (dead, hung or dropped)."""

@@ -103,7 +103,7 @@ class Worker:
         opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant,
                                wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes,
-                               replica_distance=self.replica_distance if comm.world_size > 1 else 1,
+                               replica_distance=self.replica_distance,
                                shared_memory=c.shared_memory)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
