@@ -56,7 +56,7 @@ def test_redundancy_changes_no_bit_and_replicas_match_their_owner(rule, stage, t
         opt.redundancy.commit(opt.step_count)
     for r, opt in enumerate(opts):
         left = opts[(r - 1) % 3]
-        rep = opt.redundancy.replica
+        rep = opt.redundancy.replica_at_commit()
         assert rep.step == 6
         assert all(torch.equal(a, b) for a, b in zip(rep.params, left._p_shards))
         for mine, theirs in zip(rep.state, left.state):
@@ -242,14 +242,15 @@ def test_clipped_steps_replay_to_the_owners_bits(transport):
     opts = run_ranks(in_process(3, timeout_s=10), body)
     for r, opt in enumerate(opts):
         left = opts[(r - 1) % 3]
-        assert all(torch.equal(a, b) for a, b in zip(opt.redundancy.replica.params, left._p_shards))
-        for mine, theirs in zip(opt.redundancy.replica.state, left.state):
+        rep = opt.redundancy.replica_at_commit()
+        assert all(torch.equal(a, b) for a, b in zip(rep.params, left._p_shards))
+        for mine, theirs in zip(rep.state, left.state):
             assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
 
-def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_replica():
-    """No snapshot on one host: rank 0 takes its last committed shard back from rank 1's
-    replica (shared memory), and refuses a replica at any other step."""
+def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_copy_and_the_log():
+    """No snapshot on one host: rank 0 rebuilds its last committed shard from the chunks rank 1
+    copied and the gradients rank 0 logged, and refuses when a step it needs is no longer logged."""
     def run(steps):
         def body(comm):
             params, opt = _opt(comm, "adamw", 1)
@@ -259,12 +260,13 @@ def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_replica():
         return run_ranks(in_process(2, timeout_s=10), body)
 
     two, three = run(2), run(3)  # the third update is treated as never committed
-    assert three[0].redundancy.shared and three[0].redundancy.snapshot is None
-    holder = three[1].redundancy.replica  # rank 1 holds rank 0's replica
-    holder.step = 7
-    with pytest.raises(RecoveryError, match="rank 0 holds update 3 and cannot return to update 2"):
+    red = three[0].redundancy
+    assert red.shared and red.snapshot is None
+    logged = red.log.own_log.steps.clone()
+    red.log.own_log.steps.fill_(-1)
+    with pytest.raises(RecoveryError, match="gradients of update 1 are no longer logged"):
         three[0].rollback(2)
-    holder.step = 2
+    red.log.own_log.steps.copy_(logged)
     three[0].rollback(2)
     assert all(torch.equal(a, b) for a, b in zip(three[0]._p_shards, two[0]._p_shards))
     for mine, want in zip(three[0].state, two[0].state):

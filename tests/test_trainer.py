@@ -108,6 +108,7 @@ def test_more_workers_than_the_cluster_can_place(ray_cluster):
     ({"optimizer": torch.optim.Adam}, TypeError, r"is not an update rule"),
     ({"checkpoint_every": 5}, ValueError, r"checkpoint_every=5 needs a checkpoint_dir"),
     ({"shared_memory": "yes"}, ValueError, r"shared_memory='yes' must be True or False"),
+    ({"replica_log_depth": 0}, ValueError, r"replica_log_depth=0 must be an int in \[1, 64\]"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, exc, message):
     args = {"model": make_model, "loss": loss, "data": make_data(), "optimizer": adam(1e-3),

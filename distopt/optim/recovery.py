@@ -55,7 +55,7 @@ def packets(opt, old_rank: int) -> dict[int, torch.Tensor]:
     out = {own: Shard(opt._p_shards, opt.state, opt.step_count).packet()}
     red = opt.redundancy
     if red is not None and red.sharded:
-        out[red.left] = red.replica.packet()
+        out[red.left] = red.replica_at_commit().packet()
     return out
 
 

@@ -11,23 +11,14 @@ Rank ``r`` keeps, with ``d`` the replica distance (1 unless the ranks span nodes
 * a way back to the last commit for its own shard, whatever point of the step a failure
   interrupted: a snapshot taken just before each update, unless its holder shares its host.
 
-When a rank and its holder share a host they share memory instead of sending
-(:mod:`distopt.collectives.window`): the owner reduces its gradient shard straight into a
-window the holder replays from, and the holder keeps the replica in a window the owner
-maps, so the owner needs no snapshot: an update it applied but that never committed is
-undone by copying the replica back, which a dead holder's mapping still holds. Why that
-is safe:
+When a rank and its holder share a host they share memory instead
+(:mod:`distopt.optim.replica_log`): no snapshot, no shift and no replay per step. The
+holder copies a slice of the owner's committed shard each step and the owner logs its last
+few gradient shards; the replica, or the owner's own shard at the last commit, is rebuilt
+from the copy and the log when a failure needs it.
 
-* the owner never writes its gradient window between its reduction and the commit, and
-  reduces into it again only once the holder has replayed: the next reduction needs the
-  holder's own gradients, which the holder sends after it replayed
-  (:meth:`Redundancy.commit` runs before a step's first gradient leaves);
-* the owner updates its shard only after the step's gradient-norm allreduce, which its
-  holder joins only after replaying the last commit: a replica is never mid-replay while
-  its owner's shard is ahead of the commit, and it replays a step only once that step
-  committed, so after a failed step it holds exactly the last commit.
-
-Across hosts the gradients travel with one ring shift and the owner keeps its snapshot.
+Across hosts the gradients travel with one ring shift, the holder replays each committed
+update onto its replica, and the owner keeps a snapshot.
 
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
 recovery changes no bit of the result. At stage 0 every rank holds everything, so only
@@ -41,7 +32,7 @@ from typing import TYPE_CHECKING, Hashable, Sequence
 
 import torch
 
-from distopt.collectives.window import carve, open_window
+from distopt.optim.replica_log import DEPTH, ReplicaLog
 
 if TYPE_CHECKING:
     from distopt.optim.sharded import ShardedOptimizer
@@ -55,34 +46,21 @@ class RecoveryError(RuntimeError):
 class Redundancy:
     """The snapshot, replica and in-flight gradients of one rank (see the module docstring)."""
 
-    def __init__(self, opt: "ShardedOptimizer", distance: int = 1, shared_memory: bool = True) -> None:
+    def __init__(self, opt: "ShardedOptimizer", distance: int = 1, shared_memory: bool = True,
+                 log_depth: int = DEPTH) -> None:
         self.opt, self.distance = opt, distance
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
         sizes = [t.numel() for t in opt._p_shards]
         like = opt._params.data
-        item = like.element_size()
-        grads = replicas = None
-        if self.sharded and shared_memory and like.device.type == "cpu":
-            grads = open_window(opt.comm, sum(sizes) * item, -distance)  # a holder maps its owner's gradients
-            if grads is not None:  # an owner maps its holder's replica
-                replicas = open_window(opt.comm, Shard.buffer_bytes(opt), distance)
-        self.shared = grads is not None and replicas is not None
-        if self.shared:
-            grads.mine.view(like.dtype).copy_(opt._g_flat)  # the optimizer reduces straight into the window
-            opt._g_flat = grads.mine.view(like.dtype)
-            opt._g_shards = list(opt._g_flat.split(sizes))
-            self.pending = carve(grads.peer, like.dtype, sizes)
-            self.replica = Shard.in_buffer(replicas.mine, opt)
-            self._holder = Shard.in_buffer(replicas.peer, opt)  # this rank's committed shard, kept by its holder
-            self._pending_flat = self.snapshot = None
-        else:
-            self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded else None
-            self._holder = None
-            self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
-                if self.sharded else None
-            self.pending = list(self._pending_flat.split(sizes)) if self.sharded else []
-            self.snapshot = Shard.like(opt._p_shards, opt.rule)
+        self.log = ReplicaLog.open(opt, distance, log_depth) \
+            if self.sharded and shared_memory and like.device.type == "cpu" else None
+        self.shared = self.log is not None
+        self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded and not self.shared else None
+        self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
+            if self.replica is not None else None
+        self.pending = list(self._pending_flat.split(sizes)) if self._pending_flat is not None else []
+        self.snapshot = None if self.shared else Shard.like(opt._p_shards, opt.rule)
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
         self.replay_s = 0.0  # seconds replaying since the optimizer last reported them
@@ -99,6 +77,9 @@ class Redundancy:
         if not self.sharded:
             return
         ranges = self.opt.plan.ranges(self.left)
+        if self.shared:
+            self.log.reset([self.opt._params.data[s:e] for s, e in ranges], None, self.opt.step_count)
+            return
         torch._foreach_copy_(self.replica.params, [self.opt._params.data[s:e] for s, e in ranges])
         for field in self.replica.state:
             for t in field:
@@ -110,17 +91,23 @@ class Redundancy:
         from distopt.optim.state_io import fill_shard
         self.live_step = self.opt.step_count
         self.pending_step = None
-        if self.sharded:
+        if self.sharded and self.shared:
+            params = [self.opt._params.data[s:e] for s, e in self.opt.plan.ranges(self.left)]
+            state = self.opt.rule.init(params)
+            fill_shard(self.opt, full, self.left, state)
+            self.log.reset(params, state, self.opt.step_count)
+        elif self.sharded:
             self.reset_replica()
             fill_shard(self.opt, full, self.left, self.replica.state)
 
     def before_update(self, step: int, scale: float) -> None:
         """Snapshot the committed shard and hand this step's gradient shard (clipped by
         ``scale`` in the update) to the replica's holder."""
-        if self.sharded:
-            if not self.shared:
-                self._shift = self.opt.comm.shift(self.opt._g_flat, out=self._pending_flat, async_op=True,
-                                                  distance=self.distance)
+        if self.shared:
+            self.log.record(step, scale)
+        elif self.sharded:
+            self._shift = self.opt.comm.shift(self.opt._g_flat, out=self._pending_flat, async_op=True,
+                                              distance=self.distance)
             self.pending_step, self.pending_scale = step, scale
         if self.snapshot is not None:
             self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
@@ -136,8 +123,14 @@ class Redundancy:
         self.live_step = step
 
     def commit(self, committed: int) -> None:
-        """Every rank finished update ``committed``: replay the neighbour's in-flight update."""
-        if self.sharded and self.pending_step is not None and self.pending_step <= committed:
+        """Every rank finished update ``committed``: replay the neighbour's in-flight update (on
+        one host: copy a slice of its shard, and log the next update's gradients)."""
+        if self.shared:
+            t0 = time.perf_counter()
+            self.log.refresh(committed)
+            self.log.bind(committed)
+            self.replay_s += time.perf_counter() - t0
+        elif self.sharded and self.pending_step is not None and self.pending_step <= committed:
             t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
@@ -152,21 +145,33 @@ class Redundancy:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
         self._shift = None  # its group is gone; a half-received gradient is never replayed
         if self.live_step == committed + 1:
-            back = self.snapshot if self.snapshot is not None else self._holder
-            if back.step == committed:
-                back.copy_to(self.opt._p_shards, self.opt.state)
+            if self.shared:
+                self.log.undo(committed)
+                self.live_step = committed
+            elif self.snapshot.step == committed:
+                self.snapshot.copy_to(self.opt._p_shards, self.opt.state)
                 self.live_step = committed
         if self.live_step != committed:
             raise RecoveryError(f"rank {self.opt.comm.rank} holds update {self.live_step} and cannot return to "
                                 f"update {committed}")
-        self.commit(committed)
-        self.pending_step = None
-        if self.sharded and self.replica.step != committed:
-            raise RecoveryError(f"replica of rank {self.left} holds update {self.replica.step}, not {committed}")
+        if not self.shared:
+            self.commit(committed)
+            self.pending_step = None
+            if self.sharded and self.replica.step != committed:
+                raise RecoveryError(f"replica of rank {self.left} holds update {self.replica.step}, not {committed}")
         self.opt.step_count = committed
+
+    def replica_at_commit(self) -> "Shard":
+        """The left neighbour's shard as of the last commit (rebuilt, on one host)."""
+        if self.shared:
+            return self.log.replica(self.opt.step_count)
+        self.commit(self.opt.step_count)
+        return self.replica
 
     def nbytes(self) -> int:
         """Memory this redundancy costs on this rank."""
+        if self.shared:
+            return self.log.nbytes()
         total = (self.snapshot.nbytes() if self.snapshot else 0) + (self.replica.nbytes() if self.replica else 0)
         return total + (self._pending_flat.numel() * self._pending_flat.element_size()
                         if self._pending_flat is not None else 0)
@@ -198,50 +203,14 @@ def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
 
 
 class Shard:
-    """Parameters and state of one shard, as lists of per-bucket tensors.
+    """Parameters and state of one shard, as lists of per-bucket tensors, at update ``step``."""
 
-    With a ``header`` (a one-element int64 tensor, in shared memory) the step lives there,
-    so another process that maps it reads the step along with the tensors.
-    """
-
-    def __init__(self, params: list[torch.Tensor], state, step: int | None,
-                 header: torch.Tensor | None = None) -> None:
-        self.params, self.state, self._header = params, state, header
-        if step is not None:  # None: the header already holds the step (its writer is another process)
-            self.step = step
-
-    @property
-    def step(self) -> int:
-        return int(self._header[0]) if self._header is not None else self._step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self._step = value
-        if self._header is not None:
-            self._header[0] = value
+    def __init__(self, params: list[torch.Tensor], state, step: int) -> None:
+        self.params, self.state, self.step = params, state, step
 
     @classmethod
     def like(cls, params: list[torch.Tensor], rule) -> "Shard":
         return cls([torch.empty_like(p) for p in params], rule.init(params), -1)
-
-    @staticmethod
-    def buffer_bytes(opt: "ShardedOptimizer") -> int:
-        """Bytes :meth:`in_buffer` lays a shard of ``opt`` out in."""
-        fields = 1 + sum(1 for f in opt.rule.init([torch.zeros(1)]) if f)  # parameters and each state field
-        return 8 + fields * sum(t.numel() for t in opt._p_shards) * opt._params.data.element_size()
-
-    @classmethod
-    def in_buffer(cls, buf: torch.Tensor, opt: "ShardedOptimizer") -> "Shard":
-        """A shard shaped like ``opt``'s, laid out in the bytes ``buf``: the step (8 bytes),
-        the parameters, then each state field the rule keeps."""
-        sizes = [t.numel() for t in opt._p_shards]
-        template = opt.rule.init([torch.zeros(1)])
-        fields = 1 + sum(1 for f in template if f)
-        views = carve(buf, opt._params.data.dtype, sizes * fields, offset=8)
-        parts = iter(views[i * len(sizes):(i + 1) * len(sizes)] for i in range(fields))
-        params = next(parts)
-        state = type(template)(*[next(parts) if f else [] for f in template])
-        return cls(params, state, None, header=buf[:8].view(torch.int64))
 
     def copy_from(self, params: list[torch.Tensor], state, step: int) -> None:
         torch._foreach_copy_(self.params, params)

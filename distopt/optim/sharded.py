@@ -26,6 +26,7 @@ from distopt.optim import state_io
 from distopt.optim.plan import ShardPlan, plan
 from distopt.optim.overlap import Overlap
 from distopt.optim.redundancy import RecoveryError, Redundancy, clipped
+from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, MAX_DEPTH
 from distopt.optim.rules import Rule
 
 log = logging.getLogger("distopt")
@@ -64,6 +65,10 @@ class ShardedOptimizer:
         shared_memory: ranks that share a host keep the redundancy in shared memory
             (:mod:`distopt.collectives.window`) instead of sending it; False sends it always.
             The same on every rank.
+        replica_log_depth: on one host, the steps of gradients each rank logs and the steps
+            over which its holder copies its shard (:mod:`distopt.optim.replica_log`): each
+            step costs a copy of ``1/depth`` of the shard's parameters and state, and memory
+            holds ``depth - 1`` more gradient shards. The same on every rank.
 
     Raises:
         TypeError, ValueError: bad arguments, before any communication.
@@ -73,13 +78,16 @@ class ShardedOptimizer:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False,
                  last_bucket_bytes: int | None = 2**20, replica_distance: int = 1,
-                 shared_memory: bool = True) -> None:
+                 shared_memory: bool = True, replica_log_depth: int = REPLICA_LOG_DEPTH) -> None:
         self.names, self._tensors = _named_tensors(params)
         _check_args(self._tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype)
         if not isinstance(replica_distance, int) or isinstance(replica_distance, bool) or \
                 not 1 <= replica_distance <= max(1, comm.world_size - 1):
             raise ValueError(f"replica_distance={replica_distance!r} must be an int in [1, world_size - 1] "
                              f"(world_size={comm.world_size}): use distopt.optim.redundancy.replica_distance(nodes)")
+        if not isinstance(replica_log_depth, int) or isinstance(replica_log_depth, bool) or \
+                not 1 <= replica_log_depth <= MAX_DEPTH:
+            raise ValueError(f"replica_log_depth={replica_log_depth!r} must be an int in [1, {MAX_DEPTH}]")
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
         first = self._tensors[0]
@@ -99,7 +107,7 @@ class ShardedOptimizer:
         self.step_count = 0
         # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
         self.on_phase: Callable[[str, int], None] | None = None
-        self.redundancy = Redundancy(self, replica_distance, shared_memory) if replicate else None
+        self.redundancy = Redundancy(self, replica_distance, shared_memory, replica_log_depth) if replicate else None
         self.overlap: Overlap | None = None
 
     # --- set-up ---------------------------------------------------------------------

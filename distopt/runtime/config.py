@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, MAX_DEPTH
 from distopt.optim.rules import Rule
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -42,6 +43,7 @@ class TrainConfig:
     step_timeout_s: float = 300.0
     grow_back: bool = True  # after a shrink, take ranks back when their bundles can be placed again
     shared_memory: bool = True  # ranks on one host keep the redundancy in /dev/shm instead of sending it
+    replica_log_depth: int = REPLICA_LOG_DEPTH  # on one host: logged gradient steps (memory) vs copy per step
     faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end of fit
@@ -104,6 +106,9 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
     if not isinstance(c.shared_memory, bool):
         raise ValueError(f"shared_memory={c.shared_memory!r} must be True or False")
+    if not isinstance(c.replica_log_depth, int) or isinstance(c.replica_log_depth, bool) or \
+            not 1 <= c.replica_log_depth <= MAX_DEPTH:
+        raise ValueError(f"replica_log_depth={c.replica_log_depth!r} must be an int in [1, {MAX_DEPTH}]")
     if not isinstance(c.spare_workers, int) or c.spare_workers < 0:
         raise ValueError(f"spare_workers={c.spare_workers!r} must be an int >= 0")
     if c.spare_workers and not c.fault_tolerant:

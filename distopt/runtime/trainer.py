@@ -71,6 +71,9 @@ class Trainer:
         shared_memory: workers on one host keep the fault-tolerance redundancy in shared
             memory (``/dev/shm``) instead of sending it and snapshotting every step; False
             takes the across-hosts path everywhere (so does ``DISTOPT_SHM=0``).
+        replica_log_depth: with shared memory, each worker logs this many steps of
+            gradient shards and its holder copies ``1/depth`` of its shard per step: higher
+            is faster and takes more memory (``distopt.optim.replica_log``).
         faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
             purpose (chaos testing).
         checkpoint_dir: write checkpoints here (``step-N`` folders); one at the end of ``fit``.
@@ -92,7 +95,8 @@ class Trainer:
                  bucket_bytes: int = 25 * 2**20, grad_wire_dtype: Any = None, mixed_precision: str | None = None,
                  max_failures: int = 3, min_workers: int = 1,
                  replace_timeout_s: float = 30.0, spare_workers: int = 0, step_timeout_s: float = 300.0,
-                 grow_back: bool = True, shared_memory: bool = True, faults: tuple = (),
+                 grow_back: bool = True, shared_memory: bool = True, replica_log_depth: int = 4,
+                 faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
                  resume_from: str | None = None) -> None:
         self.config = TrainConfig(
@@ -104,7 +108,8 @@ class Trainer:
             placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
             placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
             replace_timeout_s=replace_timeout_s, spare_workers=spare_workers, step_timeout_s=step_timeout_s,
-            grow_back=grow_back, shared_memory=shared_memory, faults=tuple(faults),
+            grow_back=grow_back, shared_memory=shared_memory, replica_log_depth=replica_log_depth,
+            faults=tuple(faults),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
             keep_last=keep_last)
         if not isinstance(log_every, int) or log_every < 0:

@@ -104,7 +104,7 @@ class Worker:
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant,
                                wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes,
                                replica_distance=self.replica_distance,
-                               shared_memory=c.shared_memory)
+                               shared_memory=c.shared_memory, replica_log_depth=c.replica_log_depth)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:

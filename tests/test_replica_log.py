@@ -1,0 +1,91 @@
+"""The one-host redundancy: a replica copied a chunk per step, rebuilt with logged gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distopt.collectives import in_process, run_ranks
+from distopt.optim import ShardedOptimizer, adam, sgd
+from distopt.optim.redundancy import RecoveryError
+from distopt.optim.replica_log import ALIGN, chunk_pieces
+
+from odd_params import grads_of as _grads, init_params as _init
+
+
+def _run(world, steps, depth, rule=lambda: adam(1e-2, weight_decay=0.05), replicate=True, clip=None, stage=1):
+    def body(comm):
+        params = _init()
+        opt = ShardedOptimizer(params, rule(), comm, zero_stage=stage, bucket_bytes=512, replicate=replicate,
+                               max_grad_norm=clip, replica_log_depth=depth)
+        for k in range(steps):
+            opt.step(_grads(k, comm.rank))
+        return params, opt
+    return run_ranks(in_process(world, timeout_s=10), body)
+
+
+def _same_shard(a_params, a_state, opt) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a_params, opt._p_shards)) and \
+        all(torch.equal(x, y) for mine, theirs in zip(a_state, opt.state) for x, y in zip(mine, theirs))
+
+
+@pytest.mark.parametrize("sizes,depth", [([1000], 4), ([130, 7, 4096, 64], 3), ([10, 20], 8), ([5000], 1)])
+def test_chunks_cover_the_shard_once_with_aligned_cuts(sizes, depth):
+    chunks = chunk_pieces(sizes, depth)
+    assert len(chunks) == depth
+    seen = [torch.zeros(n, dtype=torch.int64) for n in sizes]
+    for chunk in chunks:
+        for b, lo, hi in chunk:
+            assert lo < hi and (lo % ALIGN == 0) and (hi % ALIGN == 0 or hi == sizes[b])
+            seen[b][lo:hi] += 1
+    assert all(bool((s == 1).all()) for s in seen)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+@pytest.mark.parametrize("rule", ["adamw_clipped", "sgd_momentum"])
+def test_replica_rebuilt_from_copies_and_log_equals_its_owner(depth, rule):
+    make = {"adamw_clipped": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
+            "sgd_momentum": lambda: sgd(0.05, momentum=0.9, weight_decay=0.01)}[rule]
+    plain = _run(3, 9, depth, make, replicate=False, clip=0.01)
+    kept = _run(3, 9, depth, make, clip=0.01)
+    for (p1, _), (p2, opt) in zip(plain, kept):
+        assert opt.redundancy.shared
+        assert all(torch.equal(p1[n], p2[n]) for n in p1), "the redundancy changed a bit"
+    for r, (_, opt) in enumerate(kept):
+        rep = opt.redundancy.replica_at_commit()
+        assert rep.step == 9 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
+
+
+def test_a_holder_killed_mid_copy_leaves_every_chunk_whole():
+    """A copy goes to the spare slot and the table moves only after it: garbage in the spare
+    slot (what a copy cut short leaves) never reaches a rebuilt replica."""
+    kept = _run(2, 6, 3)
+    for r, (_, opt) in enumerate(kept):
+        log = opt.redundancy.log
+        for flat in log.base.slots[log._spare]:
+            flat.fill_(float("nan"))
+        rep = opt.redundancy.replica_at_commit()
+        assert _same_shard(rep.params, rep.state, kept[1 - r][1])
+
+
+def test_a_chunk_copied_past_the_commit_is_refused():
+    _, opt = _run(2, 3, 4)[0]
+    log = opt.redundancy.log
+    log.base.table[0] = 9 * 1024 + int(log.base.table[0]) % 1024
+    with pytest.raises(RecoveryError, match="chunk 0 was copied at update 9, past the commit 3"):
+        opt.redundancy.replica_at_commit()
+
+
+def test_the_owners_state_lives_where_its_holder_reads_it():
+    kept = _run(2, 4, 4)
+    for r, (_, opt) in enumerate(kept):
+        holder = kept[1 - r][1].redundancy.log
+        for mine, seen in zip(opt.state, holder.left_log.state):
+            assert all(torch.equal(a, b) for a, b in zip(mine, seen))
+            assert all(a.data_ptr() != b.data_ptr() for a, b in zip(mine, seen))  # two mappings, one file
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65, 2.0, True])
+def test_bad_log_depth_is_refused_before_any_communication(bad):
+    comm = in_process(1)[0]
+    with pytest.raises(ValueError, match=r"replica_log_depth=.* must be an int in \[1, 64\]"):
+        ShardedOptimizer(_init(), adam(1e-3), comm, replicate=True, replica_log_depth=bad)
