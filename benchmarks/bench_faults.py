@@ -55,11 +55,11 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
 
     Per batch size: the median over rounds of (median step on) / (median step off), the
     trials of a round back to back, and the median extra milliseconds; "on" both as here
-    (shared memory between the two ranks) and as across hosts (``shared_memory=False``: a ring
-    shift of the gradients and a snapshot per step).
+    (shared memory between the two ranks, ``replica_log_depth`` 4 and 8) and as across hosts
+    (``shared_memory=False``: a ring shift of the gradients, a snapshot and a replay per step).
     """
     from distopt.collectives import free_port
-    variants = ("f0", "f3", "f3-noshm")
+    variants = ("f0", "f3", "f3-d8", "f3-noshm")
     names = [f"rt-s1-{v}-b{b}" for b in batches for v in variants]
     pair = ProcessPair(step_ranks.rank_main, (free_port(), {n: free_port() for n in names}, names, 3))
     ms: dict[str, list[float]] = {n: [] for n in names}
@@ -78,9 +78,11 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
     rows = []
     for b in batches:
         off, on, hosts = ms[f"rt-s1-f0-b{b}"], ms[f"rt-s1-f3-b{b}"], ms[f"rt-s1-f3-noshm-b{b}"]
+        deep = ms[f"rt-s1-f3-d8-b{b}"]
         rows.append({"batch_per_worker": b, "off_ms": median(off), "on_ms": median(on),
                      "extra_ms": median(y - x for x, y in zip(off, on)),
                      "ratio": median(y / x for x, y in zip(off, on)),
+                     "d8_ms": median(deep), "d8_ratio": median(y / x for x, y in zip(off, deep)),
                      "noshm_ms": median(hosts), "noshm_ratio": median(y / x for x, y in zip(off, hosts))})
     return rows
 
@@ -147,13 +149,14 @@ def table_rows(result: dict) -> list[list[str]]:
 
 
 BATCH_HEADERS = ["samples per worker", "step ms, max_failures=0", "step ms, max_failures=3", "extra ms", "ratio",
-                 "step ms, as across hosts", "ratio, as across hosts"]
+                 "ratio, replica_log_depth=8", "step ms, as across hosts", "ratio, as across hosts"]
 
 
 def batch_rows(result: dict) -> list[list[str]]:
     """The overhead sweep, one row per batch size."""
     return [[r["batch_per_worker"], f"{r['off_ms']:.1f}", f"{r['on_ms']:.1f}", f"{r['extra_ms']:.1f}",
-             f"{r['ratio']:.3f}x", f"{r['noshm_ms']:.1f}" if "noshm_ms" in r else "",
+             f"{r['ratio']:.3f}x", f"{r['d8_ratio']:.3f}x" if "d8_ratio" in r else "",
+             f"{r['noshm_ms']:.1f}" if "noshm_ms" in r else "",
              f"{r['noshm_ratio']:.3f}x" if "noshm_ratio" in r else ""] for r in result.get("by_batch", [])]
 
 
@@ -173,10 +176,12 @@ def markdown(result: dict) -> str:
             "The redundancy's cost as the step computes more: the same MLP on the runtime (2 rank processes, no "
             "Ray), stage 1, redundancy off, on, and on as across hosts, back to back in each round; per batch "
             "size the median over rounds of the ratio and of the extra milliseconds. Here the two ranks share a "
-            "host, so the redundancy goes through shared memory (distopt/collectives/window.py): what is left "
-            "per step is the holder's replay of its neighbour's update. Across hosts (`DISTOPT_SHM=0` gives "
-            "that path on one host) each step also ships the shard's gradients with a ring shift and copies a "
-            "snapshot of the shard. That work is per parameter, so the batch changes only the step it is "
+            "host, so the redundancy goes through shared memory (distopt/optim/replica_log.py): what is left "
+            "per step is the holder's copy of 1/depth of its neighbour's shard (`replica_log_depth`, 4 by "
+            "default; the depth-8 column logs twice the gradient shards to copy half as much). Across hosts "
+            "(`DISTOPT_SHM=0` gives that path on one host) each step ships the shard's gradients with a ring "
+            "shift, replays the neighbour's update and copies a snapshot of the shard. That work is per "
+            "parameter, so the batch changes only the step it is "
             "compared with; on two cores that both ranks keep busy, none of it can hide behind the step. Not "
             "goals: the goal row above is at 32 samples per worker.",
             md_table(BATCH_HEADERS, batch_rows(result))]

@@ -7,7 +7,8 @@ step benchmark's 6.3M-parameter MLP, Adam:
   ``8 x P / N`` at zero_stage >= 1; the excess is the plan's zero padding. The in-memory
   redundancy that fault tolerance keeps is reported beside it (``Redundancy.nbytes()``), as
   across hosts (``shared_memory=False``: snapshot, replica, received gradients) and as on one
-  host (shared memory: the replica only).
+  host (shared memory, ``replica_log_depth`` 4: the copies of the neighbour's shard and the
+  logged gradient shards).
 * bytes each worker sends per step, counted by :class:`CountingComm`, a thin proxy around
   the TorchCommunicator that adds up what each collective sends under the ring algorithm,
   against DDP's ``2(N-1)/N x 4 x P`` (ZeroRedundancyOptimizer's is about 1.5x that).
@@ -227,7 +228,8 @@ def markdown(result: dict) -> str:
         f"2(N-1)/N x 4P bytes per step. Without redundancy stages 1/2 send DDP's bytes plus the 8-byte "
         f"allreduce of the gradient norm (8 x 2(N-1)/N B); the redundancy's ring `shift` adds 4P/N B. The "
         f"redundancy is measured as across hosts (`shared_memory=False`); ranks on one host share memory instead "
-        f"(no shift, no snapshot: the last column).",
+        f"(no shift, no snapshot: the last column, which holds (depth + 1)/depth copies of the neighbour's "
+        f"parameters and state and depth - 1 logged gradient shards, depth = `replica_log_depth` = 4).",
         md_table(STATE_HEADERS, state_rows(result)),
         f"The plan pads every bucket to a multiple of N x 32 elements, so each rank's shard exceeds P/N by less "
         f"than 32 elements per bucket: less than 8 x 32 = 256 B of Adam state per bucket (the MLP has "

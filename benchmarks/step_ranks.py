@@ -45,13 +45,14 @@ def make_data() -> TensorDataset:
 
 
 def train_config(world: int, zero_stage: int, max_failures: int, overlap: bool = True,
-                 batch_per_worker: int = BATCH_PER_WORKER, shared_memory: bool = True):
+                 batch_per_worker: int = BATCH_PER_WORKER, shared_memory: bool = True, log_depth: int = 4):
     """The distopt run description every contender shares."""
     import distopt
     from distopt.runtime.config import TrainConfig
     return TrainConfig(model=make_model, loss=mse_loss, data=make_data(), optimizer=distopt.optim.adam(lr=LR),
                        global_batch_size=batch_per_worker * world, num_workers=world, zero_stage=zero_stage,
-                       seed=SEED, max_failures=max_failures, overlap=overlap, shared_memory=shared_memory)
+                       seed=SEED, max_failures=max_failures, overlap=overlap, shared_memory=shared_memory,
+                       replica_log_depth=log_depth)
 
 
 def _torch_runner(rank: int, world: int, data: TensorDataset, zero: bool) -> Callable[[int], dict]:
@@ -79,11 +80,11 @@ def _torch_runner(rank: int, world: int, data: TensorDataset, zero: bool) -> Cal
 
 def _distopt_runner(rank: int, world: int, port: int, zero_stage: int, max_failures: int,
                     overlap: bool = True, batch_per_worker: int = BATCH_PER_WORKER,
-                    shm: bool = True) -> Callable[[int], dict]:
+                    shm: bool = True, log_depth: int = 4) -> Callable[[int], dict]:
     from distopt.runtime.worker import Worker
-    worker = Worker(train_config(world, zero_stage, max_failures, overlap, batch_per_worker, shm), rank)
+    worker = Worker(train_config(world, zero_stage, max_failures, overlap, batch_per_worker, shm, log_depth), rank)
     worker.connect("127.0.0.1", port, group_name=f"bench-s{zero_stage}-f{max_failures}-o{int(overlap)}"
-                                                 f"-b{batch_per_worker}-m{int(shm)}")
+                                                 f"-b{batch_per_worker}-m{int(shm)}-d{log_depth}")
 
     def step(k: int) -> dict:
         t0 = time.perf_counter()
@@ -109,11 +110,12 @@ def rank_main(rank: int, world: int, cmds, results, default_port: int, ports: di
         elif name == "zero":
             runners[name] = _torch_runner(rank, world, data, zero=True)
         else:  # "rt-s{stage}-f{max_failures}", then "-nooverlap" (buckets reduced after backward),
-            parts = name.split("-")  # "-b{samples per worker}", "-noshm" (the redundancy as across hosts)
-            stage, failures = int(parts[1][1:]), int(parts[2][1:])
+            parts = name.split("-")  # "-b{samples per worker}", "-noshm" (the redundancy as across hosts),
+            stage, failures = int(parts[1][1:]), int(parts[2][1:])  # "-d{replica_log_depth}"
             batch = next((int(p[1:]) for p in parts[3:] if p[0] == "b"), BATCH_PER_WORKER)
+            depth = next((int(p[1:]) for p in parts[3:] if p[0] == "d"), 4)
             runners[name] = _distopt_runner(rank, world, ports[name], stage, failures, "nooverlap" not in parts,
-                                            batch, "noshm" not in parts)
+                                            batch, "noshm" not in parts, depth)
         for k in range(warmup):
             runners[name](k)
 

@@ -1,24 +1,22 @@
 """In-memory redundancy: every shard, as of the last commit, also lives on a second rank.
 
 Rank ``r`` keeps, with ``d`` the replica distance (1 unless the ranks span nodes, see
-:func:`replica_distance`),
+:func:`replica_distance`), the means to rebuild
 
-* a replica of rank ``r - d``'s shard as of the last commit, so a replacement for a lost
-  ``r - d`` gets it from memory instead of a checkpoint;
-* rank ``r - d``'s averaged gradient shard of the step in flight, and its clipping factor,
-  which it replays onto the replica once the step commits (clipping, L2 decay and the
-  update, as the owner did them);
-* a way back to the last commit for its own shard, whatever point of the step a failure
-  interrupted: a snapshot taken just before each update, unless its holder shares its host.
+* rank ``r - d``'s shard as of the last commit, so a replacement for a lost ``r - d`` gets
+  it from memory instead of a checkpoint;
+* its own shard as of the last commit, whatever point of the step a failure interrupted.
+
+Across hosts, rank ``r`` holds a live replica: it receives ``r - d``'s averaged gradient
+shard of the step in flight with one ring shift, with its clipping factor, and replays it
+onto the replica once the step commits (clipping, L2 decay and the update, as the owner
+did them); for its own shard it keeps a snapshot taken just before each update.
 
 When a rank and its holder share a host they share memory instead
 (:mod:`distopt.optim.replica_log`): no snapshot, no shift and no replay per step. The
 holder copies a slice of the owner's committed shard each step and the owner logs its last
 few gradient shards; the replica, or the owner's own shard at the last commit, is rebuilt
-from the copy and the log when a failure needs it.
-
-Across hosts the gradients travel with one ring shift, the holder replays each committed
-update onto its replica, and the owner keeps a snapshot.
+from the copies and the log when a failure needs it.
 
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
 recovery changes no bit of the result. At stage 0 every rank holds everything, so only
