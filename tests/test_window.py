@@ -44,10 +44,12 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert run_ranks(in_process(2, timeout_s=10), lambda c: open_window(c, 32, -1)) == [None, None]
 
 
-def test_no_room_in_shm_means_no_window(monkeypatch):
+def test_no_room_in_shm_means_no_window_and_a_warning_naming_the_fix(monkeypatch, caplog):
     def full(fd, offset, length):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", full)
     before = _leftovers()
     assert run_ranks(in_process(2, timeout_s=10), lambda c: open_window(c, 32, -1)) == [None, None]
     assert _leftovers() == before
+    assert "cannot reserve 32 bytes in /dev/shm (No space left on device" in caplog.text
+    assert "--shm-size" in caplog.text

@@ -14,6 +14,7 @@ so a killed process leaves nothing behind in ``/dev/shm``. ``DISTOPT_SHM=0`` tur
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 from distopt.collectives.base import Communicator
 
 SHM_DIR = "/dev/shm"
+log = logging.getLogger("distopt")
 
 
 @dataclass
@@ -79,9 +81,14 @@ def _create(path: str, nbytes: int) -> torch.Tensor | None:
         return None
     try:
         os.posix_fallocate(fd, 0, nbytes)
-    except OSError:
+    except OSError as e:
         os.close(fd)
         _unlink(path)
+        st = os.statvfs(SHM_DIR)
+        log.warning("cannot reserve %d bytes in %s (%s; %d bytes free): the fault-tolerance redundancy goes "
+                    "through sockets instead, which costs more per step. Give %s more room (docker run "
+                    "--shm-size), or set DISTOPT_SHM=0 to choose the socket path", nbytes, SHM_DIR,
+                    e.strerror, st.f_bavail * st.f_frsize, SHM_DIR)
         return None
     os.close(fd)
     return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
