@@ -61,7 +61,7 @@ class Redundancy:
         self.snapshot = None if self.shared else Shard.like(opt._p_shards, opt.rule)
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
-        self.replay_s = 0.0  # seconds replaying since the optimizer last reported them
+        self.replay_s = 0.0  # seconds replaying or copying since the optimizer last reported them
         self._shift = None  # the in-flight send of this step's gradient shard
         self.reset_replica()
 

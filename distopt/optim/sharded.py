@@ -40,7 +40,7 @@ class StepInfo(NamedTuple):
     grad_norm: float  # L2 norm of the averaged gradient, before clipping
     skipped: bool  # a non-finite gradient somewhere: no rank updated
     comm_s: float  # seconds in gradient reduction and parameter gather
-    update_s: float  # seconds in the update rule (and replaying the neighbour's last update)
+    update_s: float  # seconds in the update rule and the redundancy (replay or copy of the neighbour's shard)
 
 
 class ShardedOptimizer:
