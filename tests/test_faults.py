@@ -54,6 +54,15 @@ def test_sigkill_on_the_across_hosts_path_costs_no_bit_either(clean, phase):
     assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (0, 7, "replace")]
 
 
+def test_sigkill_with_a_short_gradient_log_costs_no_bit_either(clean):
+    """replica_log_depth=2: each chunk is copied every other step and only two gradient
+    shards are logged, so the rebuilds after these kills replay across the log's wrap."""
+    result = _fit(1, faults=(Fault(rank=1, step=4, phase="param_gather"), Fault(rank=0, step=6, phase="shard_update")),
+                  replica_log_depth=2)
+    assert _same(result, clean[1]), "recovery changed the final weights"
+    assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (0, 7, "replace")]
+
+
 def test_two_failures_in_one_run(clean):
     faults = (Fault(rank=0, step=2, phase="grad_collective"), Fault(rank=1, step=5, phase="param_gather"))
     result = _fit(1, faults=faults)
