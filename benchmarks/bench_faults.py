@@ -45,15 +45,18 @@ def overhead(rounds: int, steps: int) -> dict:
     to back (order alternating); the ratio is the median over rounds of the two runs' median
     steps, so drift between rounds (this machine's neighbours) cancels."""
     times: dict[int, list[float]] = {0: [], 3: []}
-    ratios = []
+    ratios, extra_update = [], []
     for r in range(rounds):
-        run = {}
+        run, update = {}, {}
         for failures in ((0, 3) if r % 2 == 0 else (3, 0)):
-            run[failures] = [h["time_s"] for h in _trainer(steps + 5, max_failures=failures).history[5:]]
+            hist = _trainer(steps + 5, max_failures=failures).history[5:]
+            run[failures] = [h["time_s"] for h in hist]
+            update[failures] = median(h["update_s"] for h in hist)
             times[failures] += run[failures]
         ratios.append(median(run[3]) / median(run[0]))
+        extra_update.append(update[3] - update[0])
     return {"off_ms": 1e3 * median(times[0]), "on_ms": 1e3 * median(times[3]), "ratio": median(ratios),
-            "round_ratios": ratios}
+            "round_ratios": ratios, "extra_update_ms": 1e3 * median(extra_update)}
 
 
 def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
@@ -177,7 +180,10 @@ def markdown(result: dict) -> str:
         f"Benchmark 1's MLP, 2 workers on an embedded Ray cluster, zero_stage 1. Redundancy on/off, one run of "
         f"each per round, back to back: {o['on_ms']:.1f} ms vs {o['off_ms']:.1f} ms median step; the median of the "
         f"rounds' ratios is {o['ratio']:.3f}x (rounds: "
-        f"{', '.join(f'{x:.3f}' for x in o.get('round_ratios', [])) or 'not recorded'}). Rank 1 killed "
+        f"{', '.join(f'{x:.3f}' for x in o.get('round_ratios', [])) or 'not recorded'}). The redundancy's own "
+        f"work shows in `update_s` (the update, and the copy of a quarter of the neighbour's shard): "
+        f"{o.get('extra_update_ms', float('nan')):.2f} ms more per step with it on (median over rounds), while whole "
+        f"steps move by several ms from run to run on this shared machine. Rank 1 killed "
         f"(SIGKILL) at step {KILL_AT + 1}; the gap is the time between the commits around the failure, a normal "
         f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms.",
         f"Checkpoint every 10 steps: the step that copies the checkpoint takes "
