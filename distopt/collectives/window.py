@@ -63,8 +63,7 @@ def open_window(comm: Communicator, nbytes: int, peer_offset: int) -> Window | N
 
 def carve(buf: torch.Tensor, dtype: torch.dtype, sizes: list[int], offset: int = 0) -> list[torch.Tensor]:
     """Consecutive 1-D ``dtype`` views of ``sizes`` elements in the bytes ``buf[offset:]``."""
-    item = torch.empty((), dtype=dtype).element_size()
-    flat = buf[offset: offset + sum(sizes) * item].view(dtype)
+    flat = buf[offset: offset + sum(sizes) * dtype.itemsize].view(dtype)
     return list(flat.split(sizes))
 
 

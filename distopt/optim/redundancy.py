@@ -74,10 +74,10 @@ class Redundancy:
         """Take the left neighbour's shard from the (identical everywhere) parameters, zero state."""
         if not self.sharded:
             return
-        ranges = self.opt.plan.ranges(self.left)
         if self.shared:
-            self.log.reset([self.opt._params.data[s:e] for s, e in ranges], None, self.opt.step_count)
+            self.log.reset(None, self.opt.step_count)
             return
+        ranges = self.opt.plan.ranges(self.left)
         torch._foreach_copy_(self.replica.params, [self.opt._params.data[s:e] for s, e in ranges])
         for field in self.replica.state:
             for t in field:
@@ -89,11 +89,10 @@ class Redundancy:
         from distopt.optim.state_io import fill_shard
         self.live_step = self.opt.step_count
         self.pending_step = None
-        if self.sharded and self.shared:
-            params = [self.opt._params.data[s:e] for s, e in self.opt.plan.ranges(self.left)]
-            state = self.opt.rule.init(params)
+        if self.shared:
+            state = self.opt.rule.init(self.log.left_params)
             fill_shard(self.opt, full, self.left, state)
-            self.log.reset(params, state, self.opt.step_count)
+            self.log.reset(state, self.opt.step_count)
         elif self.sharded:
             self.reset_replica()
             fill_shard(self.opt, full, self.left, self.replica.state)

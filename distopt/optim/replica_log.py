@@ -50,6 +50,12 @@ MAX_DEPTH = 64
 _SLOTS = 1024  # a table entry is step * _SLOTS + slot (slots: depth + 1)
 
 
+def check_depth(depth: object) -> None:
+    """Raise ValueError unless ``depth`` is a valid ``replica_log_depth``."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"replica_log_depth={depth!r} must be an int in [1, {MAX_DEPTH}]")
+
+
 def _header(nbytes: int) -> int:
     return -(-nbytes // 64) * 64  # tensors start on a cache line
 
@@ -77,13 +83,10 @@ class _Log:
         self.steps = buf[: 8 * depth].view(torch.int64)
         self.scales = buf[8 * depth: 16 * depth].view(torch.float64)
         self.flats = carve(buf, dtype, [n] * depth, offset=head)
+        self.slots = [list(flat.split(sizes)) for flat in self.flats]  # per-bucket views of each slot
         fields = [f for f in template if f]
-        parts = iter(carve(buf, dtype, sizes * len(fields), offset=head + depth * n * self.flats[0].element_size()))
+        parts = iter(carve(buf, dtype, sizes * len(fields), offset=head + depth * n * dtype.itemsize))
         self.state = type(template)(*[[next(parts) for _ in sizes] if f else [] for f in template])
-        self.sizes = sizes
-
-    def slot(self, i: int) -> list[torch.Tensor]:
-        return list(self.flats[i].split(self.sizes))
 
     @staticmethod
     def nbytes(n: int, depth: int, fields: int, item: int) -> int:
@@ -95,30 +98,43 @@ class _Base:
 
     def __init__(self, buf: torch.Tensor, width: int, depth: int, fields: int, dtype: torch.dtype) -> None:
         self.table = buf[: 8 * depth].view(torch.int64)
-        self.slots = [carve(buf, dtype, [width] * fields, offset=_header(8 * depth) + s * width * fields
-                            * torch.empty((), dtype=dtype).element_size()) for s in range(depth + 1)]
+        slot_bytes = width * fields * dtype.itemsize
+        self.slots = [carve(buf, dtype, [width] * fields, offset=_header(8 * depth) + s * slot_bytes)
+                      for s in range(depth + 1)]
 
     @staticmethod
     def nbytes(width: int, depth: int, fields: int, item: int) -> int:
         return _header(8 * depth) + (depth + 1) * width * fields * item
 
 
+class _Layout:
+    """How one rank's shard is cut: bucket sizes, state fields, chunks and a chunk slot's width."""
+
+    def __init__(self, opt: "ShardedOptimizer", depth: int) -> None:
+        self.sizes = [t.numel() for t in opt._p_shards]
+        self.dtype = opt._params.data.dtype
+        self.template = opt.rule.init([torch.zeros(1)])
+        self.fields = 1 + sum(1 for f in self.template if f)  # the parameters, then each state field kept
+        self.chunks = chunk_pieces(self.sizes, depth)
+        self.width = max([sum(hi - lo for _, lo, hi in c) for c in self.chunks] + [1])
+
+
 class ReplicaLog:
     """One rank's side of the copy-and-log redundancy (see the module docstring)."""
 
-    def __init__(self, opt: "ShardedOptimizer", log: Window, base: Window, depth: int, distance: int) -> None:
-        self.opt, self.depth, self.distance = opt, depth, distance
-        sizes = [t.numel() for t in opt._p_shards]
-        dtype = opt._params.data.dtype
-        self.template = opt.rule.init([torch.zeros(1)])
-        self.fields = 1 + sum(1 for f in self.template if f)
-        self.chunks = chunk_pieces(sizes, depth)
-        width = max([sum(hi - lo for _, lo, hi in c) for c in self.chunks] + [1])
-        self.own_log = _Log(log.mine, sizes, depth, dtype, self.template)
-        self.left_log = _Log(log.peer, sizes, depth, dtype, self.template)
-        self.base = _Base(base.mine, width, depth, self.fields, dtype)  # the left neighbour's
-        self.own_base = _Base(base.peer, width, depth, self.fields, dtype)  # this rank's, kept by its holder
-        self.bytes = _Base.nbytes(width, depth, self.fields, dtype.itemsize) + (depth - 1) * sum(sizes) * dtype.itemsize
+    def __init__(self, opt: "ShardedOptimizer", lay: _Layout, log: Window, base: Window, depth: int,
+                 distance: int) -> None:
+        self.opt, self.depth, self.template, self.chunks = opt, depth, lay.template, lay.chunks
+        item = lay.dtype.itemsize
+        self.own_log = _Log(log.mine, lay.sizes, depth, lay.dtype, lay.template)
+        self.left_log = _Log(log.peer, lay.sizes, depth, lay.dtype, lay.template)
+        self.base = _Base(base.mine, lay.width, depth, lay.fields, lay.dtype)  # the left neighbour's
+        self.own_base = _Base(base.peer, lay.width, depth, lay.fields, lay.dtype)  # this rank's, kept by its holder
+        self.bytes = _Base.nbytes(lay.width, depth, lay.fields, item) + (depth - 1) * sum(lay.sizes) * item
+        left = (opt.comm.rank - distance) % opt.comm.world_size
+        # The left neighbour's parameters as this rank's gathered copy holds them.
+        self.left_params = [opt._params.data[s:e] for s, e in opt.plan.ranges(left)]
+        self._sources = [self._pieces_of(self.left_params, self.left_log.state, j) for j in range(depth)]
         for mine, live in zip(self.own_log.state, opt.state):  # the live state moves where the holder sees it
             if mine:
                 torch._foreach_copy_(mine, live)
@@ -129,19 +145,17 @@ class ReplicaLog:
     @classmethod
     def open(cls, opt: "ShardedOptimizer", distance: int, depth: int) -> "ReplicaLog | None":
         """Map the two windows (a collective); None on every rank if any rank cannot."""
-        sizes = [t.numel() for t in opt._p_shards]
-        item = opt._params.data.element_size()
-        fields = 1 + sum(1 for f in opt.rule.init([torch.zeros(1)]) if f)
-        width = max([sum(hi - lo for _, lo, hi in c) for c in chunk_pieces(sizes, depth)] + [1])
-        log = open_window(opt.comm, _Log.nbytes(sum(sizes), depth, fields - 1, item), -distance)
-        base = open_window(opt.comm, _Base.nbytes(width, depth, fields, item), distance) if log else None
-        return cls(opt, log, base, depth, distance) if base is not None else None
+        lay = _Layout(opt, depth)
+        item = lay.dtype.itemsize
+        log = open_window(opt.comm, _Log.nbytes(sum(lay.sizes), depth, lay.fields - 1, item), -distance)
+        base = open_window(opt.comm, _Base.nbytes(lay.width, depth, lay.fields, item), distance) if log else None
+        return cls(opt, lay, log, base, depth, distance) if base is not None else None
 
     # --- every step ----------------------------------------------------------------
     def bind(self, committed: int) -> None:
         """Point the optimizer's gradient shards at the slot of update ``committed + 1``."""
-        flat = self.own_log.flats[(committed + 1) % self.depth]
-        self.opt._g_flat, self.opt._g_shards = flat, list(flat.split(self.own_log.sizes))
+        s = (committed + 1) % self.depth
+        self.opt._g_flat, self.opt._g_shards = self.own_log.flats[s], self.own_log.slots[s]
 
     def record(self, step: int, scale: float) -> None:
         """Log update ``step``'s clipping factor (its gradients are already in their slot)."""
@@ -154,20 +168,20 @@ class ReplicaLog:
             return
         j = committed % self.depth
         if self.chunks[j]:
-            torch._foreach_copy_(self._pieces(self.base.slots[self._spare], j),
-                                 self._pieces_of(self._left_params(), self.left_log.state, j))
+            torch._foreach_copy_(self._pieces(self.base.slots[self._spare], j), self._sources[j])
         old = int(self.base.table[j]) % _SLOTS
         self.base.table[j] = committed * _SLOTS + self._spare
         self._spare, self._refreshed = old, committed
 
     # --- set-up and recovery -------------------------------------------------------
-    def reset(self, params: list[torch.Tensor], state, step: int) -> None:
-        """Every chunk's base is the left neighbour's ``params``/``state`` at ``step``
-        (``state=None``: zero state); nothing is logged."""
-        state = state if state is not None else self.opt.rule.init(params)
+    def reset(self, state, step: int) -> None:
+        """Every chunk's base is the left neighbour's parameters (this rank's copy) and
+        ``state`` at ``step`` (``state=None``: zero state); nothing is logged."""
+        state = state if state is not None else self.opt.rule.init(self.left_params)
         for j in range(self.depth):
             if self.chunks[j]:
-                torch._foreach_copy_(self._pieces(self.base.slots[j], j), self._pieces_of(params, state, j))
+                torch._foreach_copy_(self._pieces(self.base.slots[j], j),
+                                     self._pieces_of(self.left_params, state, j))
             self.base.table[j] = step * _SLOTS + j
         self._spare, self._refreshed = self.depth, step
         self.own_log.steps.fill_(-1)
@@ -202,15 +216,10 @@ class ReplicaLog:
                 if int(log.steps[s]) != step:
                     raise RecoveryError(f"{what}: the gradients of update {step} are no longer logged "
                                         f"(slot {s} holds update {int(log.steps[s])})")
-                slot_grads = log.slot(s)
-                grads = [slot_grads[b][lo:hi] for b, lo, hi in self.chunks[j]]
+                grads = [log.slots[s][b][lo:hi] for b, lo, hi in self.chunks[j]]
                 rule.apply(p, rule.prepare(p, clipped(grads, float(log.scales[s])), step), st, step)
 
     # --- views ----------------------------------------------------------------------
-    def _left_params(self) -> list[torch.Tensor]:
-        rank = (self.opt.comm.rank - self.distance) % self.opt.comm.world_size
-        return [self.opt._params.data[s:e] for s, e in self.opt.plan.ranges(rank)]
-
     def _pieces_of(self, params: list[torch.Tensor], state, j: int, split: bool = False):
         """Chunk ``j`` of per-bucket ``params`` and each kept state field."""
         cut = [[t[b][lo:hi] for b, lo, hi in self.chunks[j]] for t in [params] + [f for f in state if f]]

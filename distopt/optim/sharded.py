@@ -26,7 +26,7 @@ from distopt.optim import state_io
 from distopt.optim.plan import ShardPlan, plan
 from distopt.optim.overlap import Overlap
 from distopt.optim.redundancy import RecoveryError, Redundancy, clipped
-from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, MAX_DEPTH
+from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
 from distopt.optim.rules import Rule
 
 log = logging.getLogger("distopt")
@@ -85,9 +85,7 @@ class ShardedOptimizer:
                 not 1 <= replica_distance <= max(1, comm.world_size - 1):
             raise ValueError(f"replica_distance={replica_distance!r} must be an int in [1, world_size - 1] "
                              f"(world_size={comm.world_size}): use distopt.optim.redundancy.replica_distance(nodes)")
-        if not isinstance(replica_log_depth, int) or isinstance(replica_log_depth, bool) or \
-                not 1 <= replica_log_depth <= MAX_DEPTH:
-            raise ValueError(f"replica_log_depth={replica_log_depth!r} must be an int in [1, {MAX_DEPTH}]")
+        check_depth(replica_log_depth)
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
         first = self._tensors[0]

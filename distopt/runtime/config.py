@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, MAX_DEPTH
+from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
 from distopt.optim.rules import Rule
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -106,9 +106,7 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
     if not isinstance(c.shared_memory, bool):
         raise ValueError(f"shared_memory={c.shared_memory!r} must be True or False")
-    if not isinstance(c.replica_log_depth, int) or isinstance(c.replica_log_depth, bool) or \
-            not 1 <= c.replica_log_depth <= MAX_DEPTH:
-        raise ValueError(f"replica_log_depth={c.replica_log_depth!r} must be an int in [1, {MAX_DEPTH}]")
+    check_depth(c.replica_log_depth)
     if not isinstance(c.spare_workers, int) or c.spare_workers < 0:
         raise ValueError(f"spare_workers={c.spare_workers!r} must be an int >= 0")
     if c.spare_workers and not c.fault_tolerant:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH
 from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.checkpointing import load_for_resume
@@ -95,7 +96,7 @@ class Trainer:
                  bucket_bytes: int = 25 * 2**20, grad_wire_dtype: Any = None, mixed_precision: str | None = None,
                  max_failures: int = 3, min_workers: int = 1,
                  replace_timeout_s: float = 30.0, spare_workers: int = 0, step_timeout_s: float = 300.0,
-                 grow_back: bool = True, shared_memory: bool = True, replica_log_depth: int = 4,
+                 grow_back: bool = True, shared_memory: bool = True, replica_log_depth: int = REPLICA_LOG_DEPTH,
                  faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
                  resume_from: str | None = None) -> None:
