@@ -19,3 +19,21 @@ def grads_of(step: int, rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s gradients at ``step``: reproducible, different per rank and step."""
     g = torch.Generator().manual_seed(10_000 * step + rank)
     return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+
+
+class TiedModel(torch.nn.Module):
+    """Buffers, a frozen parameter and a weight shared by two layers: state-dict keys that
+    are not one-to-one with the optimizer's parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(11, 6)
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.frozen = torch.nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+        self.out = torch.nn.Linear(6, 11, bias=False)
+        self.out.weight = self.embed.weight  # tied
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(self.frozen(self.norm(self.embed(idx))))

@@ -15,12 +15,15 @@ from distopt.checkpoint import (
     CheckpointError, build_manifest, export_safetensors, full_state_from_shards, latest_valid, list_checkpoints,
     load_checkpoint, load_manifest, make_checkpoint_dir, manifest_fields, prune, read_safetensors, read_shards,
     read_tensors, save_checkpoint, step_dir, verify, write_manifest, write_model, write_shard, write_tensors,
+    model_file_tensors,
 )
-from distopt.checkpoint.format import atomic_write
+from distopt.checkpoint.format import FORMAT_V1, atomic_write
+from distopt.checkpoint.manifest import pack_manifest
 from distopt.collectives import run_ranks
 from distopt.optim import ShardedOptimizer, adam, sgd
+from distopt.optim.state_io import shard_params
 
-from odd_params import grads_of as _grads, init_params as _init
+from odd_params import TiedModel, grads_of as _grads, init_params as _init
 
 BUCKET_BYTES = 256  # several buckets, so the plan's layout matters
 
@@ -75,20 +78,23 @@ def test_round_trip_of_model_and_shards(tmp_path, two_stage1):
                                                       "shard-00001.bin"]
     manifest = verify(path)
     assert set(manifest) == {"format", "step", "next_step", "world_size", "zero_stage", "seed", "optimizer_step",
-                             "plan", "rule", "params", "state_fields", "model", "shards"}
+                             "plan", "rule", "params", "state_fields", "model_keys", "model", "shards"}
+    assert manifest["model_keys"] == [[n, n] for n in trained[0][0]] and manifest["model"]["size"] == 0
     run = [manifest[k] for k in ("step", "next_step", "world_size", "zero_stage", "optimizer_step", "seed")]
     assert run == [3, 3, 2, 1, 3, 0]
     assert manifest["plan"] == trained[0][1].plan.to_dict() and manifest["rule"] == _rule().config()
     ckpt = load_checkpoint(path)
+    assert list(ckpt.model_state) == list(trained[0][0])
     assert all(torch.equal(ckpt.model_state[n], t) for n, t in trained[0][0].items())
     shards = read_shards(path, manifest)
     for rank, (_, opt) in enumerate(trained):
-        expected = opt.state_dict()["state"]
+        # Each rank's file holds its state and its slice of the weights, nothing of the others'.
+        expected = {**opt.state_dict()["state"], "param": shard_params(opt)}
         assert list(shards[rank]) == list(expected)
         assert all(torch.equal(shards[rank][f], expected[f]) for f in expected)
-    assert list(read_tensors(path, manifest["model"], names=["p3"])) == ["p3"]
+    assert list(read_tensors(path, manifest["shards"][1], names=["param"])) == ["param"]
     with pytest.raises(KeyError, match="holds no tensors"):
-        read_tensors(path, manifest["model"], names=["nope"])
+        read_tensors(path, manifest["shards"][1], names=["nope"])
     assert list_checkpoints(tmp_path) == [path]
 
 
@@ -155,9 +161,9 @@ def test_damaged_shard_is_refused_and_named(tmp_path, two_stage1, damage, messag
 
 def test_a_flipped_tensor_slice_is_caught_even_with_a_matching_file_hash(tmp_path, two_stage1):
     path = _save(tmp_path, 3, two_stage1[0])
-    record = load_manifest(path)["model"]
+    record = load_manifest(path)["shards"][0]
     record["tensors"][1]["sha256"] = "0" * 64  # the file's hash still matches; one tensor's does not
-    with pytest.raises(CheckpointError, match=r"model.bin tensor 'p1' .* does not match its sha256"):
+    with pytest.raises(CheckpointError, match=r"shard-00000.bin tensor 'exp_avg_sq' .* does not match its sha256"):
         read_tensors(path, record)
     record["file"] = "../model.bin"
     with pytest.raises(CheckpointError, match="not a plain file name"):
@@ -241,12 +247,19 @@ def test_the_manifest_goes_last_and_a_complete_checkpoint_is_never_rewritten(tmp
     sds = [opt.state_dict() for _, opt in trained]
     fields = manifest_fields(sds[0], trained[0][0], seed=0, next_step=5)
     folder = make_checkpoint_dir(tmp_path, 5)
-    model = write_model(folder, trained[0][0])
-    shard0 = write_shard(folder, 0, sds[0]["state"])
+    model = write_model(folder, model_file_tensors(trained[0][0], fields))
+    shard0 = write_shard(folder, 0, {**sds[0]["state"], "param": shard_params(trained[0][1])})
     shard1 = dict(shard0, file="shard-00001.bin")  # rank 1 has not written yet
     with pytest.raises(FileNotFoundError, match="shard-00001.bin is missing"):
         write_manifest(folder, build_manifest(5, fields, model, [shard0, shard1]))
-    shard1 = write_shard(folder, 1, sds[1]["state"])
+    without_params = write_shard(folder, 1, sds[1]["state"])
+    with pytest.raises(ValueError, match=r"holding \['exp_avg', 'exp_avg_sq'\]; expected .*'param'"):
+        build_manifest(5, fields, model, [shard0, without_params])
+    whole = write_model(folder, trained[0][0])  # weights the shards hold, written twice
+    with pytest.raises(ValueError, match="model.bin holds .*; model_keys place \\[\\] there"):
+        build_manifest(5, fields, whole, [shard0, without_params])
+    model = write_model(folder, {})
+    shard1 = write_shard(folder, 1, {**sds[1]["state"], "param": shard_params(trained[1][1])})
     write_manifest(folder, build_manifest(5, fields, model, [shard0, shard1]))
     assert load_manifest(folder)["next_step"] == 5
     with pytest.raises(FileExistsError, match="already holds a complete checkpoint"):
@@ -288,6 +301,8 @@ def test_reshard_loads_on_any_world_size_and_stage(tmp_path, groups, two_stage1,
     ckpt = load_checkpoint(_save(tmp_path, 3, trained))
     assert len(ckpt.manifest["shards"]) == (w if stage else 1)  # stage 0: only rank 0's shard is written
     _assert_full_equal(ckpt.optimizer_state, full)
+    assert list(ckpt.model_state) == list(trained[0][0])
+    assert all(torch.equal(ckpt.model_state[n], t) for n, t in trained[0][0].items())
     for new_w in (1, 2, 3):
         for new_stage in (0, 1, 2):
             def load(comm):
@@ -365,3 +380,54 @@ def test_sgd_state_round_trips_with_and_without_momentum(tmp_path, groups):
         assert ckpt.manifest["state_fields"] == (["momentum_buffer"] if momentum else [])
         full = run_ranks([opt for _, opt in trained], lambda opt: opt.full_state_dict())[0]
         _assert_full_equal(ckpt.optimizer_state, full)  # plain SGD: {"p0": {}, ...}, shards of 0 bytes
+
+
+def test_weights_no_parameter_holds_go_to_model_bin_and_keys_keep_their_order(tmp_path, groups):
+    def body(comm):
+        model = TiedModel()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        opt = ShardedOptimizer(params, _rule(), comm, zero_stage=1, bucket_bytes=BUCKET_BYTES)
+        for k in range(2):
+            idx = torch.arange(8) + k + comm.rank
+            loss = torch.nn.functional.cross_entropy(model(idx), idx % 11)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model, params, opt
+    trained = run_ranks(groups(2), body)
+    model, params, _ = trained[0]
+    sds = [opt.state_dict() for _, _, opt in trained]
+    expected = model.state_dict()
+    fields = manifest_fields(sds[0], params, seed=0, next_step=2, model_state=expected)
+    assert dict(map(tuple, fields["model_keys"]))["out.weight"] == "embed.weight"
+    in_file = sorted(model_file_tensors(expected, fields))
+    assert in_file == sorted(["frozen.bias", "frozen.weight", "norm.num_batches_tracked", "norm.running_mean",
+                              "norm.running_var"])
+    path = save_checkpoint(tmp_path, 2, fields, expected, {r: sds[r]["state"] for r in range(2)})
+    manifest = load_manifest(path)
+    assert sorted(t["name"] for t in manifest["model"]["tensors"]) == in_file
+    ckpt = load_checkpoint(path)
+    assert list(ckpt.model_state) == list(expected)
+    for key, t in expected.items():
+        assert ckpt.model_state[key].dtype == t.dtype and torch.equal(ckpt.model_state[key], t), key
+    fresh = TiedModel()
+    fresh.load_state_dict(ckpt.model_state)  # strict: every key, tied ones included
+    assert fresh.out.weight is fresh.embed.weight and torch.equal(fresh.out.weight, model.embed.weight)
+
+
+def test_a_version_1_checkpoint_with_every_weight_in_model_bin_still_loads(tmp_path, two_stage1):
+    trained, full = two_stage1
+    sds = [opt.state_dict() for _, opt in trained]
+    fields = manifest_fields(sds[0], trained[0][0], seed=0, next_step=3)
+    del fields["model_keys"]
+    folder = make_checkpoint_dir(tmp_path, 3)
+    shards = [write_shard(folder, r, sds[r]["state"]) for r in range(2)]
+    model = write_model(folder, trained[0][0])
+    manifest = {"format": FORMAT_V1, **fields, "step": 3, "model": model, "shards": shards}
+    atomic_write(folder / "manifest.msgpack", [pack_manifest(manifest)])
+    ckpt = load_checkpoint(verify(folder) and folder)
+    assert ckpt.manifest["format"] == FORMAT_V1
+    assert all(torch.equal(ckpt.model_state[n], t) for n, t in trained[0][0].items())
+    _assert_full_equal(ckpt.optimizer_state, full)
+    with pytest.raises(ValueError, match="'model_keys' present in a distopt.checkpoint.v1 manifest"):
+        pack_manifest({**manifest, "model_keys": [[n, n] for n in trained[0][0]]})

@@ -9,6 +9,11 @@ import distopt
 from distopt.checkpoint import CheckpointError, list_checkpoints, step_dir, verify
 from distopt.optim import adam
 from distopt.runtime.faults import Fault
+from distopt.checkpoint import load_checkpoint
+from distopt.collectives import run_ranks
+from distopt.optim import ShardedOptimizer
+from distopt.runtime.checkpointing import Buffers, Coordinator, ShardWriter, snapshot
+from odd_params import TiedModel
 from trainer_task import loss, make_data, make_model
 
 BATCH = 12  # divisible by 1, 2 and 3 workers
@@ -64,9 +69,9 @@ def test_damaged_checkpoints_are_refused_and_skipped(saved, tmp_path):
     (step_dir(root, 8) / "shard-00000.bin").unlink()
     with pytest.raises(CheckpointError, match="shard-00000.bin"):
         _trainer(resume_from=step_dir(root, 8)).fit(steps=12)
-    truncated = step_dir(root, 4) / "model.bin"
+    truncated = step_dir(root, 4) / "shard-00000.bin"
     truncated.write_bytes(truncated.read_bytes()[:-7])
-    with pytest.raises(CheckpointError, match="model.bin"):
+    with pytest.raises(CheckpointError, match="shard-00000.bin is truncated"):
         _trainer(resume_from=step_dir(root, 4)).fit(steps=12)
 
 
@@ -80,3 +85,37 @@ def test_worker_killed_while_writing_a_checkpoint(ray_cluster, saved, tmp_path):
     assert list_checkpoints(root) == [step_dir(root, s) for s in (12, 8, 4)]
     for folder in list_checkpoints(root):
         verify(folder)
+
+
+def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_path, groups):
+    """The worker's checkpoint path without Ray: snapshots into kept buffers, background
+    writes, the driver's manifest; the checkpoint holds the model's state dict exactly."""
+    root = str(tmp_path)
+
+    def body(comm):
+        model = TiedModel()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
+        writer, buffers, records, states = ShardWriter(), Buffers(), [], []
+        for step in range(1, 5):
+            idx = (torch.arange(8) + step + comm.rank) % 11
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(idx), (idx * 3) % 11).backward()
+            opt.step()
+            if step % 2 == 0:  # the second snapshot reuses the first one's memory
+                shard, rest, fields = snapshot(opt, model, comm.rank, 0, step, comm.rank == 0, buffers)
+                assert sorted(shard) == ["exp_avg", "exp_avg_sq", "param"]
+                assert (rest is None) == (comm.rank != 0) and "embed.weight" not in (rest or {})
+                writer.start(root, step, comm.rank, shard, rest, fields)
+                records += writer.drain(wait=True)
+                states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return records, states
+    out = run_ranks(groups(2), body)
+    coordinator = Coordinator(root, keep_last=3)
+    coordinator.add([r for records, _ in out for r in records])
+    coordinator.finish(4, shard_ranks=2)
+    assert coordinator.written == [2, 4]
+    for step, expected in zip((2, 4), out[0][1]):
+        ckpt = load_checkpoint(step_dir(root, step))
+        assert list(ckpt.model_state) == list(expected)
+        assert all(torch.equal(ckpt.model_state[k], v) for k, v in expected.items()), step

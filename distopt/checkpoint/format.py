@@ -19,7 +19,13 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-FORMAT = "distopt.checkpoint.v1"
+# v2: each shard file also holds its rank's slice of the parameters (PARAM_FIELD), so the
+# weights are written by every rank in parallel and model.bin keeps only what no optimizer
+# owns (buffers, frozen parameters). v1 (model.bin holds every weight) is still read.
+FORMAT = "distopt.checkpoint.v2"
+FORMAT_V1 = "distopt.checkpoint.v1"
+READ_FORMATS = (FORMAT, FORMAT_V1)
+PARAM_FIELD = "param"
 MANIFEST = "manifest.msgpack"
 MODEL_FILE = "model.bin"
 TMP_MARK = ".tmp."

@@ -2,7 +2,7 @@
 
 Keys (all required unless marked optional):
 
-    format          "distopt.checkpoint.v1"
+    format          "distopt.checkpoint.v2" ("distopt.checkpoint.v1" is still read)
     step            the checkpoint's step (its folder is ``step-{step:08d}``)
     next_step       sampling position: the 0-based training step to run next
     world_size      workers that wrote it
@@ -13,8 +13,12 @@ Keys (all required unless marked optional):
     rule            the update rule's ``config()``
     params          ``[{"name", "dtype", "shape"}]``: optimizer parameters in plan order
     state_fields    optimizer state fields in each shard (``["exp_avg", "exp_avg_sq"]``)
-    model           file record of ``model.bin`` (the weights)
-    shards          file record per shard rank (``plan["world_size"]`` of them)
+    model_keys      v2: ``[[key, source]]``, the model's state-dict keys in order; ``source``
+                    is the optimizer parameter holding that weight, or "" for a tensor of
+                    ``model.bin`` (buffers, frozen parameters)
+    model           file record of ``model.bin``: v2 the weights no parameter holds, v1 all
+    shards          file record per shard rank (``plan["world_size"]`` of them): the state
+                    fields, then (v2) ``"param"``, the rank's slice of the parameters
     extra           optional: small user data (msgpack-able)
     manifest_sha256 sha256 of the msgpack of every other key, in order (added on packing)
 
@@ -29,14 +33,16 @@ from typing import Any
 
 import msgpack
 
-from distopt.checkpoint.format import DTYPES, FORMAT, damaged, nbytes_of, sha256_hex, shard_file
+from distopt.checkpoint.format import (
+    DTYPES, FORMAT, PARAM_FIELD, READ_FORMATS, damaged, nbytes_of, sha256_hex, shard_file,
+)
 
 _FIELDS: dict[str, type] = {
     "format": str, "step": int, "next_step": int, "world_size": int, "zero_stage": int, "seed": int,
     "optimizer_step": int, "plan": dict, "rule": dict, "params": list, "state_fields": list,
 }
 _FILES: dict[str, type] = {"model": dict, "shards": list}
-_OPTIONAL: dict[str, type] = {"extra": dict}
+_OPTIONAL: dict[str, type] = {"extra": dict, "model_keys": list}
 _PLAN_KEYS = {"world_size", "align", "numels", "offsets", "buckets", "total"}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 CHECKSUM_KEY = "manifest_sha256"
@@ -72,8 +78,8 @@ def unpack_manifest(data: bytes, where: str) -> dict:
         raise damaged(where, f"is not a distopt manifest (a msgpack {type(manifest).__name__} "
                              f"without {CHECKSUM_KEY!r})")
     claimed = manifest.pop(CHECKSUM_KEY)
-    if manifest.get("format") != FORMAT:
-        raise damaged(where, f"has format {manifest.get('format')!r}; this reader reads {FORMAT!r}")
+    if manifest.get("format") not in READ_FORMATS:
+        raise damaged(where, f"has format {manifest.get('format')!r}; this reader reads {' and '.join(READ_FORMATS)}")
     if claimed != sha256_hex(msgpack.packb(manifest, use_bin_type=True)):
         raise damaged(where, "does not match its own checksum (the manifest is damaged)")
     try:
@@ -104,8 +110,11 @@ def check_fields(fields: dict, where: str = "manifest") -> None:
         raise ValueError(f"{where}: plan is for {plan['world_size']} shards; zero_stage={fields['zero_stage']} on "
                          f"{fields['world_size']} workers shards over {shards}")
     _check_params(fields["params"], plan["numels"], where)
-    if not all(isinstance(f, str) for f in fields["state_fields"]):
-        raise ValueError(f"{where}: state_fields must be a list of names, got {fields['state_fields']!r}")
+    if not all(isinstance(f, str) and f != PARAM_FIELD for f in fields["state_fields"]):
+        raise ValueError(f"{where}: state_fields must be a list of names other than {PARAM_FIELD!r}, got "
+                         f"{fields['state_fields']!r}")
+    if "model_keys" in fields:
+        _check_model_keys(fields["model_keys"], {p["name"] for p in fields["params"]}, where)
 
 
 def check_manifest(manifest: dict, where: str = "manifest") -> None:
@@ -118,21 +127,58 @@ def check_manifest(manifest: dict, where: str = "manifest") -> None:
         raise ValueError(f"{where} must be a dict, got {type(manifest).__name__}")
     _check_types(manifest, {**_FIELDS, **_FILES}, where)
     check_fields(manifest, where)
-    if manifest["format"] != FORMAT:
+    if manifest["format"] not in READ_FORMATS:
         raise ValueError(f"{where}: format is {manifest['format']!r}, expected {FORMAT!r}")
+    v2 = manifest["format"] == FORMAT
     extra = set(manifest) - set(_FIELDS) - set(_FILES) - set(_OPTIONAL)
-    if extra or not isinstance(manifest.get("extra", {}), dict):
-        raise ValueError(f"{where}: unexpected keys {sorted(extra)} (or 'extra' is not a dict)")
+    if extra or not isinstance(manifest.get("extra", {}), dict) or ("model_keys" in manifest) != v2:
+        raise ValueError(f"{where}: unexpected keys {sorted(extra)}, 'extra' not a dict, or 'model_keys' "
+                         f"{'missing' if v2 else 'present'} in a {manifest['format']} manifest")
     check_file_record(manifest["model"], where)
+    if v2:
+        in_file = [key for key, source in manifest["model_keys"] if not source]
+        held = [t["name"] for t in manifest["model"]["tensors"]]
+        if sorted(held) != sorted(in_file):
+            raise ValueError(f"{where}: model.bin holds {held}; model_keys place {in_file} there")
     shards = manifest["shards"]
     if len(shards) != manifest["plan"]["world_size"]:
         raise ValueError(f"{where}: {len(shards)} shard records for a plan of {manifest['plan']['world_size']} shards")
+    expected = shard_tensor_names(manifest)
     for rank, record in enumerate(shards):
         check_file_record(record, where)
         names = [t["name"] for t in record["tensors"]]
-        if record["file"] != shard_file(rank) or names != manifest["state_fields"]:
+        if record["file"] != shard_file(rank) or names != expected:
             raise ValueError(f"{where}: shard record {rank} is {record['file']!r} holding {names}; expected "
-                             f"{shard_file(rank)!r} holding {manifest['state_fields']}")
+                             f"{shard_file(rank)!r} holding {expected}")
+        if v2:
+            _check_param_record(record["tensors"][-1], manifest["params"], manifest["plan"], where)
+
+
+def shard_tensor_names(manifest: dict) -> list[str]:
+    """The tensors every shard file of ``manifest`` holds, in order."""
+    return list(manifest["state_fields"]) + ([PARAM_FIELD] if manifest["format"] == FORMAT else [])
+
+
+def _check_model_keys(model_keys: Any, params: set[str], where: str) -> None:
+    ok = all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) and e[0]
+             and (not e[1] or e[1] in params) for e in model_keys)
+    if not ok:
+        raise ValueError(f"{where}: model_keys must be [key, source] pairs of str, each source a parameter name "
+                         f"or '' (got {model_keys!r:.200})")
+    keys = [k for k, _ in model_keys]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{where}: model_keys name a key twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    unheld = sorted(params - {s for _, s in model_keys})
+    if unheld:
+        raise ValueError(f"{where}: parameters {unheld[:5]} are no model key's source: their weights would be lost")
+
+
+def _check_param_record(t: dict, params: list, plan: dict, where: str) -> None:
+    dtypes = {p["dtype"] for p in params}
+    numel = sum((e - s) // plan["world_size"] for s, e in plan["buckets"])
+    if t["dtype"] not in dtypes or len(dtypes) != 1 or t["shape"] != [numel]:
+        raise ValueError(f"{where}: shard tensor {PARAM_FIELD!r} is {t['dtype']}{t['shape']}; the params are "
+                         f"{sorted(dtypes)} and the plan gives every rank [{numel}] elements")
 
 
 def check_file_record(record: Any, where: str = "manifest") -> None:

@@ -17,7 +17,7 @@ import torch
 
 from distopt.checkpoint.format import MANIFEST, CheckpointError, damaged, parse_step, sha256_hex, tensor_from_bytes
 from distopt.checkpoint.manifest import check_file_record, unpack_manifest
-from distopt.checkpoint.reshard import full_state_from_shards
+from distopt.checkpoint.reshard import full_state_from_shards, weights_from_shards
 
 PathLike = str | os.PathLike
 _MAX_MANIFEST_BYTES = 1 << 30  # far above any real manifest; refuses to slurp a stray huge file
@@ -117,7 +117,8 @@ def read_tensors(ckpt_dir: PathLike, file_record: dict, names: Sequence[str] | N
 
 
 def read_shards(ckpt_dir: PathLike, manifest: dict) -> dict[int, dict[str, torch.Tensor]]:
-    """Every shard rank's optimizer state: rank -> field -> flat tensor (for reshard).
+    """Every shard rank's file: rank -> field -> flat tensor (state fields and, from v2 on,
+    ``"param"``, the rank's slice of the parameters), for reshard.
 
     Raises:
         CheckpointError: as :func:`read_tensors`.
@@ -186,8 +187,9 @@ def load_checkpoint(ckpt_dir: PathLike) -> Checkpoint:
         CheckpointError: anything missing or damaged.
     """
     manifest = load_manifest(ckpt_dir)
-    model = read_tensors(ckpt_dir, manifest["model"])
-    optimizer = full_state_from_shards(manifest, read_shards(ckpt_dir, manifest))
+    shards = read_shards(ckpt_dir, manifest)
+    model = weights_from_shards(manifest, shards, read_tensors(ckpt_dir, manifest["model"]))
+    optimizer = full_state_from_shards(manifest, shards)
     return Checkpoint(Path(ckpt_dir), manifest, model, optimizer)
 
 

@@ -1,4 +1,4 @@
-"""Reshard on load: per-rank flat optimizer shards back into per-parameter state.
+"""Reshard on load: per-rank flat optimizer shards back into per-parameter state and weights.
 
 A shard only fits the plan that cut it. Rebuilding the per-parameter full state dict from
 the saved plan lets a checkpoint written by N workers at any zero_stage load on M workers
@@ -14,7 +14,10 @@ from bisect import bisect_right
 
 import torch
 
-from distopt.checkpoint.format import CheckpointError
+from typing import Mapping
+
+from distopt.checkpoint.format import FORMAT, PARAM_FIELD, CheckpointError
+from distopt.checkpoint.manifest import shard_tensor_names
 from distopt.collectives.buckets import Layout
 from distopt.optim.plan import ShardPlan
 from distopt.optim.state_io import FORMAT as STATE_FORMAT
@@ -38,7 +41,7 @@ def full_state_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, to
     """
     plan = plan_from_dict(manifest["plan"])
     fields = list(manifest["state_fields"])
-    _check_shards(plan, fields, shard_tensors)
+    _check_shards(plan, shard_tensor_names(manifest), shard_tensors)
     state: dict[str, dict[str, torch.Tensor]] = {p["name"]: {} for p in manifest["params"]}
     shapes = [p["shape"] for p in manifest["params"]]
     for field in fields:
@@ -47,6 +50,44 @@ def full_state_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, to
             state[p["name"]][field] = view.clone()
     return {"format": STATE_FORMAT + ".full", "step": manifest["optimizer_step"], "rule": manifest["rule"],
             "state": state}
+
+
+def weights_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, torch.Tensor]],
+                        model_file: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's weights, in its state dict's order, from the shards' parameter slices and
+    ``model.bin`` (``model_file``: what no parameter holds). A v1 checkpoint kept every weight
+    in ``model.bin``: that is returned as it is.
+
+    Raises:
+        CheckpointError: as :func:`full_state_from_shards`, or ``model_file`` lacks a key.
+    """
+    if manifest["format"] != FORMAT:
+        return dict(model_file)
+    plan = plan_from_dict(manifest["plan"])
+    _check_shards(plan, shard_tensor_names(manifest), shard_tensors)
+    flat = _gather(plan, [shard_tensors[r][PARAM_FIELD] for r in range(plan.world_size)])
+    params = {p["name"]: view.clone()
+              for p, view in zip(manifest["params"], plan.unflatten(flat, [p["shape"] for p in manifest["params"]]))}
+    missing = [key for key, source in manifest["model_keys"] if not source and key not in model_file]
+    if missing:
+        raise CheckpointError(f"model.bin lacks {missing[:5]} that the manifest places there. Fix: use another "
+                              f"checkpoint")
+    return {key: params[source] if source else model_file[key] for key, source in manifest["model_keys"]}
+
+
+def cut_params(fields: dict, model_state: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Every shard rank's flat slice of the parameters, cut from whole weights by the plan in
+    ``fields`` (the inverse of :func:`weights_from_shards`, for writing from one process)."""
+    plan = plan_from_dict(fields["plan"])
+    key_of: dict[str, str] = {}
+    for key, source in fields["model_keys"]:
+        if source:
+            key_of.setdefault(source, key)
+    tensors = [model_state[key_of[p["name"]]] for p in fields["params"]]
+    flat = tensors[0].new_zeros(plan.layout.total)
+    for view, t in zip(plan.unflatten(flat, [p["shape"] for p in fields["params"]]), tensors):
+        view.copy_(t)
+    return [torch.cat([flat[s:e] for s, e in plan.ranges(r)]) for r in range(plan.world_size)]
 
 
 def plan_from_dict(d: dict) -> ShardPlan:
@@ -84,15 +125,15 @@ def _covers(plan: ShardPlan) -> bool:
     return pos == lay.total and inside and len(lay.offsets) == len(lay.numels)
 
 
-def _check_shards(plan: ShardPlan, fields: list[str], shard_tensors: dict) -> None:
+def _check_shards(plan: ShardPlan, names: list[str], shard_tensors: dict) -> None:
     want = list(range(plan.world_size))
     if sorted(shard_tensors) != want:
         raise CheckpointError(f"got shards of ranks {sorted(shard_tensors)}; the saved plan needs exactly {want}. "
                               f"Fix: read every shard of the checkpoint (read_shards)")
     numel = plan.shard_numel()
     for rank, shard in shard_tensors.items():
-        if sorted(shard) != sorted(fields):
-            raise CheckpointError(f"shard {rank} holds fields {sorted(shard)}, the manifest lists {sorted(fields)}. "
+        if sorted(shard) != sorted(names):
+            raise CheckpointError(f"shard {rank} holds fields {sorted(shard)}, the manifest lists {sorted(names)}. "
                                   f"Fix: use another checkpoint")
         for field, t in shard.items():
             if t.numel() != numel or t.dtype != shard_tensors[0][field].dtype:

@@ -1,14 +1,18 @@
 """Writing a checkpoint: tensor files first, the manifest last.
 
-A checkpoint is the folder ``root/step-{step:08d}/`` holding ``model.bin`` (the weights),
-``shard-{rank:05d}.bin`` (each shard rank's optimizer state) and ``manifest.msgpack``. The
-manifest is written last and atomically: its presence marks the checkpoint complete, so
-a crash at any earlier point leaves an incomplete folder that readers ignore.
+A checkpoint is the folder ``root/step-{step:08d}/`` holding ``shard-{rank:05d}.bin`` (each
+shard rank's optimizer state and its slice of the parameters), ``model.bin`` (the weights no
+optimizer parameter holds: buffers, frozen parameters) and ``manifest.msgpack``. Every rank
+writes its own slice of the weights, so no rank copies the whole model. The manifest is
+written last and atomically: its presence marks the checkpoint complete, so a crash at any
+earlier point leaves an incomplete folder that readers ignore.
 
 In the distributed runtime the pieces are separate calls, in this order:
 
-    every shard rank r   write_shard(d, r, opt.state_dict()["state"])     (ranks < plan world size)
-    rank 0               write_model(d, weights)
+    every shard rank r   write_shard(d, r, {**opt.state_dict()["state"], "param": shard_params(opt)})
+                         (ranks < plan world size)
+    rank 0               fields = manifest_fields(state_dict, params, ..., model_state=model.state_dict())
+                         write_model(d, model_file_tensors(model.state_dict(), fields))
     rank 0, after all    write_manifest(d, build_manifest(step, fields, model_record, shard_records))
 
 :func:`save_checkpoint` does the same in one process.
@@ -22,10 +26,11 @@ from typing import Mapping
 import torch
 
 from distopt.checkpoint.format import (
-    FORMAT, MANIFEST, MODEL_FILE, atomic_write, dtype_name, fsync_dir, sha256_hex, shard_file, step_dir,
-    tensor_bytes,
+    FORMAT, MANIFEST, MODEL_FILE, PARAM_FIELD, atomic_write, dtype_name, fsync_dir, sha256_hex, shard_file,
+    step_dir, tensor_bytes,
 )
 from distopt.checkpoint.manifest import check_fields, check_file_record, pack_manifest
+from distopt.checkpoint.reshard import cut_params
 
 PathLike = str | os.PathLike
 
@@ -84,7 +89,7 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
 
 
 def write_shard(ckpt_dir: PathLike, rank: int, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Write one shard rank's optimizer state as ``shard-{rank:05d}.bin``.
+    """Write one shard rank's optimizer state and parameter slice as ``shard-{rank:05d}.bin``.
 
     Ranks ``0 .. plan["world_size"] - 1`` each write theirs: every worker at zero_stage >= 1,
     only rank 0 at zero_stage 0 (every rank holds the same whole state).
@@ -92,7 +97,9 @@ def write_shard(ckpt_dir: PathLike, rank: int, tensors: Mapping[str, torch.Tenso
     Args:
         ckpt_dir: the checkpoint folder.
         rank: the shard rank.
-        tensors: ``ShardedOptimizer.state_dict()["state"]``: field -> this rank's flat shard.
+        tensors: ``ShardedOptimizer.state_dict()["state"]`` (field -> this rank's flat shard),
+            then ``"param"``: ``state_io.shard_params(opt)``, the rank's flat slice of the
+            parameters in the same layout. :func:`build_manifest` checks the names.
 
     Returns:
         The shard's file record (see :func:`write_tensors`).
@@ -105,17 +112,44 @@ def write_shard(ckpt_dir: PathLike, rank: int, tensors: Mapping[str, torch.Tenso
     return write_tensors(ckpt_dir, shard_file(rank), tensors)
 
 
-def write_model(ckpt_dir: PathLike, model_state: Mapping[str, torch.Tensor]) -> dict:
-    """Write the model weights (name -> tensor, the same on every rank) as ``model.bin``.
+def write_model(ckpt_dir: PathLike, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Write the weights no optimizer parameter holds as ``model.bin``.
+
+    Args:
+        tensors: :func:`model_file_tensors` of the model's state dict (buffers, frozen
+            parameters; often nothing, which writes an empty file).
 
     Returns:
         The file record. Raises as :func:`write_tensors`.
     """
-    return write_tensors(ckpt_dir, MODEL_FILE, model_state)
+    return write_tensors(ckpt_dir, MODEL_FILE, tensors)
+
+
+def model_keys(model_state: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """``[[key, source]]`` for a manifest: which optimizer parameter holds each weight.
+
+    A key's source is the parameter whose memory it is (tied weights share one), or "" when
+    no parameter holds it (a buffer, a frozen parameter): those go to ``model.bin``.
+    """
+    def where(t: torch.Tensor) -> tuple:
+        return t.device, t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride())
+    owner: dict[tuple, str] = {}
+    for name, t in params.items():
+        owner.setdefault(where(t), name)
+    return [[key, owner.get(where(t), "")] for key, t in model_state.items()]
+
+
+def model_file_tensors(model_state: Mapping[str, torch.Tensor], fields: dict) -> dict[str, torch.Tensor]:
+    """The entries of ``model_state`` that go to ``model.bin`` (source "" in ``fields["model_keys"]``).
+
+    Raises:
+        KeyError: ``model_state`` lacks one of them.
+    """
+    return {key: model_state[key] for key, source in fields["model_keys"] if not source}
 
 
 def manifest_fields(shard_state: dict, params: Mapping[str, torch.Tensor], *, seed: int, next_step: int,
-                    extra: dict | None = None) -> dict:
+                    model_state: Mapping[str, torch.Tensor] | None = None, extra: dict | None = None) -> dict:
     """The run description a manifest needs, from one rank's ``ShardedOptimizer.state_dict()``.
 
     Args:
@@ -124,6 +158,8 @@ def manifest_fields(shard_state: dict, params: Mapping[str, torch.Tensor], *, se
         params: the optimizer's parameters, name -> tensor, in the order it was built with.
         seed: the run's seed.
         next_step: sampling position, the 0-based training step to run next.
+        model_state: the model's ``state_dict()``, whose keys and order the checkpoint keeps
+            (default: ``params``, for an optimizer used without a module).
         extra: optional small msgpack-able user data.
 
     Returns:
@@ -137,6 +173,7 @@ def manifest_fields(shard_state: dict, params: Mapping[str, torch.Tensor], *, se
         "seed": seed, "optimizer_step": shard_state["step"], "plan": shard_state["plan"],
         "rule": shard_state["rule"], "state_fields": list(shard_state["state"]),
         "params": [{"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in params.items()],
+        "model_keys": model_keys(params if model_state is None else model_state, params),
     }
     if extra is not None:
         fields["extra"] = extra
@@ -192,8 +229,9 @@ def save_checkpoint(root: PathLike, step: int, manifest_fields: dict, model_stat
         root: the checkpoint root; the checkpoint goes to ``root/step-{step:08d}``.
         step: the step the checkpoint is taken at.
         manifest_fields: from :func:`manifest_fields`.
-        model_state: the weights, name -> tensor.
-        shard_states: shard rank -> field -> flat shard, for every rank of the plan.
+        model_state: the weights, name -> tensor, with every key of ``fields["model_keys"]``;
+            each shard's slice of the parameters is cut from it.
+        shard_states: shard rank -> field -> flat state shard, for every rank of the plan.
 
     Returns:
         The checkpoint folder.
@@ -203,13 +241,19 @@ def save_checkpoint(root: PathLike, step: int, manifest_fields: dict, model_stat
         FileExistsError: that step already has a complete checkpoint.
     """
     check_fields(manifest_fields, "manifest_fields")
+    if "model_keys" not in manifest_fields:
+        raise ValueError("manifest_fields has no 'model_keys': build it with distopt.checkpoint.manifest_fields()")
     ranks = list(range(manifest_fields["plan"]["world_size"]))
     if sorted(shard_states) != ranks:
         raise ValueError(f"shard_states has ranks {sorted(shard_states)}; the plan needs exactly {ranks}")
     _check_tensors(model_state)
+    missing = [key for key, _ in manifest_fields["model_keys"] if key not in model_state]
+    if missing:
+        raise ValueError(f"model_state lacks {missing[:5]}: pass the state dict manifest_fields() was given")
+    params = cut_params(manifest_fields, model_state)
     folder = make_checkpoint_dir(root, step)
-    shards = [write_shard(folder, r, shard_states[r]) for r in ranks]
-    model = write_model(folder, model_state)
+    shards = [write_shard(folder, r, {**shard_states[r], PARAM_FIELD: params[r]}) for r in ranks]
+    model = write_model(folder, model_file_tensors(model_state, manifest_fields))
     write_manifest(folder, build_manifest(step, manifest_fields, model, shards))
     return folder
 

@@ -33,6 +33,12 @@ def shard_state_dict(opt: "ShardedOptimizer", buffer: Callable[[str, int], torch
     }
 
 
+def shard_params(opt: "ShardedOptimizer", out: torch.Tensor | None = None) -> torch.Tensor:
+    """A copy of the parameters this rank updates, flat and laid out as its state shard
+    (its range of every bucket, in bucket order; at zero_stage 0 every bucket whole)."""
+    return torch.cat(opt._p_shards, out=out)
+
+
 def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
     """Copy a shard state dict back in after checking it belongs to this rank and plan."""
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:

@@ -1,8 +1,8 @@
 """Checkpoints during training: workers write their shards in the background, the driver
 writes the manifest once the step has committed and every shard is on disk.
 
-Worker side (:class:`ShardWriter`): at a checkpoint step the shard and (rank 0) the model
-weights are copied in memory, then written by a thread while training goes on; finished
+Worker side (:class:`ShardWriter`): at a checkpoint step the rank's state shard and slice
+of the parameters (and, on rank 0, the model's buffers) are copied in memory, then written by a thread while training goes on; finished
 file records ride back on the next step reports. Driver side (:class:`Coordinator`): the
 manifest, written last, makes the checkpoint complete; older ones are pruned.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from distopt import checkpoint as ckpt
-from distopt.checkpoint.format import MANIFEST
+from distopt.checkpoint.format import MANIFEST, PARAM_FIELD
 from distopt.optim import state_io
 
 
@@ -30,7 +30,7 @@ class ShardWriter:
 
     def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
               fields: dict | None) -> None:
-        """Write ``shard`` (flat state tensors) and ``model`` for ``step`` in a thread.
+        """Write ``shard`` (flat state and parameter slice) and ``model`` for ``step`` in a thread.
 
         The tensors must be copies nobody changes meanwhile. The thread moves GPU tensors to
         pinned host memory on a stream of its own: training's stream never waits for them.
@@ -131,26 +131,28 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
              buffers: Buffers | None = None):
     """Copies of what a checkpoint needs from this rank: (shard, model, manifest fields).
 
-    With ``buffers`` the copies go into memory kept from the last snapshot, which must no
-    longer be in use (its write finished).
+    The shard is this rank's state and its slice of the parameters, so the ranks copy the
+    weights between them; rank 0 adds what no parameter holds (buffers). With ``buffers``
+    the copies go into memory kept from the last snapshot, which must no longer be in use
+    (its write finished).
     """
-    if buffers is None:
-        state = opt.state_dict()
-    else:
-        like = opt._params.data
-        state = state_io.shard_state_dict(
-            opt, lambda field, numel: buffers.take(f"state/{field}", (numel,), like.dtype, like.device))
-    writes_shard = opt.zero_stage >= 1 or rank == 0
-    shard = dict(state["state"]) if writes_shard else None
-    if shard is not None and not shard:
-        shard = {}
+    like = opt._params.data
+
+    def take(key: str, numel: int) -> torch.Tensor | None:
+        return None if buffers is None else buffers.take(key, (numel,), like.dtype, like.device)
+    state = state_io.shard_state_dict(opt, None if buffers is None else lambda field, n: take(f"state/{field}", n))
+    shard = None
+    if opt.zero_stage >= 1 or rank == 0:
+        shard = {**state["state"], PARAM_FIELD: state_io.shard_params(opt, take("param", opt.plan.shard_numel()))}
     if not with_model:
         return shard, None, None
+    model_state = model.state_dict()
+    fields = ckpt.manifest_fields(state, dict(zip(opt.names, opt._tensors)), seed=seed, next_step=next_step,
+                                  model_state=model_state)
     # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
-    weights = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
-                   else v.detach().clone()) for k, v in model.state_dict().items()}
-    params = dict(zip(opt.names, opt._tensors))
-    return shard, weights, ckpt.manifest_fields(state, params, seed=seed, next_step=next_step)
+    rest = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
+                else v.detach().clone()) for k, v in ckpt.model_file_tensors(model_state, fields).items()}
+    return shard, rest, fields
 
 
 class Coordinator:
