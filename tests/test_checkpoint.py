@@ -1,6 +1,7 @@
 """Checkpoints: round trips, every dtype, damage refused and named, crash safety, prune, reshard."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -159,12 +160,26 @@ def test_damaged_shard_is_refused_and_named(tmp_path, two_stage1, damage, messag
         latest_valid(tmp_path)
 
 
-def test_a_flipped_tensor_slice_is_caught_even_with_a_matching_file_hash(tmp_path, two_stage1):
+def test_each_byte_is_checked_by_its_tensors_digest_before_use(tmp_path, two_stage1):
     path = _save(tmp_path, 3, two_stage1[0])
     record = load_manifest(path)["shards"][0]
-    record["tensors"][1]["sha256"] = "0" * 64  # the file's hash still matches; one tensor's does not
-    with pytest.raises(CheckpointError, match=r"shard-00000.bin tensor 'exp_avg_sq' .* does not match its sha256"):
-        read_tensors(path, record)
+    assert "sha256" not in record and [t["offset"] for t in record["tensors"]] == \
+        [sum(t["nbytes"] for t in record["tensors"][:i]) for i in range(3)]  # back to back, whole file
+    second = record["tensors"][1]
+    shard = path / record["file"]
+    data = bytearray(shard.read_bytes())
+    data[second["offset"] + 5] ^= 0x04
+    shard.write_bytes(bytes(data))
+    for check in (lambda: read_tensors(path, record), lambda: verify(path)):
+        with pytest.raises(CheckpointError, match=r"shard-00000.bin tensor 'exp_avg_sq' .* does not match its sha256"):
+            check()
+    assert list(read_tensors(path, record, names=["exp_avg"])) == ["exp_avg"]  # only what is returned is used
+    forged = dict(record, tensors=[dict(record["tensors"][0], sha256="0" * 64), *record["tensors"][1:]])
+    with pytest.raises(CheckpointError, match="do not match its tensors_sha256"):
+        read_tensors(path, forged, names=["param"])
+    gap = dict(record, tensors=record["tensors"][1:])
+    with pytest.raises(CheckpointError, match="starts at byte .*back to back"):
+        read_tensors(path, gap)
     record["file"] = "../model.bin"
     with pytest.raises(CheckpointError, match="not a plain file name"):
         read_tensors(path, record)
@@ -421,8 +436,13 @@ def test_a_version_1_checkpoint_with_every_weight_in_model_bin_still_loads(tmp_p
     fields = manifest_fields(sds[0], trained[0][0], seed=0, next_step=3)
     del fields["model_keys"]
     folder = make_checkpoint_dir(tmp_path, 3)
-    shards = [write_shard(folder, r, sds[r]["state"]) for r in range(2)]
-    model = write_model(folder, trained[0][0])
+
+    def v1(record: dict) -> dict:  # v1 records hash the whole file
+        data = (folder / record["file"]).read_bytes()
+        return {"file": record["file"], "size": record["size"], "sha256": hashlib.sha256(data).hexdigest(),
+                "tensors": record["tensors"]}
+    shards = [v1(write_shard(folder, r, sds[r]["state"])) for r in range(2)]
+    model = v1(write_model(folder, trained[0][0]))
     manifest = {"format": FORMAT_V1, **fields, "step": 3, "model": model, "shards": shards}
     atomic_write(folder / "manifest.msgpack", [pack_manifest(manifest)])
     ckpt = load_checkpoint(verify(folder) and folder)
@@ -431,3 +451,7 @@ def test_a_version_1_checkpoint_with_every_weight_in_model_bin_still_loads(tmp_p
     _assert_full_equal(ckpt.optimizer_state, full)
     with pytest.raises(ValueError, match="'model_keys' present in a distopt.checkpoint.v1 manifest"):
         pack_manifest({**manifest, "model_keys": [[n, n] for n in trained[0][0]]})
+    _flip(folder / "model.bin")
+    for check in (verify, load_checkpoint):
+        with pytest.raises(CheckpointError, match="model.bin does not match its sha256"):
+            check(folder)

@@ -109,7 +109,17 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> tuple[int, str]:
+def digest_of_digests(tensors: Sequence[dict]) -> str:
+    """A v2 file's checksum: the hex sha256 of its tensors' raw sha256 digests, in file order.
+
+    The tensors tile the file, so this is a function of every byte, and writing or reading
+    the file hashes each byte once (v1 hashed every byte twice: per tensor and per file).
+    """
+    return hashlib.sha256(b"".join(bytes.fromhex(t["sha256"]) for t in tensors)).hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], digest: bool = True
+                 ) -> tuple[int, str | None]:
     """Write ``chunks`` to ``path`` atomically and durably.
 
     Temporary name in the same folder, write, flush, fsync, rename over ``path``, fsync the
@@ -117,16 +127,18 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
     file that :func:`distopt.checkpoint.prune` removes.
 
     Returns:
-        ``(size in bytes, hex sha256)`` of what was written.
+        ``(size in bytes, hex sha256)`` of what was written; the sha256 is None when
+        ``digest`` is False (the caller hashes the pieces itself: one pass over the bytes).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    digest, size = hashlib.sha256(), 0
+    hasher, size = hashlib.sha256() if digest else None, 0
     try:
         with open(tmp, "xb") as f:
             for chunk in chunks:
                 f.write(chunk)
-                digest.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 size += memoryview(chunk).nbytes
             f.flush()
             os.fsync(f.fileno())
@@ -135,7 +147,7 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return size, digest.hexdigest()
+    return size, None if hasher is None else hasher.hexdigest()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -22,8 +22,10 @@ Keys (all required unless marked optional):
     extra           optional: small user data (msgpack-able)
     manifest_sha256 sha256 of the msgpack of every other key, in order (added on packing)
 
-A file record is ``{"file", "size", "sha256", "tensors": [{"name", "dtype", "shape",
-"offset", "nbytes", "sha256"}]}``.
+A file record is ``{"file", "size", "tensors_sha256", "tensors": [{"name", "dtype", "shape",
+"offset", "nbytes", "sha256"}]}``: the tensors lie back to back over the whole file and
+``tensors_sha256`` hashes their digests in order (see ``format.digest_of_digests``). A v1
+record has ``"sha256"``, the file's own sha256, instead.
 """
 from __future__ import annotations
 
@@ -134,6 +136,10 @@ def check_manifest(manifest: dict, where: str = "manifest") -> None:
     if extra or not isinstance(manifest.get("extra", {}), dict) or ("model_keys" in manifest) != v2:
         raise ValueError(f"{where}: unexpected keys {sorted(extra)}, 'extra' not a dict, or 'model_keys' "
                          f"{'missing' if v2 else 'present'} in a {manifest['format']} manifest")
+    for record in [manifest["model"], *manifest["shards"]]:
+        if ("tensors_sha256" in record) != v2:
+            raise ValueError(f"{where}: {manifest['format']} file records carry "
+                             f"{'tensors_sha256' if v2 else 'sha256'}; {record.get('file')!r} does not")
     check_file_record(manifest["model"], where)
     if v2:
         in_file = [key for key, source in manifest["model_keys"] if not source]
@@ -189,18 +195,29 @@ def check_file_record(record: Any, where: str = "manifest") -> None:
     """
     if not isinstance(record, dict):
         raise ValueError(f"{where}: file record must be a dict, got {type(record).__name__}")
-    _check_types(record, {"file": str, "size": int, "sha256": str, "tensors": list}, where)
+    # v1 records hash the whole file ("sha256"); v2 ones hash each tensor once and the
+    # digests together ("tensors_sha256"), which needs the tensors to cover every byte.
+    key = "tensors_sha256" if "tensors_sha256" in record else "sha256"
+    _check_types(record, {"file": str, "size": int, key: str, "tensors": list}, where)
     name = record["file"]
-    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
-        raise ValueError(f"{where}: file name {name!r} is not a plain file name in the checkpoint folder")
-    if not _SHA.match(record["sha256"]) or record["size"] < 0:
-        raise ValueError(f"{where}: {name}: bad size {record['size']} or sha256 {record['sha256']!r}")
-    seen = set()
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name or \
+            set(record) != {"file", "size", key, "tensors"}:
+        raise ValueError(f"{where}: file name {name!r} is not a plain file name in the checkpoint folder, or the "
+                         f"record has keys {sorted(record)}")
+    if not _SHA.match(record[key]) or record["size"] < 0:
+        raise ValueError(f"{where}: {name}: bad size {record['size']} or {key} {record[key]!r}")
+    seen, end = set(), 0
     for t in record["tensors"]:
         _check_tensor(t, record["size"], f"{where}: {name}")
         if t["name"] in seen:
             raise ValueError(f"{where}: {name} lists tensor {t['name']!r} twice")
         seen.add(t["name"])
+        if key == "tensors_sha256" and t["offset"] != end:
+            raise ValueError(f"{where}: {name}: tensor {t['name']!r} starts at byte {t['offset']}, not {end}: "
+                             f"the tensors must cover the file back to back")
+        end = t["offset"] + t["nbytes"]
+    if key == "tensors_sha256" and end != record["size"]:
+        raise ValueError(f"{where}: {name}: the tensors cover {end} of its {record['size']} bytes")
 
 
 def _check_tensor(t: Any, size: int, where: str) -> None:

@@ -15,7 +15,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from distopt.checkpoint.format import MANIFEST, CheckpointError, damaged, parse_step, sha256_hex, tensor_from_bytes
+from distopt.checkpoint.format import (
+    MANIFEST, CheckpointError, damaged, digest_of_digests, parse_step, sha256_hex, tensor_from_bytes,
+)
 from distopt.checkpoint.manifest import check_file_record, unpack_manifest
 from distopt.checkpoint.reshard import full_state_from_shards, weights_from_shards
 
@@ -77,7 +79,8 @@ def load_manifest(ckpt_dir: PathLike) -> dict:
 def read_tensors(ckpt_dir: PathLike, file_record: dict, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Read tensors from one file of a checkpoint, checking before using any byte.
 
-    The file's size and sha256 are checked first, then each tensor's slice and sha256.
+    The file's size is checked first, then each returned tensor's sha256 (and for a v1 file
+    the whole file's sha256).
 
     Args:
         ckpt_dir: the checkpoint folder.
@@ -109,11 +112,15 @@ def read_tensors(ckpt_dir: PathLike, file_record: dict, names: Sequence[str] | N
         if names is not None and t["name"] not in names:
             continue
         piece = data[t["offset"]: t["offset"] + t["nbytes"]]
-        if sha256_hex(piece) != t["sha256"]:
-            raise damaged(path, f"tensor {t['name']!r} (bytes {t['offset']}..{t['offset'] + t['nbytes']}) does "
-                                f"not match its sha256")
+        _check_piece(path, t, sha256_hex(piece))
         out[t["name"]] = tensor_from_bytes(piece, t["dtype"], t["shape"])
     return out
+
+
+def _check_piece(path: Path, t: dict, digest: str) -> None:
+    if digest != t["sha256"]:
+        raise damaged(path, f"tensor {t['name']!r} (bytes {t['offset']}..{t['offset'] + t['nbytes']}) does not "
+                            f"match its sha256 (flipped bits or a partial overwrite)")
 
 
 def read_shards(ckpt_dir: PathLike, manifest: dict) -> dict[int, dict[str, torch.Tensor]]:
@@ -127,7 +134,7 @@ def read_shards(ckpt_dir: PathLike, manifest: dict) -> dict[int, dict[str, torch
 
 
 def verify(ckpt_dir: PathLike) -> dict:
-    """Check a checkpoint completely: its manifest, and every file's size and sha256.
+    """Check a checkpoint completely: its manifest, and every file's size and checksums.
 
     Files are hashed in chunks, so memory stays small whatever their size.
 
@@ -141,15 +148,23 @@ def verify(ckpt_dir: PathLike) -> dict:
     for record in [manifest["model"], *manifest["shards"]]:
         path = Path(ckpt_dir) / record["file"]
         _check_size(path, record["size"])
-        digest = hashlib.sha256()
+        whole = "sha256" in record  # v1: one digest of the file; v2: one per tensor, which tile it
+        spans = [(0, record["size"], None)] if whole else [(t["offset"], t["nbytes"], t) for t in record["tensors"]]
         try:
             with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
+                for _, nbytes, t in spans:
+                    digest = hashlib.sha256()
+                    while nbytes and (chunk := f.read(min(_CHUNK, nbytes))):
+                        digest.update(chunk)
+                        nbytes -= len(chunk)
+                    if t is not None:
+                        _check_piece(path, t, digest.hexdigest())
         except OSError as e:
             raise damaged(path, f"cannot be read ({e})") from None
-        if digest.hexdigest() != record["sha256"]:
+        if whole and digest.hexdigest() != record["sha256"]:
             raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
+        if not whole and digest_of_digests(record["tensors"]) != record["tensors_sha256"]:
+            raise damaged(path, "has tensor digests that do not match its tensors_sha256 (a damaged manifest)")
     return manifest
 
 
@@ -202,8 +217,11 @@ def _read_checked(path: Path, record: dict) -> bytes:
         raise damaged(path, f"cannot be read ({e})") from None
     if len(data) != record["size"]:
         raise damaged(path, f"changed size while being read ({len(data)} bytes, expected {record['size']})")
-    if sha256_hex(data) != record["sha256"]:
-        raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
+    if "sha256" in record:  # v1; a v2 file is checked tensor by tensor as it is used
+        if sha256_hex(data) != record["sha256"]:
+            raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
+    elif digest_of_digests(record["tensors"]) != record["tensors_sha256"]:
+        raise damaged(path, "has tensor digests that do not match its tensors_sha256 (a damaged manifest)")
     return data
 
 

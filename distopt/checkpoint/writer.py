@@ -26,8 +26,8 @@ from typing import Mapping
 import torch
 
 from distopt.checkpoint.format import (
-    FORMAT, MANIFEST, MODEL_FILE, PARAM_FIELD, atomic_write, dtype_name, fsync_dir, sha256_hex, shard_file,
-    step_dir, tensor_bytes,
+    FORMAT, MANIFEST, MODEL_FILE, PARAM_FIELD, atomic_write, digest_of_digests, dtype_name, fsync_dir, sha256_hex,
+    shard_file, step_dir, tensor_bytes,
 )
 from distopt.checkpoint.manifest import check_fields, check_file_record, pack_manifest
 from distopt.checkpoint.reshard import cut_params
@@ -60,8 +60,9 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
             one tensor's bytes.
 
     Returns:
-        The file record ``{"file", "size", "sha256", "tensors": [{"name", "dtype", "shape",
-        "offset", "nbytes", "sha256"}]}`` for the manifest.
+        The file record ``{"file", "size", "tensors_sha256", "tensors": [{"name", "dtype",
+        "shape", "offset", "nbytes", "sha256"}]}`` for the manifest; ``tensors_sha256`` is
+        :func:`~distopt.checkpoint.format.digest_of_digests`, so each byte is hashed once.
 
     Raises:
         TypeError, ValueError: a non-tensor, a non-str name or an unsupported dtype, before
@@ -82,8 +83,8 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
             offset += data.nbytes
             yield data
 
-    size, digest = atomic_write(folder / file_name, chunks())
-    record = {"file": file_name, "size": size, "sha256": digest, "tensors": records}
+    size, _ = atomic_write(folder / file_name, chunks(), digest=False)
+    record = {"file": file_name, "size": size, "tensors_sha256": digest_of_digests(records), "tensors": records}
     check_file_record(record, str(folder))
     return record
 
