@@ -188,7 +188,8 @@ def markdown(result: dict) -> str:
         f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms.",
         f"Checkpoint every 10 steps: the step that copies the checkpoint takes "
         f"{c['checkpoint_step_ms']:.1f} ms against {c['plain_step_ms']:.1f} ms ({c['ratio']:.3f}x, the goal row); "
-        f"the write itself (sha256 and the copy into the page cache, about 50 MB on rank 0) runs in a thread "
+        f"each worker copies its state shard and its slice of the weights (about 38 MB); the write itself "
+        f"(sha256 and the copy into the page cache) runs in a thread "
         f"during the next step, which takes {c.get('after_step_ms', float('nan')):.1f} ms "
         f"({c.get('after_ratio', float('nan')):.3f}x): on two cores that both ranks keep busy it has no spare "
         f"core to run on.",

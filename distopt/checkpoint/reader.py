@@ -163,8 +163,8 @@ def verify(ckpt_dir: PathLike) -> dict:
             raise damaged(path, f"cannot be read ({e})") from None
         if whole and digest.hexdigest() != record["sha256"]:
             raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
-        if not whole and digest_of_digests(record["tensors"]) != record["tensors_sha256"]:
-            raise damaged(path, "has tensor digests that do not match its tensors_sha256 (a damaged manifest)")
+        if not whole:
+            _check_digests(path, record)
     return manifest
 
 
@@ -220,9 +220,14 @@ def _read_checked(path: Path, record: dict) -> bytes:
     if "sha256" in record:  # v1; a v2 file is checked tensor by tensor as it is used
         if sha256_hex(data) != record["sha256"]:
             raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
-    elif digest_of_digests(record["tensors"]) != record["tensors_sha256"]:
-        raise damaged(path, "has tensor digests that do not match its tensors_sha256 (a damaged manifest)")
+    else:
+        _check_digests(path, record)
     return data
+
+
+def _check_digests(path: Path, record: dict) -> None:
+    if digest_of_digests(record["tensors"]) != record["tensors_sha256"]:
+        raise damaged(path, "has tensor digests that do not match its tensors_sha256 (a damaged manifest)")
 
 
 def _check_size(path: Path, size: int) -> None:

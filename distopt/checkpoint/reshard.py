@@ -11,10 +11,9 @@ Memory: the whole optimizer state plus one field's flat buffer. A bounded-memory
 from __future__ import annotations
 
 from bisect import bisect_right
+from typing import Mapping
 
 import torch
-
-from typing import Mapping
 
 from distopt.checkpoint.format import FORMAT, PARAM_FIELD, CheckpointError
 from distopt.checkpoint.manifest import shard_tensor_names
