@@ -23,6 +23,16 @@ def median(xs: Iterable[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def paired_ratio(times: dict[int, float], marked: Sequence[int], before: int = 3) -> float:
+    """Median over the ``marked`` steps of each one's time against the median of the
+    ``before`` steps just ahead of it: each marked step meets its own neighbours, so the
+    machine's drift over a run cancels. Marked steps without ``before`` timed predecessors
+    are left out."""
+    ratios = [times[s] / median(times[s - i] for i in range(1, before + 1)) for s in marked
+              if all(s - i in times for i in range(1, before + 1))]
+    return median(ratios)
+
+
 def rotated(items: Sequence[Any], r: int) -> list[Any]:
     """``items`` rotated by ``r``: round ``r`` of an interleaved run starts with a different contender."""
     r %= max(1, len(items))
