@@ -137,7 +137,7 @@ def run(quick: bool = False) -> dict:
     result = {"overhead": overhead(1 if quick else 5, 15 if quick else 30),
               "by_batch": overhead_by_batch(2 if quick else 5, 4 if quick else 10),
               "cold": recovery(steps, 0), "warm": recovery(steps, 1),
-              # 7 or 19 checkpoint steps to compare: one slow step among 5 swung the median
+              # 8 or 20 checkpoint steps to compare: one slow step among 5 swung the median
               "checkpoint": checkpoint_stall(80 if quick else 200),
               "ray_train": ray_train_peer.run(steps, KILL_AT)}
     result["goals"] = [
