@@ -91,10 +91,10 @@ def summarize(entries: list[dict], kill_at: int) -> dict:
     last_before = max(e["end"] for e in before if e["step"] == kill_at - 1)
     first_again = min(e["end"] for e in after if e["step"] == kill_at)
     times = {e["step"]: e["end"] - e["start"] for e in before[5:]}
-    ckpt = [t for s, t in times.items() if (s + 1) % EVERY == 0]
+    marked = [s for s in times if (s + 1) % EVERY == 0]
+    ckpt = [times[s] for s in marked]
     plain = [t for s, t in times.items() if (s + 1) % EVERY]
     # The same estimator as distopt's goal row: each checkpoint step against the 3 steps before it.
     return {"gap_s": first_again - last_before, "steps_redone": kill_at - after[0]["step"],
             "normal_step_s": median(plain), "checkpoint_step_s": median(ckpt),
-            "checkpoint_stall_ratio": paired_ratio(times, [s for s in times if (s + 1) % EVERY == 0]),
-            "pooled_stall_ratio": median(ckpt) / median(plain)}
+            "checkpoint_stall_ratio": paired_ratio(times, marked), "pooled_stall_ratio": median(ckpt) / median(plain)}

@@ -2,8 +2,9 @@
 
 A checkpoint is ``root/step-{step:08d}/`` with one ``shard-{rank:05d}.bin`` per shard rank
 (its optimizer state and its slice of the parameters), ``model.bin`` (weights no parameter
-holds) and ``manifest.msgpack``, written last: its presence marks the checkpoint complete. Reading checks sizes and sha256 before any byte is used; optimizer shards are
-resharded through the saved plan, so a checkpoint loads on any world size and stage.
+holds) and ``manifest.msgpack``, written last: its presence marks the checkpoint complete.
+Reading checks sizes and sha256 before any byte is used; shards are resharded through the
+saved plan, so a checkpoint loads on any world size and stage.
 Every damaged-checkpoint error is a :class:`CheckpointError`: use another checkpoint.
 """
 from distopt.checkpoint.export import export_safetensors, read_safetensors

@@ -56,8 +56,7 @@ def export_safetensors(model_state: Mapping[str, torch.Tensor], path: str | os.P
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the reference writer does
     # Tensors are converted one at a time as the file is written: extra memory is one tensor.
-    atomic_write(path, itertools.chain([struct.pack("<Q", len(text)), text], map(tensor_bytes, model_state.values())),
-                 digest=False)
+    atomic_write(path, itertools.chain([struct.pack("<Q", len(text)), text], map(tensor_bytes, model_state.values())))
     return Path(path)
 
 

@@ -118,8 +118,7 @@ def digest_of_digests(tensors: Sequence[dict]) -> str:
     return hashlib.sha256(b"".join(bytes.fromhex(t["sha256"]) for t in tensors)).hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], digest: bool = True
-                 ) -> tuple[int, str | None]:
+def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> int:
     """Write ``chunks`` to ``path`` atomically and durably.
 
     Temporary name in the same folder, write, flush, fsync, rename over ``path``, fsync the
@@ -127,18 +126,15 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], 
     file that :func:`distopt.checkpoint.prune` removes.
 
     Returns:
-        ``(size in bytes, hex sha256)`` of what was written; the sha256 is None when
-        ``digest`` is False (the caller hashes the pieces itself: one pass over the bytes).
+        The bytes written.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    hasher, size = hashlib.sha256() if digest else None, 0
+    size = 0
     try:
         with open(tmp, "xb") as f:
             for chunk in chunks:
                 f.write(chunk)
-                if hasher is not None:
-                    hasher.update(chunk)
                 size += memoryview(chunk).nbytes
             f.flush()
             os.fsync(f.fileno())
@@ -147,7 +143,7 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], 
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return size, None if hasher is None else hasher.hexdigest()
+    return size
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -148,24 +148,27 @@ def verify(ckpt_dir: PathLike) -> dict:
     for record in [manifest["model"], *manifest["shards"]]:
         path = Path(ckpt_dir) / record["file"]
         _check_size(path, record["size"])
-        whole = "sha256" in record  # v1: one digest of the file; v2: one per tensor, which tile it
-        spans = [(0, record["size"], None)] if whole else [(t["offset"], t["nbytes"], t) for t in record["tensors"]]
         try:
             with open(path, "rb") as f:
-                for _, nbytes, t in spans:
-                    digest = hashlib.sha256()
-                    while nbytes and (chunk := f.read(min(_CHUNK, nbytes))):
-                        digest.update(chunk)
-                        nbytes -= len(chunk)
-                    if t is not None:
-                        _check_piece(path, t, digest.hexdigest())
+                if "sha256" in record:  # v1: one digest of the whole file
+                    if _hash_next(f, record["size"]) != record["sha256"]:
+                        raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
+                else:  # v2: the tensors tile the file, in order
+                    for t in record["tensors"]:
+                        _check_piece(path, t, _hash_next(f, t["nbytes"]))
+                    _check_digests(path, record)
         except OSError as e:
             raise damaged(path, f"cannot be read ({e})") from None
-        if whole and digest.hexdigest() != record["sha256"]:
-            raise damaged(path, "does not match its sha256 (flipped bits or a partial overwrite)")
-        if not whole:
-            _check_digests(path, record)
     return manifest
+
+
+def _hash_next(f, nbytes: int) -> str:
+    """Hex sha256 of the next ``nbytes`` of ``f`` (fewer at its end), read in chunks."""
+    digest = hashlib.sha256()
+    while nbytes and (chunk := f.read(min(_CHUNK, nbytes))):
+        digest.update(chunk)
+        nbytes -= len(chunk)
+    return digest.hexdigest()
 
 
 def latest_valid(root: PathLike) -> tuple[Path, list[tuple[Path, str]]]:

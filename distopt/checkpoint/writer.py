@@ -83,7 +83,7 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
             offset += data.nbytes
             yield data
 
-    size, _ = atomic_write(folder / file_name, chunks(), digest=False)
+    size = atomic_write(folder / file_name, chunks())
     record = {"file": file_name, "size": size, "tensors_sha256": digest_of_digests(records), "tensors": records}
     check_file_record(record, str(folder))
     return record

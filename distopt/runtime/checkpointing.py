@@ -2,8 +2,9 @@
 writes the manifest once the step has committed and every shard is on disk.
 
 Worker side (:class:`ShardWriter`): at a checkpoint step the rank's state shard and slice
-of the parameters (and, on rank 0, the model's buffers) are copied in memory, then written by a thread while training goes on; finished
-file records ride back on the next step reports. Driver side (:class:`Coordinator`): the
+of the parameters (and, on rank 0, the model's buffers) are copied in memory, then written
+by a thread while training goes on; finished file records ride back on the next step
+reports. Driver side (:class:`Coordinator`): the
 manifest, written last, makes the checkpoint complete; older ones are pruned.
 """
 from __future__ import annotations
