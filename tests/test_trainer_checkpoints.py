@@ -87,9 +87,11 @@ def test_worker_killed_while_writing_a_checkpoint(ray_cluster, saved, tmp_path):
         verify(folder)
 
 
-def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_path, groups):
-    """The worker's checkpoint path without Ray: snapshots into kept buffers, background
-    writes, the driver's manifest; the checkpoint holds the model's state dict exactly."""
+@pytest.mark.parametrize("live", [False, True], ids=["copied", "read-in-place"])
+def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_path, groups, live):
+    """The worker's checkpoint path without Ray: snapshots (copies into kept buffers, or the
+    shard read in place while the next updates run), background writes, the driver's
+    manifest; the checkpoint holds the model's state dict at its step exactly."""
     root = str(tmp_path)
 
     def body(comm):
@@ -97,25 +99,28 @@ def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_pa
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
         writer, buffers, records, states = ShardWriter(), Buffers(), [], []
-        for step in range(1, 5):
+        opt.before_write = writer.freeze
+        for step in range(1, 8):
             idx = (torch.arange(8) + step + comm.rank) % 11
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(idx), (idx * 3) % 11).backward()
             opt.step()
-            if step % 2 == 0:  # the second snapshot reuses the first one's memory
-                shard, rest, fields = snapshot(opt, model, comm.rank, 0, step, comm.rank == 0, buffers)
-                assert sorted(shard) == ["exp_avg", "exp_avg_sq", "param"]
+            if step % 2 == 0:  # the later snapshots reuse the first one's memory once it is free
+                shard, rest, fields, reader = snapshot(opt, model, comm.rank, 0, step, comm.rank == 0,
+                                                       None if writer.busy() else buffers, live=live)
+                assert sorted(shard) == ["exp_avg", "exp_avg_sq", "param"] and (reader is not None) == live
                 assert (rest is None) == (comm.rank != 0) and "embed.weight" not in (rest or {})
-                writer.start(root, step, comm.rank, shard, rest, fields)
-                records += writer.drain(wait=True)
+                writer.start(root, step, comm.rank, shard, rest, fields, reader)
+                if step == 4:  # the others are written while the next update runs
+                    records += writer.drain(wait=True)
                 states.append({k: v.clone() for k, v in model.state_dict().items()})
-        return records, states
+        return records + writer.drain(wait=True), states
     out = run_ranks(groups(2), body)
     coordinator = Coordinator(root, keep_last=3)
     coordinator.add([r for records, _ in out for r in records])
-    coordinator.finish(4, shard_ranks=2)
-    assert coordinator.written == [2, 4]
-    for step, expected in zip((2, 4), out[0][1]):
+    coordinator.finish(7, shard_ranks=2)
+    assert coordinator.written == [2, 4, 6]
+    for step, expected in zip((2, 4, 6), out[0][1]):
         ckpt = load_checkpoint(step_dir(root, step))
         assert list(ckpt.model_state) == list(expected)
         assert all(torch.equal(ckpt.model_state[k], v) for k, v in expected.items()), step

@@ -19,20 +19,40 @@ In the distributed runtime the pieces are separate calls, in this order:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, Protocol, Union, runtime_checkable
 
 import torch
 
 from distopt.checkpoint.format import (
-    FORMAT, MANIFEST, MODEL_FILE, PARAM_FIELD, atomic_write, digest_of_digests, dtype_name, fsync_dir, sha256_hex,
+    FORMAT, MANIFEST, MODEL_FILE, PARAM_FIELD, atomic_write, digest_of_digests, dtype_name, fsync_dir, nbytes_of,
     shard_file, step_dir, tensor_bytes,
 )
 from distopt.checkpoint.manifest import check_fields, check_file_record, pack_manifest
 from distopt.checkpoint.reshard import cut_params
 
 PathLike = str | os.PathLike
+
+
+@runtime_checkable
+class Pieces(Protocol):
+    """A flat tensor handed over as its raw bytes, piece by piece, instead of as one tensor.
+
+    For memory that may change once it has been read: each piece must be final when it is
+    yielded, and is consumed (hashed and written) before the next one is asked for
+    (:class:`distopt.runtime.live_shard.LiveShard` reads a training rank's shard this way).
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def pieces(self) -> Iterator[memoryview]:
+        """The tensor's little-endian bytes, in order."""
+
+
+TensorLike = Union[torch.Tensor, Pieces]
 
 
 def make_checkpoint_dir(root: PathLike, step: int) -> Path:
@@ -50,14 +70,14 @@ def make_checkpoint_dir(root: PathLike, step: int) -> Path:
     return folder
 
 
-def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torch.Tensor]) -> dict:
+def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, TensorLike]) -> dict:
     """Write ``tensors`` back to back as raw little-endian bytes into ``ckpt_dir/file_name``.
 
     Args:
         ckpt_dir: the checkpoint folder (from :func:`make_checkpoint_dir`).
         file_name: a plain file name.
         tensors: name -> tensor, any device; converted one at a time, so extra memory is
-            one tensor's bytes.
+            one tensor's bytes. A :class:`Pieces` value is written as it yields its bytes.
 
     Returns:
         The file record ``{"file", "size", "tensors_sha256", "tensors": [{"name", "dtype",
@@ -66,7 +86,8 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
 
     Raises:
         TypeError, ValueError: a non-tensor, a non-str name or an unsupported dtype, before
-            anything is written.
+            anything is written; ValueError also when a :class:`Pieces` yields another number
+            of bytes than its shape needs (the file is then not written).
         FileExistsError: the folder already holds a complete checkpoint.
     """
     folder = Path(ckpt_dir)
@@ -77,11 +98,18 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
     def chunks():
         offset = 0
         for name, t in tensors.items():
-            data = tensor_bytes(t)
-            records.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                            "offset": offset, "nbytes": data.nbytes, "sha256": sha256_hex(data)})
-            offset += data.nbytes
-            yield data
+            digest, nbytes = hashlib.sha256(), 0
+            for data in (t.pieces() if isinstance(t, Pieces) else [tensor_bytes(t)]):
+                digest.update(data)
+                nbytes += data.nbytes
+                yield data
+            dtype = dtype_name(t.dtype)
+            if nbytes != nbytes_of(dtype, t.shape):
+                raise ValueError(f"{name!r} gave {nbytes} bytes, its shape {list(t.shape)} of {dtype} needs "
+                                 f"{nbytes_of(dtype, t.shape)}")
+            records.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset,
+                            "nbytes": nbytes, "sha256": digest.hexdigest()})
+            offset += nbytes
 
     size = atomic_write(folder / file_name, chunks())
     record = {"file": file_name, "size": size, "tensors_sha256": digest_of_digests(records), "tensors": records}
@@ -89,7 +117,7 @@ def write_tensors(ckpt_dir: PathLike, file_name: str, tensors: Mapping[str, torc
     return record
 
 
-def write_shard(ckpt_dir: PathLike, rank: int, tensors: Mapping[str, torch.Tensor]) -> dict:
+def write_shard(ckpt_dir: PathLike, rank: int, tensors: Mapping[str, TensorLike]) -> dict:
     """Write one shard rank's optimizer state and parameter slice as ``shard-{rank:05d}.bin``.
 
     Ranks ``0 .. plan["world_size"] - 1`` each write theirs: every worker at zero_stage >= 1,
@@ -259,11 +287,11 @@ def save_checkpoint(root: PathLike, step: int, manifest_fields: dict, model_stat
     return folder
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
+def _check_tensors(tensors: Mapping[str, TensorLike]) -> None:
     if not isinstance(tensors, Mapping):
         raise TypeError(f"expected a name -> tensor dict, got {type(tensors).__name__}")
     for name, t in tensors.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+        if not isinstance(name, str) or not isinstance(t, (torch.Tensor, Pieces)):
             raise TypeError(f"entry {name!r}: names must be str and values tensors, got {type(t).__name__}")
         dtype_name(t.dtype)
 

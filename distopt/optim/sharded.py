@@ -105,6 +105,9 @@ class ShardedOptimizer:
         self.step_count = 0
         # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
         self.on_phase: Callable[[str, int], None] | None = None
+        # Called before this rank's parameter shard or state changes in place (update,
+        # rollback, load): whoever still reads that memory (a checkpoint write) must let go.
+        self.before_write: Callable[[], None] | None = None
         self.redundancy = Redundancy(self, replica_distance, shared_memory, replica_log_depth) if replicate else None
         self.overlap: Overlap | None = None
 
@@ -204,17 +207,23 @@ class ShardedOptimizer:
         grads = clipped(self._g_shards, scale)
         if self.redundancy is None:
             self._phase("shard_update", step)
+            self._will_write()
             self.rule.update(self._p_shards, grads, self.state, step)
             return
         prepared = self.rule.prepare(self._p_shards, grads, step)
         self.redundancy.before_update(step, scale)  # the shift to the holder stays in flight
         self._phase("shard_update", step)
+        self._will_write()
         self.rule.apply(self._p_shards, prepared, self.state, step)
         self.redundancy.after_update(step)
 
     def _phase(self, phase: str, step: int) -> None:
         if self.on_phase is not None:
             self.on_phase(phase, step)
+
+    def _will_write(self) -> None:
+        if self.before_write is not None:
+            self.before_write()
 
     def rollback(self, committed: int) -> None:
         """Undo a step that did not commit: this rank's shard returns to update ``committed``.
@@ -227,6 +236,7 @@ class ShardedOptimizer:
         """
         if self.redundancy is None:
             raise RecoveryError("rollback needs ShardedOptimizer(..., replicate=True)")
+        self._will_write()
         self.redundancy.rollback(committed)
 
     def _reduce(self, given: list[torch.Tensor] | None) -> None:
@@ -301,6 +311,7 @@ class ShardedOptimizer:
         Raises:
             ValueError: the plan, rank or rule differs (load a full state dict instead).
         """
+        self._will_write()
         state_io.load_shard_state_dict(self, sd)
 
     def full_state_dict(self) -> dict:
@@ -309,6 +320,7 @@ class ShardedOptimizer:
 
     def load_full_state_dict(self, full: dict) -> None:
         """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage)."""
+        self._will_write()
         state_io.load_full_state_dict(self, full)
 
 

@@ -25,12 +25,19 @@ def shard_state_dict(opt: "ShardedOptimizer", buffer: Callable[[str, int], torch
         if buffer is None:
             return torch.cat(parts)  # cat always copies
         return torch.cat(parts, out=buffer(field, sum(p.numel() for p in parts)))
-    return {
-        "format": FORMAT, "rank": opt.comm.rank, "world_size": opt.comm.world_size,
-        "zero_stage": opt.zero_stage, "step": opt.step_count, "rule": opt.rule.config(),
-        "plan": opt.plan.to_dict(),
-        "state": {field: flat(field, ts) for field, ts in opt.state._asdict().items() if ts},
-    }
+    return {**shard_header(opt), "state": {field: flat(field, ts) for field, ts in state_fields(opt).items()}}
+
+
+def shard_header(opt: "ShardedOptimizer") -> dict:
+    """What :func:`shard_state_dict` says besides the tensors: format, rank, stage, step, rule, plan."""
+    return {"format": FORMAT, "rank": opt.comm.rank, "world_size": opt.comm.world_size,
+            "zero_stage": opt.zero_stage, "step": opt.step_count, "rule": opt.rule.config(),
+            "plan": opt.plan.to_dict()}
+
+
+def state_fields(opt: "ShardedOptimizer") -> dict[str, list[torch.Tensor]]:
+    """The live state this rank holds: field -> its per-bucket tensors (fields the rule keeps)."""
+    return {field: ts for field, ts in opt.state._asdict().items() if ts}
 
 
 def shard_params(opt: "ShardedOptimizer", out: torch.Tensor | None = None) -> torch.Tensor:

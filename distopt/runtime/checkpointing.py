@@ -1,11 +1,13 @@
 """Checkpoints during training: workers write their shards in the background, the driver
 writes the manifest once the step has committed and every shard is on disk.
 
-Worker side (:class:`ShardWriter`): at a checkpoint step the rank's state shard and slice
-of the parameters (and, on rank 0, the model's buffers) are copied in memory, then written
-by a thread while training goes on; finished file records ride back on the next step
-reports. Driver side (:class:`Coordinator`): the
-manifest, written last, makes the checkpoint complete; older ones are pruned.
+Worker side (:class:`ShardWriter`): at a checkpoint step a thread starts writing the rank's
+state shard and slice of the parameters while training goes on. On CPU it reads them in
+place, and only what it has not read when the next update comes is copied
+(:mod:`distopt.runtime.live_shard`); on GPU they are copied on the device first. Rank 0's
+model buffers are always copied. Finished file records ride back on the next step
+reports. Driver side (:class:`Coordinator`): the manifest, written last, makes the
+checkpoint complete; older ones are pruned.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from distopt import checkpoint as ckpt
 from distopt.checkpoint.format import MANIFEST, PARAM_FIELD
 from distopt.optim import state_io
+from distopt.runtime.live_shard import LiveShard
 
 
 class ShardWriter:
@@ -28,20 +32,33 @@ class ShardWriter:
         self._threads: list[tuple[int, threading.Thread]] = []
         self._done: list[dict] = []
         self._lock = threading.Lock()
+        self._live: list[tuple[threading.Thread, LiveShard]] = []
 
     def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
-              fields: dict | None) -> None:
+              fields: dict | None, live: LiveShard | None = None) -> None:
         """Write ``shard`` (flat state and parameter slice) and ``model`` for ``step`` in a thread.
 
-        The tensors must be copies nobody changes meanwhile. The thread moves GPU tensors to
+        The tensors must be copies nobody changes meanwhile, or pieces of ``live``, whose
+        memory must not change before :meth:`freeze`. The thread moves GPU tensors to
         pinned host memory on a stream of its own: training's stream never waits for them.
         """
-        on_gpu = [t.device for part in (shard, model) if part for t in part.values() if t.is_cuda]
+        on_gpu = [t.device for part in (shard, model) if part for t in part.values()
+                  if isinstance(t, torch.Tensor) and t.is_cuda]
         made = torch.cuda.current_stream(on_gpu[0]).record_event() if on_gpu else None  # the copies are queued there
         thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields, made),
                                   name=f"ckpt-{step}", daemon=True)
         thread.start()
         self._threads.append((step, thread))
+        if live is not None:
+            self._live.append((thread, live))
+
+    def freeze(self) -> None:
+        """Before the rank's shard changes: every write still reading it in place takes
+        copies of what it has not read yet."""
+        for thread, live in self._live:
+            if thread.is_alive():  # a finished or failed write reads nothing more
+                live.freeze()
+        self._live = []
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
                fields: dict | None, made=None) -> None:
@@ -128,32 +145,52 @@ class Buffers:
         return buf
 
 
+class Snapshot(NamedTuple):
+    """What a checkpoint needs from one rank (see :func:`snapshot`)."""
+
+    shard: dict | None  # field -> copy or live pieces; None on a rank that writes no shard
+    model: dict | None  # rank 0: the weights no parameter holds (copies)
+    fields: dict | None  # rank 0: the manifest's run description
+    live: LiveShard | None  # freeze() it before the shard's memory changes
+
+
 def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool,
-             buffers: Buffers | None = None):
-    """Copies of what a checkpoint needs from this rank: (shard, model, manifest fields).
+             buffers: Buffers | None = None, live: bool = False) -> Snapshot:
+    """What a checkpoint needs from this rank: its shard, and on rank 0 the rest.
 
     The shard is this rank's state and its slice of the parameters, so the ranks copy the
-    weights between them; rank 0 adds what no parameter holds (buffers). With ``buffers``
-    the copies go into memory kept from the last snapshot, which must no longer be in use
-    (its write finished).
+    weights between them; rank 0 adds what no parameter holds (buffers), always copied,
+    since the next forward pass changes them. With ``live`` (CPU only) the shard is not
+    copied: it is read in place until ``Snapshot.live.freeze()``, which the caller must run
+    before the next update (:mod:`distopt.runtime.live_shard`). Otherwise it is copied now.
+    With ``buffers`` the copies go into memory kept from the last snapshot, which must no
+    longer be in use (its write finished).
     """
     like = opt._params.data
 
-    def take(key: str, numel: int) -> torch.Tensor | None:
-        return None if buffers is None else buffers.take(key, (numel,), like.dtype, like.device)
-    state = state_io.shard_state_dict(opt, None if buffers is None else lambda field, n: take(f"state/{field}", n))
-    shard = None
+    def take(key: str, numel: int) -> torch.Tensor:
+        if buffers is None:
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffers.take(key, (numel,), like.dtype, like.device)
+    shard, reader = None, None
     if opt.zero_stage >= 1 or rank == 0:
-        shard = {**state["state"], PARAM_FIELD: state_io.shard_params(opt, take("param", opt.plan.shard_numel()))}
+        parts = {**{f"state/{k}": v for k, v in state_io.state_fields(opt).items()}, PARAM_FIELD: opt._p_shards}
+        if live and like.device.type == "cpu":
+            reader = LiveShard(parts, take)
+            shard = reader.tensors()
+        else:
+            shard = {k: torch.cat(ts, out=take(k, sum(t.numel() for t in ts))) for k, ts in parts.items()}
+        shard = {k.removeprefix("state/"): v for k, v in shard.items()}
     if not with_model:
-        return shard, None, None
+        return Snapshot(shard, None, None, reader)
     model_state = model.state_dict()
-    fields = ckpt.manifest_fields(state, dict(zip(opt.names, opt._tensors)), seed=seed, next_step=next_step,
+    header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt)}
+    fields = ckpt.manifest_fields(header, dict(zip(opt.names, opt._tensors)), seed=seed, next_step=next_step,
                                   model_state=model_state)
     # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
     rest = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
                 else v.detach().clone()) for k, v in ckpt.model_file_tensors(model_state, fields).items()}
-    return shard, rest, fields
+    return Snapshot(shard, rest, fields, reader)
 
 
 class Coordinator:

@@ -105,6 +105,7 @@ class Worker:
                                wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes,
                                replica_distance=self.replica_distance,
                                shared_memory=c.shared_memory, replica_log_depth=c.replica_log_depth)
+        opt.before_write = self._writer.freeze  # a checkpoint may still be reading the shard in place
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:
@@ -131,6 +132,7 @@ class Worker:
         ``replica_distance`` is the one the group that goes on uses.
         """
         self._inject("recovery")
+        self._writer.freeze()  # the parameters are rewritten below, whatever the optimizer does
         if self._offer is None or self._episode != episode:  # the first attempt of this recovery
             self._offer, self._episode = {}, episode
             if self.optimizer is not None:
@@ -172,6 +174,7 @@ class Worker:
         """Join a re-formed group as ``rank`` of ``world_size`` with nothing to restore from
         memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
         self._inject("recovery")
+        self._writer.freeze()
         self._offer = None
         self._leave_group()
         self._drop_optimizer()
@@ -230,15 +233,15 @@ class Worker:
         return step + 1 - max(1, self.config.checkpoint_every // 2)
 
     def checkpoint(self, steps_done: int, wait: bool = False) -> list[dict]:
-        """Copy this rank's part of the checkpoint after ``steps_done`` steps; write it in the background."""
+        """Start writing this rank's part of the checkpoint after ``steps_done`` steps, in the
+        background (the shard is read in place until the next update, see ``live_shard``)."""
         self._inject("checkpoint")
         c = self.config
         # The last write's memory is reused unless that write still runs (checkpoint_every=1).
         reuse = None if self._writer.busy() else self._buffers
-        shard, model, fields = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0,
-                                        reuse)
-        if shard is not None or model is not None:
-            self._writer.start(c.checkpoint_dir, steps_done, self.rank, shard, model, fields)
+        snap = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0, reuse, live=True)
+        if snap.shard is not None or snap.model is not None:
+            self._writer.start(c.checkpoint_dir, steps_done, self.rank, snap.shard, snap.model, snap.fields, snap.live)
         return self._writer.drain(wait=True) if wait else []
 
     def flush_checkpoints(self) -> list[dict]:
@@ -247,6 +250,7 @@ class Worker:
 
     def load(self, model_state: dict, full_state: dict) -> None:
         """Take weights and optimizer state from a checkpoint (any world size or stage wrote it)."""
+        self._writer.freeze()
         self.model.load_state_dict(model_state)  # copies into the flat buffer's views
         self.optimizer.load_full_state_dict(full_state)
 
