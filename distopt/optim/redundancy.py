@@ -10,7 +10,9 @@ Rank ``r`` keeps, with ``d`` the replica distance (1 unless the ranks span nodes
 Across hosts, rank ``r`` holds a live replica: it receives ``r - d``'s averaged gradient
 shard of the step in flight with one ring shift, with its clipping factor, and replays it
 onto the replica once the step commits (clipping, L2 decay and the update, as the owner
-did them); for its own shard it keeps a snapshot taken just before each update.
+did them). To undo its own update, a rank on CPU keeps the copies and gradient log a
+holder keeps on one host, in its own memory (``ReplicaLog.local``: a copy of ``1/depth``
+of the shard per step); on a GPU it snapshots its shard before each update (a device copy).
 
 When a rank and its holder share a host they share memory instead
 (:mod:`distopt.optim.replica_log`): no snapshot, no shift and no replay per step. The
@@ -58,7 +60,12 @@ class Redundancy:
         self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
             if self.replica is not None else None
         self.pending = list(self._pending_flat.split(sizes)) if self._pending_flat is not None else []
-        self.snapshot = None if self.shared else Shard.like(opt._p_shards, opt.rule)
+        # Across hosts on CPU the rank keeps its own copies and log (a copy of 1/depth of the
+        # shard per step); elsewhere a snapshot of the whole shard before each update, which
+        # on a GPU is a device copy.
+        self.own_log = ReplicaLog.local(opt, log_depth) \
+            if self.sharded and not self.shared and like.device.type == "cpu" else None
+        self.snapshot = None if self.shared or self.own_log else Shard.like(opt._p_shards, opt.rule)
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
         self.replay_s = 0.0  # seconds replaying or copying since the optimizer last reported them
@@ -77,6 +84,8 @@ class Redundancy:
         if self.shared:
             self.log.reset(None, self.opt.step_count)
             return
+        if self.own_log is not None:
+            self.own_log.reset(self.opt.state, self.opt.step_count)
         ranges = self.opt.plan.ranges(self.left)
         torch._foreach_copy_(self.replica.params, [self.opt._params.data[s:e] for s, e in ranges])
         for field in self.replica.state:
@@ -94,7 +103,7 @@ class Redundancy:
             fill_shard(self.opt, full, self.left, state)
             self.log.reset(state, self.opt.step_count)
         elif self.sharded:
-            self.reset_replica()
+            self.reset_replica()  # (the own log's base takes the state just loaded)
             fill_shard(self.opt, full, self.left, self.replica.state)
 
     def before_update(self, step: int, scale: float) -> None:
@@ -103,6 +112,8 @@ class Redundancy:
         if self.shared:
             self.log.record(step, scale)
         elif self.sharded:
+            if self.own_log is not None:
+                self.own_log.record(step, scale)
             self._shift = self.opt.comm.shift(self.opt._g_flat, out=self._pending_flat, async_op=True,
                                               distance=self.distance)
             self.pending_step, self.pending_scale = step, scale
@@ -122,12 +133,13 @@ class Redundancy:
     def commit(self, committed: int) -> None:
         """Every rank finished update ``committed``: replay the neighbour's in-flight update (on
         one host: copy a slice of its shard, and log the next update's gradients)."""
-        if self.shared:
-            t0 = time.perf_counter()
-            self.log.refresh(committed)
-            self.log.bind(committed)
-            self.replay_s += time.perf_counter() - t0
-        elif self.sharded and self.pending_step is not None and self.pending_step <= committed:
+        for log in (self.log, self.own_log):
+            if log is not None:
+                t0 = time.perf_counter()
+                log.refresh(committed)
+                log.bind(committed)
+                self.replay_s += time.perf_counter() - t0
+        if not self.shared and self.sharded and self.pending_step is not None and self.pending_step <= committed:
             t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
@@ -142,8 +154,8 @@ class Redundancy:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
         self._shift = None  # its group is gone; a half-received gradient is never replayed
         if self.live_step == committed + 1:
-            if self.shared:
-                self.log.undo(committed)
+            if self.shared or self.own_log is not None:
+                (self.log if self.shared else self.own_log).undo(committed)
                 self.live_step = committed
             elif self.snapshot.step == committed:
                 self.snapshot.copy_to(self.opt._p_shards, self.opt.state)
@@ -169,7 +181,8 @@ class Redundancy:
         """Memory this redundancy costs on this rank."""
         if self.shared:
             return self.log.nbytes()
-        total = (self.snapshot.nbytes() if self.snapshot else 0) + (self.replica.nbytes() if self.replica else 0)
+        total = (self.snapshot.nbytes() if self.snapshot else 0) + (self.replica.nbytes() if self.replica else 0) \
+            + (self.own_log.nbytes() if self.own_log else 0)
         return total + (self._pending_flat.numel() * self._pending_flat.element_size()
                         if self._pending_flat is not None else 0)
 

@@ -143,6 +143,17 @@ class ReplicaLog:
         self._refreshed: int | None = None
 
     @classmethod
+    def local(cls, opt: "ShardedOptimizer", depth: int) -> "ReplicaLog":
+        """The rank as its own holder, in private memory: the same copies and log let it undo
+        an update that never committed (:meth:`undo`) for ``1/depth`` of a shard copy per
+        step, where a snapshot before each update copies all of it. No communication."""
+        lay = _Layout(opt, depth)
+        item, device = lay.dtype.itemsize, opt._params.data.device
+        log = torch.zeros(_Log.nbytes(sum(lay.sizes), depth, lay.fields - 1, item), dtype=torch.uint8, device=device)
+        base = torch.zeros(_Base.nbytes(lay.width, depth, lay.fields, item), dtype=torch.uint8, device=device)
+        return cls(opt, lay, Window(log, log), Window(base, base), depth, 0)
+
+    @classmethod
     def open(cls, opt: "ShardedOptimizer", distance: int, depth: int) -> "ReplicaLog | None":
         """Map the two windows (a collective); None on every rank if any rank cannot."""
         lay = _Layout(opt, depth)
