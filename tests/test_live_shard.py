@@ -124,6 +124,12 @@ def test_an_update_that_lands_in_the_middle_of_a_piece_read_is_caught():
     assert live.reads == 4  # the pieces from the interrupted one on came from the copies
 
 
+def test_fields_read_out_of_order_are_refused():
+    live = LiveShard(_fields(), _staging()[0], piece_bytes=16 * FLOAT)
+    with pytest.raises(RuntimeError, match="in the order"):
+        next(live.tensors()["param"].pieces())
+
+
 def test_gpu_or_mixed_dtypes_are_refused():
     with pytest.raises(ValueError, match="one dtype"):
         LiveShard({"a": [torch.zeros(3), torch.zeros(3, dtype=torch.float64)]}, _staging()[0])

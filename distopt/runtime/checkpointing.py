@@ -12,6 +12,7 @@ checkpoint complete; older ones are pruned.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import warnings
 from pathlib import Path
@@ -26,17 +27,25 @@ from distopt.runtime.live_shard import LiveShard
 
 
 class ShardWriter:
-    """One rank's background checkpoint writes."""
+    """One rank's background checkpoint writes, done in order by one thread of its own.
+
+    The thread is started at the first write and kept: ``Thread.start`` waits until the new
+    thread runs, which on cores that training keeps busy costs the checkpoint step a
+    scheduler slice every time.
+    """
 
     def __init__(self) -> None:
-        self._threads: list[tuple[int, threading.Thread]] = []
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending: list[tuple[int, threading.Event]] = []  # (step, set once written)
         self._done: list[dict] = []
         self._lock = threading.Lock()
-        self._live: list[tuple[threading.Thread, LiveShard]] = []
+        self._live: list[tuple[threading.Event, LiveShard]] = []
 
     def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
               fields: dict | None, live: LiveShard | None = None) -> None:
-        """Write ``shard`` (flat state and parameter slice) and ``model`` for ``step`` in a thread.
+        """Write ``shard`` (flat state and parameter slice) and ``model`` for ``step`` in the
+        background, after any write started before it.
 
         The tensors must be copies nobody changes meanwhile, or pieces of ``live``, whose
         memory must not change before :meth:`freeze`. The thread moves GPU tensors to
@@ -45,25 +54,41 @@ class ShardWriter:
         on_gpu = [t.device for part in (shard, model) if part for t in part.values()
                   if isinstance(t, torch.Tensor) and t.is_cuda]
         made = torch.cuda.current_stream(on_gpu[0]).record_event() if on_gpu else None  # the copies are queued there
-        thread = threading.Thread(target=self._write, args=(root, step, rank, shard, model, fields, made),
-                                  name=f"ckpt-{step}", daemon=True)
-        thread.start()
-        self._threads.append((step, thread))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="ckpt-writer", daemon=True)
+            self._thread.start()
+        written = threading.Event()
+        self._jobs.put(((root, step, rank, shard, model, fields, made), written))
+        self._pending.append((step, written))
         if live is not None:
-            self._live.append((thread, live))
+            self._live.append((written, live))
+
+    def _serve(self) -> None:
+        _lower_priority()
+        while (job := self._jobs.get()) is not None:
+            args, written = job
+            try:
+                self._write(*args)
+            finally:
+                written.set()  # whatever happened, nobody may wait for this write forever
+
+    def close(self) -> None:
+        """Stop the thread once the writes already started are done (it does not wait)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
 
     def freeze(self) -> None:
         """Before the rank's shard changes: every write still reading it in place takes
         copies of what it has not read yet."""
-        for thread, live in self._live:
-            if thread.is_alive():  # a finished or failed write reads nothing more
+        for written, live in self._live:
+            if not written.is_set():  # a finished or failed write reads nothing more
                 live.freeze()
         self._live = []
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
                fields: dict | None, made=None) -> None:
         record: dict = {"step": step, "rank": rank}
-        _lower_priority()
         try:
             if made is not None:
                 (shard, model), landed = to_host((shard, model), made)
@@ -82,8 +107,8 @@ class ShardWriter:
             self._done.append(record)
 
     def busy(self) -> bool:
-        """Whether a write is still running (its tensors are still being read)."""
-        return any(t.is_alive() for _, t in self._threads)
+        """Whether a write is still queued or running (its tensors are still being read)."""
+        return any(not written.is_set() for _, written in self._pending)
 
     def drain(self, wait: bool = False, before: int | None = None) -> list[dict]:
         """Records of the writes finished so far.
@@ -92,10 +117,10 @@ class ShardWriter:
         write overlaps at most the step after its own and its record is never lost with a
         worker that dies later.
         """
-        for step, t in self._threads:
+        for step, written in self._pending:
             if wait or (before is not None and step < before):
-                t.join()
-        self._threads = [(s, t) for s, t in self._threads if t.is_alive()]
+                written.wait()
+        self._pending = [(s, written) for s, written in self._pending if not written.is_set()]
         with self._lock:
             done, self._done = self._done, []
         return done

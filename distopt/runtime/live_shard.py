@@ -10,10 +10,11 @@ update copies nothing, and the checkpoint step itself copies nothing at all.
 The writer reads the shard in pieces of about 1 MiB, each copied first into a small
 private buffer (it is then hashed and written from cache). The hand-over needs no lock:
 
-* the writer publishes the piece it is about to read, then reads it, then checks
-  ``frozen``; a piece read entirely before ``freeze`` began is final;
-* ``freeze`` sets ``frozen``, then copies every piece from the published one on, then
-  signals; a piece that ``frozen`` caught mid-read is taken from the staging copy instead.
+* the writer's "next piece" names the piece it is reading or reads next. It moves past a
+  piece once it has read it and then found ``frozen`` still unset (the piece was read
+  entirely before ``freeze`` began, so it is final), or once it has the piece's copy;
+* ``freeze`` sets ``frozen``, then copies every piece from the next one on, then signals;
+  a piece that ``frozen`` caught before or during its read is taken from the copy.
 
 A piece is therefore either read before any change or copied before any change.
 """
@@ -45,23 +46,24 @@ class LiveShard:
         first = next(t for ts in fields.values() for t in ts) if any(fields.values()) else None
         dtype = first.dtype if first is not None else torch.float32
         step = max(1, piece_bytes // torch.empty((), dtype=dtype).element_size())
-        self._pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live, staged) views, in write order
+        # Pieces are (part, lo, hi) only: their views are made when read or copied, so the
+        # checkpoint step does not pay for slicing every piece.
+        self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (live, staged) flat tensors, in write order
+        self._pieces: list[tuple[int, int, int]] = []
         self._fields: dict[str, _Field] = {}
         for name, ts in fields.items():
             if any(t.device.type != "cpu" or t.dtype != dtype for t in ts):
                 raise ValueError(f"field {name!r}: a live shard reads CPU tensors of one dtype ({dtype}); "
                                  f"copy GPU tensors first (checkpointing.snapshot does)")
-            numel = sum(t.numel() for t in ts)
-            flat, start, offset = staging(name, numel), len(self._pieces), 0
+            flat, start, offset = staging(name, sum(t.numel() for t in ts)), len(self._pieces), 0
             for t in ts:
-                t = t.reshape(-1)
-                for lo in range(0, t.numel(), step):
-                    hi = min(lo + step, t.numel())
-                    self._pieces.append((t[lo:hi], flat[offset + lo: offset + hi]))
-                offset += t.numel()
-            self._fields[name] = _Field(self, dtype, (numel,), range(start, len(self._pieces)))
+                n = t.numel()
+                self._parts.append((t.reshape(-1), flat[offset: offset + n]))
+                self._pieces += [(len(self._parts) - 1, lo, min(lo + step, n)) for lo in range(0, n, step)]
+                offset += n
+            self._fields[name] = _Field(self, dtype, (offset,), range(start, len(self._pieces)))
         self._bounce = torch.empty(step, dtype=dtype)
-        self._next = 0  # the first piece the writer may still be reading
+        self._next = 0  # the piece the writer reads now or next; freeze copies from it on
         self.frozen = False
         self._copied = threading.Event()
         self.copied_bytes = 0  # what freeze had to copy
@@ -76,7 +78,7 @@ class LiveShard:
             return
         self.frozen = True
         try:
-            rest = self._pieces[self._next:]
+            rest = [self._views(i) for i in range(self._next, len(self._pieces))]
             if rest:
                 torch._foreach_copy_([staged for _, staged in rest], [live for live, _ in rest])
                 self.copied_bytes = sum(s.numel() for _, s in rest) * self._bounce.element_size()
@@ -84,9 +86,16 @@ class LiveShard:
             self._copied.set()  # a writer waiting for the copies must never wait forever
 
     def read(self, i: int) -> memoryview:
-        """Piece ``i``'s bytes, final; the writer thread asks for the pieces in order."""
-        self._next = i
-        live, staged = self._pieces[i]
+        """Piece ``i``'s bytes, final; one writer thread asks for the pieces in order.
+
+        Raises:
+            RuntimeError: ``i`` is not the next piece (a freeze copies from the next on, so
+                a piece skipped and read later could have changed meanwhile).
+        """
+        if i != self._next:
+            raise RuntimeError(f"piece {i} asked for while piece {self._next} is next: write the fields "
+                               f"of a LiveShard once each, in the order tensors() gives them")
+        live, staged = self._views(i)
         if not self.frozen:
             bounce = self._bounce[: live.numel()]
             self._load(bounce, live)
@@ -94,8 +103,13 @@ class LiveShard:
                 self._next = i + 1
                 return tensor_bytes(bounce)
         self._copied.wait()
+        self._next = i + 1  # (freeze has copied from piece i on already)
         return tensor_bytes(staged)
 
+    def _views(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part, lo, hi = self._pieces[i]
+        live, staged = self._parts[part]
+        return live[lo:hi], staged[lo:hi]
 
     def _load(self, bounce: torch.Tensor, live: torch.Tensor) -> None:
         bounce.copy_(live)  # (a test interleaves a freeze and an update with this read)

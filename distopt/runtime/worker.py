@@ -268,8 +268,9 @@ class Worker:
                 "state_bytes": opt.state_bytes() if opt else 0, "state_bytes_unsharded": numel * fields * elem}
 
     def close(self) -> None:
-        """Release the collective group."""
+        """Release the collective group and the checkpoint writer's thread."""
         self._leave_group()
+        self._writer.close()
 
     def _leave_group(self) -> None:
         if self.comm is not None and hasattr(self.comm, "close"):  # in-process groups may not close
