@@ -124,6 +124,37 @@ def test_an_update_that_lands_in_the_middle_of_a_piece_read_is_caught():
     assert live.reads == 4  # the pieces from the interrupted one on came from the copies
 
 
+def test_a_failed_freeze_abandons_the_write_instead_of_writing_staging_garbage(tmp_path):
+    fields = _fields()
+    live = LiveShard(fields, lambda name, numel: torch.empty(numel - 1), piece_bytes=16 * FLOAT)  # too short
+    first = live.tensors()["exp_avg"].pieces()
+    next(first)
+    with pytest.raises(RuntimeError):
+        live.freeze()
+    with pytest.raises(RuntimeError, match="failed .*RuntimeError.*abandoned"):
+        next(first)
+
+
+def test_a_failed_copy_fails_its_checkpoint_write_not_the_training_step(tmp_path):
+    from distopt.runtime.checkpointing import ShardWriter
+    fields = _fields()
+    writer = ShardWriter()
+    gate = threading.Event()
+
+    class Held(LiveShard):  # the writer is still at its first piece when the update comes
+        def _load(self, bounce, live):
+            gate.wait()
+            super()._load(bounce, live)
+
+    live = Held(fields, lambda name, numel: torch.empty(numel - 1), piece_bytes=16 * FLOAT)
+    writer.start(str(tmp_path), 1, 0, live.tensors(), None, None, live)
+    writer.freeze()  # the copy fails; the update may go on
+    gate.set()
+    (record,) = writer.drain(wait=True)
+    writer.close()
+    assert "abandoned" in record["error"] and "shard" not in record
+
+
 def test_fields_read_out_of_order_are_refused():
     live = LiveShard(_fields(), _staging()[0], piece_bytes=16 * FLOAT)
     with pytest.raises(RuntimeError, match="in the order"):

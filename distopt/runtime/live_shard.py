@@ -66,6 +66,7 @@ class LiveShard:
         self._next = 0  # the piece the writer reads now or next; freeze copies from it on
         self.frozen = False
         self._copied = threading.Event()
+        self._lost = ""  # why freeze failed: the rest of the shard is then nowhere
         self.copied_bytes = 0  # what freeze had to copy
 
     def tensors(self) -> dict[str, "_Field"]:
@@ -82,6 +83,9 @@ class LiveShard:
             if rest:
                 torch._foreach_copy_([staged for _, staged in rest], [live for live, _ in rest])
                 self.copied_bytes = sum(s.numel() for _, s in rest) * self._bounce.element_size()
+        except BaseException as e:
+            self._lost = f"{type(e).__name__}: {e}"  # the writer must not take uninitialised memory for the shard
+            raise
         finally:
             self._copied.set()  # a writer waiting for the copies must never wait forever
 
@@ -90,7 +94,8 @@ class LiveShard:
 
         Raises:
             RuntimeError: ``i`` is not the next piece (a freeze copies from the next on, so
-                a piece skipped and read later could have changed meanwhile).
+                a piece skipped and read later could have changed meanwhile), or the freeze
+                failed to copy it.
         """
         if i != self._next:
             raise RuntimeError(f"piece {i} asked for while piece {self._next} is next: write the fields "
@@ -103,6 +108,9 @@ class LiveShard:
                 self._next = i + 1
                 return tensor_bytes(bounce)
         self._copied.wait()
+        if self._lost:
+            raise RuntimeError(f"copying the unread rest of the shard failed ({self._lost}): this checkpoint "
+                               f"is abandoned")
         self._next = i + 1  # (freeze has copied from piece i on already)
         return tensor_bytes(staged)
 
