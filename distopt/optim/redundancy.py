@@ -139,7 +139,7 @@ class Redundancy:
                 log.refresh(committed)
                 log.bind(committed)
                 self.replay_s += time.perf_counter() - t0
-        if not self.shared and self.sharded and self.pending_step is not None and self.pending_step <= committed:
+        if self.pending_step is not None and self.pending_step <= committed:  # (only across hosts)
             t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
@@ -154,8 +154,9 @@ class Redundancy:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
         self._shift = None  # its group is gone; a half-received gradient is never replayed
         if self.live_step == committed + 1:
-            if self.shared or self.own_log is not None:
-                (self.log if self.shared else self.own_log).undo(committed)
+            log = self.log if self.shared else self.own_log
+            if log is not None:
+                log.undo(committed)
                 self.live_step = committed
             elif self.snapshot.step == committed:
                 self.snapshot.copy_to(self.opt._p_shards, self.opt.state)

@@ -5,7 +5,7 @@ keyed by parameter name and can be loaded by any world size or stage (the reshar
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,17 +15,9 @@ if TYPE_CHECKING:
 FORMAT = "distopt.sharded_state.v1"
 
 
-def shard_state_dict(opt: "ShardedOptimizer", buffer: Callable[[str, int], torch.Tensor] | None = None) -> dict:
-    """This rank's state as one flat tensor per state field, plus what it belongs to.
-
-    The tensors are copies: new ones, or ``buffer(field, numel)`` filled in (reused memory).
-    """
-    def flat(field: str, ts: list) -> torch.Tensor:
-        parts = [t.reshape(-1) for t in ts]
-        if buffer is None:
-            return torch.cat(parts)  # cat always copies
-        return torch.cat(parts, out=buffer(field, sum(p.numel() for p in parts)))
-    return {**shard_header(opt), "state": {field: flat(field, ts) for field, ts in state_fields(opt).items()}}
+def shard_state_dict(opt: "ShardedOptimizer") -> dict:
+    """This rank's state as one flat tensor per state field (new copies), plus what it belongs to."""
+    return {**shard_header(opt), "state": {field: torch.cat(ts) for field, ts in state_fields(opt).items()}}
 
 
 def shard_header(opt: "ShardedOptimizer") -> dict:
@@ -40,10 +32,10 @@ def state_fields(opt: "ShardedOptimizer") -> dict[str, list[torch.Tensor]]:
     return {field: ts for field, ts in opt.state._asdict().items() if ts}
 
 
-def shard_params(opt: "ShardedOptimizer", out: torch.Tensor | None = None) -> torch.Tensor:
+def shard_params(opt: "ShardedOptimizer") -> torch.Tensor:
     """A copy of the parameters this rank updates, flat and laid out as its state shard
     (its range of every bucket, in bucket order; at zero_stage 0 every bucket whole)."""
-    return torch.cat(opt._p_shards, out=out)
+    return torch.cat(opt._p_shards)
 
 
 def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:

@@ -200,21 +200,19 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
         if buffers is None:
             return torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffers.take(key, (numel,), like.dtype, like.device)
-    shard, reader = None, None
+    state, shard, reader = state_io.state_fields(opt), None, None
     if opt.zero_stage >= 1 or rank == 0:
-        parts = {**{f"state/{k}": v for k, v in state_io.state_fields(opt).items()}, PARAM_FIELD: opt._p_shards}
+        parts = {**state, PARAM_FIELD: opt._p_shards}
         if live and like.device.type == "cpu":
             reader = LiveShard(parts, take)
             shard = reader.tensors()
         else:
             shard = {k: torch.cat(ts, out=take(k, sum(t.numel() for t in ts))) for k, ts in parts.items()}
-        shard = {k.removeprefix("state/"): v for k, v in shard.items()}
     if not with_model:
         return Snapshot(shard, None, None, reader)
     model_state = model.state_dict()
-    header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt)}
-    fields = ckpt.manifest_fields(header, dict(zip(opt.names, opt._tensors)), seed=seed, next_step=next_step,
-                                  model_state=model_state)
+    fields = ckpt.manifest_fields({**state_io.shard_header(opt), "state": state}, dict(zip(opt.names, opt._tensors)),
+                                  seed=seed, next_step=next_step, model_state=model_state)
     # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
     rest = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
                 else v.detach().clone()) for k, v in ckpt.model_file_tensors(model_state, fields).items()}
