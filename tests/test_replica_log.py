@@ -67,6 +67,37 @@ def test_a_holder_killed_mid_copy_leaves_every_chunk_whole():
         assert _same_shard(rep.params, rep.state, kept[1 - r][1])
 
 
+def test_the_next_chunk_is_copied_ahead_and_pointed_at_once_its_update_committed():
+    """The holder starts copying update 5's chunk in the background as soon as its gather is
+    done; the table moves to that copy only once update 5 has committed and the copy is done."""
+    kept = _run(2, 5, 4)
+    for r, (_, opt) in enumerate(kept):
+        log = opt.redundancy.log
+        assert log._ahead is not None and log._ahead[0] == 5
+        before = int(log.base.table[1])
+        assert before // 1024 == 1  # chunk 1's base is still update 1's copy
+        opt.redundancy.commit(5)  # as the next step's start does: the copy may still run
+        assert int(log.base.table[1]) == before
+        opt.redundancy.settle()  # as the next step does before its gradient-norm allreduce
+        assert int(log.base.table[1]) // 1024 == 5 and log._ahead is None
+        rep = opt.redundancy.replica_at_commit()
+        assert _same_shard(rep.params, rep.state, kept[1 - r][1])
+
+
+def test_a_copy_ahead_of_an_update_that_never_committed_is_dropped():
+    """Update 5 is undone everywhere: its chunk's copy, made ahead, never becomes a base, and
+    the replicas rebuild update 4 from the older copies and the log."""
+    kept, four = _run(2, 5, 4), _run(2, 4, 4)
+    for _, opt in kept:
+        opt.rollback(4)
+    for r, (_, opt) in enumerate(kept):
+        log = opt.redundancy.log
+        assert log._ahead is None and int(log.base.table[1]) // 1024 == 1
+        assert _same_shard(opt._p_shards, opt.state, four[r][1])
+        rep = opt.redundancy.replica_at_commit()
+        assert _same_shard(rep.params, rep.state, four[1 - r][1])
+
+
 def test_a_chunk_copied_past_the_commit_is_refused():
     _, opt = _run(2, 3, 4)[0]
     log = opt.redundancy.log

@@ -66,6 +66,7 @@ class Redundancy:
         self.own_log = ReplicaLog.local(opt, log_depth) \
             if self.sharded and not self.shared and like.device.type == "cpu" else None
         self.snapshot = None if self.shared or self.own_log else Shard.like(opt._p_shards, opt.rule)
+        self._logs = [log for log in (self.log, self.own_log) if log is not None]
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
         self.replay_s = 0.0  # seconds replaying or copying since the optimizer last reported them
@@ -130,15 +131,30 @@ class Redundancy:
         """Record that the live shard now holds update ``step``."""
         self.live_step = step
 
+    def gathered(self, step: int) -> None:
+        """Every rank's parameters hold update ``step``: start the copies of its chunk (the
+        neighbour's, on one host; this rank's own, across hosts on CPU) in the background."""
+        t0 = time.perf_counter()
+        for log in self._logs:
+            log.copy_ahead(step)
+        self.replay_s += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Finish the background copies; before the gradient-norm allreduce, after which the
+        neighbour may update the state they read."""
+        t0 = time.perf_counter()
+        for log in self._logs:
+            log.settle()
+        self.replay_s += time.perf_counter() - t0
+
     def commit(self, committed: int) -> None:
         """Every rank finished update ``committed``: replay the neighbour's in-flight update (on
         one host: copy a slice of its shard, and log the next update's gradients)."""
-        for log in (self.log, self.own_log):
-            if log is not None:
-                t0 = time.perf_counter()
-                log.refresh(committed)
-                log.bind(committed)
-                self.replay_s += time.perf_counter() - t0
+        for log in self._logs:
+            t0 = time.perf_counter()
+            log.refresh(committed)
+            log.bind(committed)
+            self.replay_s += time.perf_counter() - t0
         if self.pending_step is not None and self.pending_step <= committed:  # (only across hosts)
             t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
@@ -153,6 +169,7 @@ class Redundancy:
     def rollback(self, committed: int) -> None:
         """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
         self._shift = None  # its group is gone; a half-received gradient is never replayed
+        self.settle()
         if self.live_step == committed + 1:
             log = self.log if self.shared else self.own_log
             if log is not None:

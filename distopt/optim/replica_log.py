@@ -8,11 +8,15 @@ replica only when it is needed:
 * the owner keeps its optimizer state, and the last ``depth`` averaged gradient shards
   with their clipping factors, in a window its holder maps (the owner reduces each step's
   gradients straight into slot ``step % depth``);
-* the shard is cut into ``depth`` chunks. At the start of step ``c + 1`` (``c`` has just
-  committed) the holder copies chunk ``c % depth`` of the owner's parameters (its own
-  gathered copy) and state into a spare chunk slot of its base window, then points the
-  chunk's table entry (step and slot, one 8-byte store) at it; the old slot becomes the
-  spare. So a holder killed mid-copy leaves every table entry on a complete copy;
+* the shard is cut into ``depth`` chunks. As soon as its gather of update ``c`` is done,
+  the holder starts copying chunk ``c % depth`` of the owner's parameters (its own
+  gathered copy) and state into a spare chunk slot of its base window, on a background
+  thread, so the copy overlaps the return to the controller and the next forward and
+  backward. Once ``c`` has committed and the copy is done (at the latest before the
+  holder joins step ``c + 1``'s gradient-norm allreduce) it points the chunk's table entry
+  (step and slot, one 8-byte store) at it; the old slot becomes the spare. So a holder
+  killed mid-copy leaves every table entry on a complete copy, and an update that never
+  committed is never pointed at;
 * the shard at commit ``c`` is rebuilt chunk by chunk: the chunk's base copy (at most
   ``depth - 1`` steps old) plus the logged steps after it, replayed as the owner did them.
   The holder rebuilds it for a lost owner; the owner rebuilds it to undo an update that
@@ -20,21 +24,30 @@ replica only when it is needed:
 
 Why the copies and the log are never torn:
 
-* the owner's state is at ``c`` while its holder copies at the start of step ``c + 1``: the
-  holder saw the owner's update ``c`` in its gather, and the owner applies update
-  ``c + 1`` only after the gradient-norm allreduce, which the holder joins after copying;
-* the owner writes slot ``(c + 1) % depth`` (the oldest step's) only when its reduction
-  completes, which needs the holder's gradients, sent after the holder's copy of ``c``
-  retired the chunk that needed that step;
+* the owner's state is at ``c`` while its holder copies it: the holder saw the owner's
+  update ``c`` in its gather, and the owner applies update ``c + 1`` only after the
+  gradient-norm allreduce, which the holder joins after its copy is done (and anything
+  else the owner writes, an undo or a load, belongs to a step that never committed or to
+  a recovery that drops the copy);
+* the owner writes slot ``(c + 1) % depth`` (the oldest step's) when its reduction
+  completes, which needs the holder's gradients, sent after the holder learned that ``c``
+  committed. From then on the table entry that still needs that step is replaced by the
+  copy of ``c`` as soon as it is done, before anything reads the table: the owner needs
+  its own base only to undo update ``c + 1``, which it applies after the holder's
+  allreduce, and a holder rebuilding a lost owner waits for its copy first;
 * chunk boundaries sit on multiples of ``ALIGN`` elements from a bucket's start, so a
   replay sees the same vector lanes as the owner's update and gives the owner's bits.
 
-Per step this costs one copy of ``1/depth`` of the shard (parameters and state); memory is
+Per step this costs one copy of ``1/depth`` of the shard (parameters and state), off the
+training thread where the step leaves a core or the controller's round trip time; memory is
 ``depth - 1`` gradient shards beyond the one every rank has, and ``(depth + 1) / depth``
 copies of the shard's parameters and state.
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +61,20 @@ ALIGN = 64  # elements; a multiple of every vector width, so lanes match the own
 DEPTH = 4  # default chunks and logged steps
 MAX_DEPTH = 64
 _SLOTS = 1024  # a table entry is step * _SLOTS + slot (slots: depth + 1)
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _copier() -> ThreadPoolExecutor:
+    """This process's thread for the holders' chunk copies (one thread, kept: starting a
+    thread per step costs a scheduler slice; made anew in a forked child, which has none)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="distopt-replica-copy"))
+        return _pool[1]
 
 
 def check_depth(depth: object) -> None:
@@ -141,6 +168,8 @@ class ReplicaLog:
         opt.state = self.own_log.state
         self._spare = depth
         self._refreshed: int | None = None
+        self._ahead: tuple[int, Future | None] | None = None  # the background copy: its update, its job
+        self._take_ahead = False  # its update has committed: settle() points the table at it
 
     @classmethod
     def local(cls, opt: "ShardedOptimizer", depth: int) -> "ReplicaLog":
@@ -173,21 +202,57 @@ class ReplicaLog:
         s = step % self.depth
         self.own_log.scales[s], self.own_log.steps[s] = scale, step
 
+    def copy_ahead(self, step: int) -> None:
+        """Start copying chunk ``step % depth`` of the left neighbour's shard, as update ``step``
+        left it, into the spare slot on the background thread (call once this rank's gather
+        of ``step`` is done). The table points at the copy only after :meth:`refresh` says
+        ``step`` committed and :meth:`settle` found the copy done."""
+        self.settle()
+        j = step % self.depth
+        job = _copier().submit(torch._foreach_copy_, self._pieces(self.base.slots[self._spare], j),
+                               self._sources[j]) if self.chunks[j] else None
+        self._ahead = (step, job)
+
     def refresh(self, committed: int) -> None:
-        """Copy chunk ``committed % depth`` of the left neighbour's shard at ``committed``."""
+        """Update ``committed`` has committed: its chunk's copy becomes the chunk's base (the
+        copy made ahead once :meth:`settle` finds it done; without one, a copy made now)."""
         if self._refreshed == committed:
             return
+        self._refreshed = committed
+        if self._ahead is not None and self._ahead[0] == committed:
+            self._take_ahead = True
+            return
+        self.settle()
         j = committed % self.depth
         if self.chunks[j]:
             torch._foreach_copy_(self._pieces(self.base.slots[self._spare], j), self._sources[j])
+        self._point(committed)
+
+    def settle(self) -> None:
+        """Wait for the background copy; point the table at it if its update committed, else
+        drop it. Before this rank joins the gradient-norm allreduce (after which the
+        neighbour may change what is being copied) and before the table is read or reset."""
+        if self._ahead is None:
+            return
+        (step, job), self._ahead = self._ahead, None
+        if job is not None:
+            job.result()
+        if self._take_ahead:
+            self._take_ahead = False
+            self._point(step)
+
+    def _point(self, step: int) -> None:
+        # One 8-byte store: a holder killed around it leaves the entry on a complete copy.
+        j = step % self.depth
         old = int(self.base.table[j]) % _SLOTS
-        self.base.table[j] = committed * _SLOTS + self._spare
-        self._spare, self._refreshed = old, committed
+        self.base.table[j] = step * _SLOTS + self._spare
+        self._spare = old
 
     # --- set-up and recovery -------------------------------------------------------
     def reset(self, state, step: int) -> None:
         """Every chunk's base is the left neighbour's parameters (this rank's copy) and
         ``state`` at ``step`` (``state=None``: zero state); nothing is logged."""
+        self.settle()
         state = state if state is not None else self.opt.rule.init(self.left_params)
         for j in range(self.depth):
             if self.chunks[j]:
@@ -201,6 +266,7 @@ class ReplicaLog:
     def replica(self, committed: int):
         """The left neighbour's shard at ``committed``, rebuilt from the base and its log."""
         from distopt.optim.redundancy import Shard
+        self.settle()
         params = [torch.empty_like(t) for t in self.opt._p_shards]
         state = self.opt.rule.init(params)
         self._rebuild(committed, self.base, self.left_log, params, state, "replica of the left neighbour")
@@ -208,6 +274,7 @@ class ReplicaLog:
 
     def undo(self, committed: int) -> None:
         """Return this rank's live shard to ``committed`` from its holder's base and its own log."""
+        self.settle()
         self._rebuild(committed, self.own_base, self.own_log, self.opt._p_shards, self.opt.state, "own shard")
 
     def _rebuild(self, committed: int, base: _Base, log: _Log, params, state, what: str) -> None:

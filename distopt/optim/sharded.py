@@ -155,7 +155,6 @@ class ShardedOptimizer:
         replay_s = 0.0
         if self.redundancy is not None:
             self.redundancy.commit(self.step_count)  # being called again means the last step committed
-            replay_s, self.redundancy.replay_s = self.redundancy.replay_s, 0.0  # (perhaps replayed in begin)
         step = self.step_count + 1
         t0 = time.perf_counter()
         self._phase("grad_collective", step)
@@ -163,6 +162,11 @@ class ShardedOptimizer:
             self.overlap.finish()
         else:
             self._reduce(given)
+        if self.redundancy is not None:
+            t_settle = time.perf_counter()
+            self.redundancy.settle()  # the neighbour may update its shard once this rank joins the norm's allreduce
+            t0 += time.perf_counter() - t_settle  # (update time, in replay_s, not communication)
+            replay_s, self.redundancy.replay_s = self.redundancy.replay_s, 0.0  # (perhaps replayed in begin)
         norm = self._global_norm()
         t1 = time.perf_counter()
         if not math.isfinite(norm):
@@ -182,6 +186,8 @@ class ShardedOptimizer:
         if self.redundancy is not None:
             self.redundancy.shipped()  # the step is not done before the neighbour has our gradients
         self.step_count += 1
+        if self.redundancy is not None:
+            self.redundancy.gathered(self.step_count)
         return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), replay_s + t2 - t1)
 
     def overlap_backward(self) -> None:
