@@ -262,11 +262,11 @@ def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_copy_and_t
     two, three = run(2), run(3)  # the third update is treated as never committed
     red = three[0].redundancy
     assert red.shared and red.snapshot is None
-    logged = red.log.own_log.steps.clone()
-    red.log.own_log.steps.fill_(-1)
+    logged = red.log.own.steps.clone()
+    red.log.own.steps.fill_(-1)
     with pytest.raises(RecoveryError, match="gradients of update 1 are no longer logged"):
         three[0].rollback(2)
-    red.log.own_log.steps.copy_(logged)
+    red.log.own.steps.copy_(logged)
     three[0].rollback(2)
     assert all(torch.equal(a, b) for a, b in zip(three[0]._p_shards, two[0]._p_shards))
     for mine, want in zip(three[0].state, two[0].state):

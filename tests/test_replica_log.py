@@ -55,44 +55,47 @@ def test_replica_rebuilt_from_copies_and_log_equals_its_owner(depth, rule):
         assert rep.step == 9 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
 
 
-def test_a_holder_killed_mid_copy_leaves_every_chunk_whole():
+def test_a_rank_killed_mid_copy_leaves_every_chunk_whole():
     """A copy goes to the spare slot and the table moves only after it: garbage in the spare
     slot (what a copy cut short leaves) never reaches a rebuilt replica."""
     kept = _run(2, 6, 3)
-    for r, (_, opt) in enumerate(kept):
+    for _, opt in kept:
         log = opt.redundancy.log
-        for flat in log.base.slots[log._spare]:
+        log.settle()  # (the copy of update 6, made ahead, is dropped: 6 has not committed)
+        for flat in log.own.chunks[log._spare]:
             flat.fill_(float("nan"))
+    for r, (_, opt) in enumerate(kept):
         rep = opt.redundancy.replica_at_commit()
         assert _same_shard(rep.params, rep.state, kept[1 - r][1])
 
 
 def test_the_next_chunk_is_copied_ahead_and_pointed_at_once_its_update_committed():
-    """The holder starts copying update 5's chunk in the background as soon as its gather is
+    """A rank starts copying update 5's chunk in the background as soon as its gather is
     done; the table moves to that copy only once update 5 has committed and the copy is done."""
     kept = _run(2, 5, 4)
-    for r, (_, opt) in enumerate(kept):
+    for _, opt in kept:
         log = opt.redundancy.log
         assert log._ahead is not None and log._ahead[0] == 5
-        before = int(log.base.table[1])
-        assert before // 1024 == 1  # chunk 1's base is still update 1's copy
+        before = int(log.own.table[1])
+        assert before // 1024 == 1  # chunk 1's copy is still update 1's
         opt.redundancy.commit(5)  # as the next step's start does: the copy may still run
-        assert int(log.base.table[1]) == before
+        assert int(log.own.table[1]) == before
         opt.redundancy.settle()  # as the next step does before its gradient-norm allreduce
-        assert int(log.base.table[1]) // 1024 == 5 and log._ahead is None
+        assert int(log.own.table[1]) // 1024 == 5 and log._ahead is None
+    for r, (_, opt) in enumerate(kept):
         rep = opt.redundancy.replica_at_commit()
         assert _same_shard(rep.params, rep.state, kept[1 - r][1])
 
 
 def test_a_copy_ahead_of_an_update_that_never_committed_is_dropped():
-    """Update 5 is undone everywhere: its chunk's copy, made ahead, never becomes a base, and
-    the replicas rebuild update 4 from the older copies and the log."""
+    """Update 5 is undone everywhere: its chunk's copy, made ahead, never becomes the chunk's
+    copy, and the shards and replicas rebuild update 4 from the older copies and the log."""
     kept, four = _run(2, 5, 4), _run(2, 4, 4)
     for _, opt in kept:
         opt.rollback(4)
     for r, (_, opt) in enumerate(kept):
         log = opt.redundancy.log
-        assert log._ahead is None and int(log.base.table[1]) // 1024 == 1
+        assert log._ahead is None and int(log.own.table[1]) // 1024 == 1
         assert _same_shard(opt._p_shards, opt.state, four[r][1])
         rep = opt.redundancy.replica_at_commit()
         assert _same_shard(rep.params, rep.state, four[1 - r][1])
@@ -101,18 +104,29 @@ def test_a_copy_ahead_of_an_update_that_never_committed_is_dropped():
 def test_a_chunk_copied_past_the_commit_is_refused():
     _, opt = _run(2, 3, 4)[0]
     log = opt.redundancy.log
-    log.base.table[0] = 9 * 1024 + int(log.base.table[0]) % 1024
+    log.left.table[0] = 9 * 1024 + int(log.left.table[0]) % 1024
     with pytest.raises(RecoveryError, match="chunk 0 was copied at update 9, past the commit 3"):
         opt.redundancy.replica_at_commit()
 
 
-def test_the_owners_state_lives_where_its_holder_reads_it():
+def test_a_chunk_its_owner_was_resetting_is_refused():
+    _, opt = _run(2, 3, 4)[0]
+    opt.redundancy.log.left.table[2] = -1  # what a rank killed in the middle of a reset leaves
+    with pytest.raises(RecoveryError, match="chunk 2 has no complete copy"):
+        opt.redundancy.replica_at_commit()
+
+
+def test_the_state_stays_private_and_the_holder_maps_the_copies_and_the_log():
+    """The live state is the rank's own memory (an update on a shared mapping was slower);
+    its copies, table and logged gradients are in the window its holder maps."""
     kept = _run(2, 4, 4)
     for r, (_, opt) in enumerate(kept):
-        holder = kept[1 - r][1].redundancy.log
-        for mine, seen in zip(opt.state, holder.left_log.state):
-            assert all(torch.equal(a, b) for a, b in zip(mine, seen))
-            assert all(a.data_ptr() != b.data_ptr() for a, b in zip(mine, seen))  # two mappings, one file
+        own, seen = opt.redundancy.log.own, kept[1 - r][1].redundancy.log.left
+        window = own.table.untyped_storage()
+        assert all(t.untyped_storage().data_ptr() != window.data_ptr() for f in opt.state for t in f)
+        assert torch.equal(own.table, seen.table) and own.table.data_ptr() != seen.table.data_ptr()
+        assert all(torch.equal(a, b) for a, b in zip(own.flats, seen.flats))
+        assert opt._g_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot
 
 
 @pytest.mark.parametrize("bad", [0, -1, 65, 2.0, True])

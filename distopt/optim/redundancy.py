@@ -16,9 +16,9 @@ of the shard per step); on a GPU it snapshots its shard before each update (a de
 
 When a rank and its holder share a host they share memory instead
 (:mod:`distopt.optim.replica_log`): no snapshot, no shift and no replay per step. The
-holder copies a slice of the owner's committed shard each step and the owner logs its last
-few gradient shards; the replica, or the owner's own shard at the last commit, is rebuilt
-from the copies and the log when a failure needs it.
+owner copies a slice of its committed shard each step, and logs its last few gradient
+shards, where its holder can read them; the replica, or the owner's own shard at the last
+commit, is rebuilt from the copies and the log when a failure needs it.
 
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
 recovery changes no bit of the result. At stage 0 every rank holds everything, so only
@@ -83,10 +83,10 @@ class Redundancy:
         if not self.sharded:
             return
         if self.shared:
-            self.log.reset(None, self.opt.step_count)
+            self.log.reset(self.opt.step_count)
             return
         if self.own_log is not None:
-            self.own_log.reset(self.opt.state, self.opt.step_count)
+            self.own_log.reset(self.opt.step_count)
         ranges = self.opt.plan.ranges(self.left)
         torch._foreach_copy_(self.replica.params, [self.opt._params.data[s:e] for s, e in ranges])
         for field in self.replica.state:
@@ -100,9 +100,7 @@ class Redundancy:
         self.live_step = self.opt.step_count
         self.pending_step = None
         if self.shared:
-            state = self.opt.rule.init(self.log.left_params)
-            fill_shard(self.opt, full, self.left, state)
-            self.log.reset(state, self.opt.step_count)
+            self.log.reset(self.opt.step_count)  # (its left neighbour copies its own slice of ``full``)
         elif self.sharded:
             self.reset_replica()  # (the own log's base takes the state just loaded)
             fill_shard(self.opt, full, self.left, self.replica.state)
@@ -149,7 +147,7 @@ class Redundancy:
 
     def commit(self, committed: int) -> None:
         """Every rank finished update ``committed``: replay the neighbour's in-flight update (on
-        one host: copy a slice of its shard, and log the next update's gradients)."""
+        one host: keep this rank's copy of a slice of its shard, and log the next update's gradients)."""
         for log in self._logs:
             t0 = time.perf_counter()
             log.refresh(committed)

@@ -2,46 +2,47 @@
 
 Replaying the owner's update on the holder every step costs a second Adam pass per rank
 (seven shard-sized memory streams), about as much as the update itself. On one host the
-holder can instead *copy* the owner's committed shard, a slice at a time, and rebuild the
-replica only when it is needed:
+owner can instead leave, where its holder can read them, *copies* of its committed shard,
+a slice at a time, and its recent gradients; the holder rebuilds the replica only when it
+is needed. Each rank has one window (a file in ``/dev/shm`` that its holder maps too):
 
-* the owner keeps its optimizer state, and the last ``depth`` averaged gradient shards
-  with their clipping factors, in a window its holder maps (the owner reduces each step's
-  gradients straight into slot ``step % depth``);
-* the shard is cut into ``depth`` chunks. As soon as its gather of update ``c`` is done,
-  the holder starts copying chunk ``c % depth`` of the owner's parameters (its own
-  gathered copy) and state into a spare chunk slot of its base window, on a background
-  thread, so the copy overlaps the return to the controller and the next forward and
-  backward. Once ``c`` has committed and the copy is done (at the latest before the
-  holder joins step ``c + 1``'s gradient-norm allreduce) it points the chunk's table entry
-  (step and slot, one 8-byte store) at it; the old slot becomes the spare. So a holder
-  killed mid-copy leaves every table entry on a complete copy, and an update that never
-  committed is never pointed at;
-* the shard at commit ``c`` is rebuilt chunk by chunk: the chunk's base copy (at most
-  ``depth - 1`` steps old) plus the logged steps after it, replayed as the owner did them.
-  The holder rebuilds it for a lost owner; the owner rebuilds it to undo an update that
-  never committed, from its holder's base (which a dead holder's mapping still holds).
+* the last ``depth + 1`` averaged gradient shards with their clipping factors (the owner
+  reduces each step's gradients straight into slot ``step % (depth + 1)``);
+* the shard cut into ``depth`` chunks, each kept as a copy of its parameters and state at
+  some recent update, in ``depth + 1`` chunk slots, and a table naming each chunk's slot
+  and update. As soon as its gather of update ``c`` is done, the owner starts copying
+  chunk ``c % depth`` of its parameters and state into the spare chunk slot, on a
+  background thread, so the copy overlaps the return to the controller and the next
+  forward and backward. Once ``c`` has committed and the copy is done (before the owner
+  joins step ``c + 1``'s gradient-norm allreduce, so before its update ``c + 1``) it
+  points the chunk's table entry (update and slot, one 8-byte store) at it; the old slot
+  becomes the spare. So a rank killed mid-copy leaves every table entry on a complete
+  copy, and an update that never committed is never pointed at;
+* the shard at commit ``c`` is rebuilt chunk by chunk: the chunk's copy (at most
+  ``depth - 1`` updates old, ``depth`` while the next copy runs) plus the logged steps
+  after it, replayed as the owner did them. The holder rebuilds it for a lost owner from
+  the owner's window; the owner rebuilds it from its own to undo an update that never
+  committed.
+
+The optimizer state itself stays in the owner's private memory: an update on state kept
+in a shared mapping ran about 2 ms slower per step on one of the two ranks in half the
+runs on the benchmark machine, private memory never did.
 
 Why the copies and the log are never torn:
 
-* the owner's state is at ``c`` while its holder copies it: the holder saw the owner's
-  update ``c`` in its gather, and the owner applies update ``c + 1`` only after the
-  gradient-norm allreduce, which the holder joins after its copy is done (and anything
-  else the owner writes, an undo or a load, belongs to a step that never committed or to
-  a recovery that drops the copy);
-* the owner writes slot ``(c + 1) % depth`` (the oldest step's) when its reduction
-  completes, which needs the holder's gradients, sent after the holder learned that ``c``
-  committed. From then on the table entry that still needs that step is replaced by the
-  copy of ``c`` as soon as it is done, before anything reads the table: the owner needs
-  its own base only to undo update ``c + 1``, which it applies after the holder's
-  allreduce, and a holder rebuilding a lost owner waits for its copy first;
+* the owner's shard is at ``c`` while its copy of ``c`` runs: it applies update ``c + 1``
+  only after waiting for the copy (and anything else that writes the shard, an undo or a
+  load, waits for it or belongs to a step that never committed, whose copy is dropped);
+* the reduction of step ``c + 1`` overwrites slot ``(c + 1) % (depth + 1)``, which holds
+  update ``c - depth``: no chunk needs it, since the oldest copy, of update ``c - depth``
+  until the copy of ``c`` replaces it, needs the updates after it;
 * chunk boundaries sit on multiples of ``ALIGN`` elements from a bucket's start, so a
   replay sees the same vector lanes as the owner's update and gives the owner's bits.
 
 Per step this costs one copy of ``1/depth`` of the shard (parameters and state), off the
 training thread where the step leaves a core or the controller's round trip time; memory is
-``depth - 1`` gradient shards beyond the one every rank has, and ``(depth + 1) / depth``
-copies of the shard's parameters and state.
+``depth`` gradient shards beyond the one every rank has, and ``(depth + 1) / depth`` copies
+of the shard's parameters and state.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ ALIGN = 64  # elements; a multiple of every vector width, so lanes match the own
 DEPTH = 4  # default chunks and logged steps
 MAX_DEPTH = 64
 _SLOTS = 1024  # a table entry is step * _SLOTS + slot (slots: depth + 1)
+_TORN = -1  # the table entry of a chunk being reset
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -102,36 +104,26 @@ def chunk_pieces(sizes: list[int], depth: int) -> list[list[tuple[int, int, int]
              if max(a, s) < min(z, s + size)] for a, z in zip(cuts, cuts[1:])]
 
 
-class _Log:
-    """The owner's window: logged steps and scales, ``depth`` gradient slots, the state."""
+class _Area:
+    """One rank's window: the chunk table, the logged steps and clipping factors, ``depth + 1``
+    gradient slots and ``depth + 1`` chunk slots (parameters, then each state field)."""
 
-    def __init__(self, buf: torch.Tensor, sizes: list[int], depth: int, dtype: torch.dtype, template) -> None:
-        n, head = sum(sizes), _header(16 * depth)
-        self.steps = buf[: 8 * depth].view(torch.int64)
-        self.scales = buf[8 * depth: 16 * depth].view(torch.float64)
-        self.flats = carve(buf, dtype, [n] * depth, offset=head)
-        self.slots = [list(flat.split(sizes)) for flat in self.flats]  # per-bucket views of each slot
-        fields = [f for f in template if f]
-        parts = iter(carve(buf, dtype, sizes * len(fields), offset=head + depth * n * dtype.itemsize))
-        self.state = type(template)(*[[next(parts) for _ in sizes] if f else [] for f in template])
-
-    @staticmethod
-    def nbytes(n: int, depth: int, fields: int, item: int) -> int:
-        return _header(16 * depth) + (depth + fields) * n * item
-
-
-class _Base:
-    """The holder's window: the chunk table and ``depth + 1`` slots of parameter+state chunks."""
-
-    def __init__(self, buf: torch.Tensor, width: int, depth: int, fields: int, dtype: torch.dtype) -> None:
+    def __init__(self, buf: torch.Tensor, lay: "_Layout", depth: int) -> None:
+        n, item, slots = sum(lay.sizes), lay.dtype.itemsize, depth + 1
         self.table = buf[: 8 * depth].view(torch.int64)
-        slot_bytes = width * fields * dtype.itemsize
-        self.slots = [carve(buf, dtype, [width] * fields, offset=_header(8 * depth) + s * slot_bytes)
-                      for s in range(depth + 1)]
+        self.steps = buf[8 * depth: 8 * (depth + slots)].view(torch.int64)
+        self.scales = buf[8 * (depth + slots): 8 * (depth + 2 * slots)].view(torch.float64)
+        head = _header(8 * (depth + 2 * slots))
+        self.flats = carve(buf, lay.dtype, [n] * slots, offset=head)
+        self.grads = [list(flat.split(lay.sizes)) for flat in self.flats]  # per-bucket views of each slot
+        chunk_bytes = lay.width * lay.fields * item
+        self.chunks = [carve(buf, lay.dtype, [lay.width] * lay.fields, offset=head + slots * n * item + s * chunk_bytes)
+                       for s in range(slots)]
 
     @staticmethod
-    def nbytes(width: int, depth: int, fields: int, item: int) -> int:
-        return _header(8 * depth) + (depth + 1) * width * fields * item
+    def nbytes(lay: "_Layout", depth: int) -> int:
+        item = lay.dtype.itemsize
+        return _header(8 * (3 * depth + 2)) + (depth + 1) * (sum(lay.sizes) + lay.width * lay.fields) * item
 
 
 class _Layout:
@@ -149,23 +141,12 @@ class _Layout:
 class ReplicaLog:
     """One rank's side of the copy-and-log redundancy (see the module docstring)."""
 
-    def __init__(self, opt: "ShardedOptimizer", lay: _Layout, log: Window, base: Window, depth: int,
-                 distance: int) -> None:
+    def __init__(self, opt: "ShardedOptimizer", lay: _Layout, window: Window, depth: int) -> None:
         self.opt, self.depth, self.template, self.chunks = opt, depth, lay.template, lay.chunks
-        item = lay.dtype.itemsize
-        self.own_log = _Log(log.mine, lay.sizes, depth, lay.dtype, lay.template)
-        self.left_log = _Log(log.peer, lay.sizes, depth, lay.dtype, lay.template)
-        self.base = _Base(base.mine, lay.width, depth, lay.fields, lay.dtype)  # the left neighbour's
-        self.own_base = _Base(base.peer, lay.width, depth, lay.fields, lay.dtype)  # this rank's, kept by its holder
-        self.bytes = _Base.nbytes(lay.width, depth, lay.fields, item) + (depth - 1) * sum(lay.sizes) * item
-        left = (opt.comm.rank - distance) % opt.comm.world_size
-        # The left neighbour's parameters as this rank's gathered copy holds them.
-        self.left_params = [opt._params.data[s:e] for s, e in opt.plan.ranges(left)]
-        self._sources = [self._pieces_of(self.left_params, self.left_log.state, j) for j in range(depth)]
-        for mine, live in zip(self.own_log.state, opt.state):  # the live state moves where the holder sees it
-            if mine:
-                torch._foreach_copy_(mine, live)
-        opt.state = self.own_log.state
+        self.own = _Area(window.mine, lay, depth)
+        self.left = _Area(window.peer, lay, depth)  # the left neighbour's, this rank its holder
+        self.bytes = _Area.nbytes(lay, depth) - sum(lay.sizes) * lay.dtype.itemsize  # (a gradient shard it had)
+        self._sources = [self._pieces_of(opt._p_shards, opt.state, j) for j in range(depth)]
         self._spare = depth
         self._refreshed: int | None = None
         self._ahead: tuple[int, Future | None] | None = None  # the background copy: its update, its job
@@ -177,45 +158,42 @@ class ReplicaLog:
         an update that never committed (:meth:`undo`) for ``1/depth`` of a shard copy per
         step, where a snapshot before each update copies all of it. No communication."""
         lay = _Layout(opt, depth)
-        item, device = lay.dtype.itemsize, opt._params.data.device
-        log = torch.zeros(_Log.nbytes(sum(lay.sizes), depth, lay.fields - 1, item), dtype=torch.uint8, device=device)
-        base = torch.zeros(_Base.nbytes(lay.width, depth, lay.fields, item), dtype=torch.uint8, device=device)
-        return cls(opt, lay, Window(log, log), Window(base, base), depth, 0)
+        buf = torch.zeros(_Area.nbytes(lay, depth), dtype=torch.uint8, device=opt._params.data.device)
+        return cls(opt, lay, Window(buf, buf), depth)
 
     @classmethod
     def open(cls, opt: "ShardedOptimizer", distance: int, depth: int) -> "ReplicaLog | None":
-        """Map the two windows (a collective); None on every rank if any rank cannot."""
+        """Map this rank's window and its left neighbour's (a collective); None on every rank
+        if any rank cannot."""
         lay = _Layout(opt, depth)
-        item = lay.dtype.itemsize
-        log = open_window(opt.comm, _Log.nbytes(sum(lay.sizes), depth, lay.fields - 1, item), -distance)
-        base = open_window(opt.comm, _Base.nbytes(lay.width, depth, lay.fields, item), distance) if log else None
-        return cls(opt, lay, log, base, depth, distance) if base is not None else None
+        window = open_window(opt.comm, _Area.nbytes(lay, depth), -distance)
+        return cls(opt, lay, window, depth) if window is not None else None
 
     # --- every step ----------------------------------------------------------------
     def bind(self, committed: int) -> None:
         """Point the optimizer's gradient shards at the slot of update ``committed + 1``."""
-        s = (committed + 1) % self.depth
-        self.opt._g_flat, self.opt._g_shards = self.own_log.flats[s], self.own_log.slots[s]
+        s = (committed + 1) % (self.depth + 1)
+        self.opt._g_flat, self.opt._g_shards = self.own.flats[s], self.own.grads[s]
 
     def record(self, step: int, scale: float) -> None:
         """Log update ``step``'s clipping factor (its gradients are already in their slot)."""
-        s = step % self.depth
-        self.own_log.scales[s], self.own_log.steps[s] = scale, step
+        s = step % (self.depth + 1)
+        self.own.scales[s], self.own.steps[s] = scale, step
 
     def copy_ahead(self, step: int) -> None:
-        """Start copying chunk ``step % depth`` of the left neighbour's shard, as update ``step``
-        left it, into the spare slot on the background thread (call once this rank's gather
-        of ``step`` is done). The table points at the copy only after :meth:`refresh` says
-        ``step`` committed and :meth:`settle` found the copy done."""
+        """Start copying chunk ``step % depth`` of this rank's shard, as update ``step`` left
+        it, into the spare chunk slot on the background thread (once the gather of ``step``
+        is done). The table points at the copy only after :meth:`refresh` says ``step``
+        committed and :meth:`settle` found the copy done."""
         self.settle()
         j = step % self.depth
-        job = _copier().submit(torch._foreach_copy_, self._pieces(self.base.slots[self._spare], j),
+        job = _copier().submit(torch._foreach_copy_, self._pieces(self.own.chunks[self._spare], j),
                                self._sources[j]) if self.chunks[j] else None
         self._ahead = (step, job)
 
     def refresh(self, committed: int) -> None:
-        """Update ``committed`` has committed: its chunk's copy becomes the chunk's base (the
-        copy made ahead once :meth:`settle` finds it done; without one, a copy made now)."""
+        """Update ``committed`` has committed: its chunk's copy becomes the chunk's copy of
+        record (the one made ahead once :meth:`settle` finds it done; without one, one made now)."""
         if self._refreshed == committed:
             return
         self._refreshed = committed
@@ -225,13 +203,13 @@ class ReplicaLog:
         self.settle()
         j = committed % self.depth
         if self.chunks[j]:
-            torch._foreach_copy_(self._pieces(self.base.slots[self._spare], j), self._sources[j])
+            torch._foreach_copy_(self._pieces(self.own.chunks[self._spare], j), self._sources[j])
         self._point(committed)
 
     def settle(self) -> None:
         """Wait for the background copy; point the table at it if its update committed, else
-        drop it. Before this rank joins the gradient-norm allreduce (after which the
-        neighbour may change what is being copied) and before the table is read or reset."""
+        drop it. Before anything changes this rank's shard (its next update: the optimizer
+        settles before the gradient-norm allreduce) and before the table is read or reset."""
         if self._ahead is None:
             return
         (step, job), self._ahead = self._ahead, None
@@ -242,60 +220,60 @@ class ReplicaLog:
             self._point(step)
 
     def _point(self, step: int) -> None:
-        # One 8-byte store: a holder killed around it leaves the entry on a complete copy.
+        # One 8-byte store: a rank killed around it leaves the entry on a complete copy.
         j = step % self.depth
-        old = int(self.base.table[j]) % _SLOTS
-        self.base.table[j] = step * _SLOTS + self._spare
+        old = int(self.own.table[j]) % _SLOTS
+        self.own.table[j] = step * _SLOTS + self._spare
         self._spare = old
 
     # --- set-up and recovery -------------------------------------------------------
-    def reset(self, state, step: int) -> None:
-        """Every chunk's base is the left neighbour's parameters (this rank's copy) and
-        ``state`` at ``step`` (``state=None``: zero state); nothing is logged."""
+    def reset(self, step: int) -> None:
+        """Every chunk's copy is this rank's shard (parameters and state) at ``step``; nothing
+        is logged."""
         self.settle()
-        state = state if state is not None else self.opt.rule.init(self.left_params)
+        self.own.table.fill_(_TORN)  # a rank killed below leaves no copy that looks complete
         for j in range(self.depth):
             if self.chunks[j]:
-                torch._foreach_copy_(self._pieces(self.base.slots[j], j),
-                                     self._pieces_of(self.left_params, state, j))
-            self.base.table[j] = step * _SLOTS + j
+                torch._foreach_copy_(self._pieces(self.own.chunks[j], j), self._sources[j])
+        self.own.table.copy_(torch.arange(self.depth, dtype=torch.int64) + step * _SLOTS)
         self._spare, self._refreshed = self.depth, step
-        self.own_log.steps.fill_(-1)
+        self.own.steps.fill_(-1)
         self.bind(step)
 
     def replica(self, committed: int):
-        """The left neighbour's shard at ``committed``, rebuilt from the base and its log."""
+        """The left neighbour's shard at ``committed``, rebuilt from its window."""
         from distopt.optim.redundancy import Shard
-        self.settle()
         params = [torch.empty_like(t) for t in self.opt._p_shards]
         state = self.opt.rule.init(params)
-        self._rebuild(committed, self.base, self.left_log, params, state, "replica of the left neighbour")
+        self._rebuild(committed, self.left, params, state, "replica of the left neighbour")
         return Shard(params, state, committed)
 
     def undo(self, committed: int) -> None:
-        """Return this rank's live shard to ``committed`` from its holder's base and its own log."""
+        """Return this rank's live shard to ``committed`` from its own copies and log."""
         self.settle()
-        self._rebuild(committed, self.own_base, self.own_log, self.opt._p_shards, self.opt.state, "own shard")
+        self._rebuild(committed, self.own, self.opt._p_shards, self.opt.state, "own shard")
 
-    def _rebuild(self, committed: int, base: _Base, log: _Log, params, state, what: str) -> None:
+    def _rebuild(self, committed: int, area: _Area, params, state, what: str) -> None:
         from distopt.optim.redundancy import RecoveryError, clipped
-        rule = self.opt.rule
+        rule, slots = self.opt.rule, self.depth + 1
         for j in range(self.depth):
-            entry = int(base.table[j])
+            entry = int(area.table[j])
+            if entry == _TORN:
+                raise RecoveryError(f"{what}: chunk {j} has no complete copy (its owner was resetting it)")
             since, slot = entry // _SLOTS, entry % _SLOTS
             if since > committed:
                 raise RecoveryError(f"{what}: chunk {j} was copied at update {since}, past the commit {committed}")
             if not self.chunks[j]:
                 continue
             p, st = self._pieces_of(params, state, j, split=True)
-            torch._foreach_copy_(p + [t for f in st for t in f], self._pieces(base.slots[slot], j))
+            torch._foreach_copy_(p + [t for f in st for t in f], self._pieces(area.chunks[slot], j))
             for step in range(since + 1, committed + 1):
-                s = step % self.depth
-                if int(log.steps[s]) != step:
+                s = step % slots
+                if int(area.steps[s]) != step:
                     raise RecoveryError(f"{what}: the gradients of update {step} are no longer logged "
-                                        f"(slot {s} holds update {int(log.steps[s])})")
-                grads = [log.slots[s][b][lo:hi] for b, lo, hi in self.chunks[j]]
-                rule.apply(p, rule.prepare(p, clipped(grads, float(log.scales[s])), step), st, step)
+                                        f"(slot {s} holds update {int(area.steps[s])})")
+                grads = [area.grads[s][b][lo:hi] for b, lo, hi in self.chunks[j]]
+                rule.apply(p, rule.prepare(p, clipped(grads, float(area.scales[s])), step), st, step)
 
     # --- views ----------------------------------------------------------------------
     def _pieces_of(self, params: list[torch.Tensor], state, j: int, split: bool = False):
@@ -307,7 +285,7 @@ class ReplicaLog:
         return cut[0], type(self.template)(*[next(parts) if f else [] for f in self.template])
 
     def _pieces(self, slot: list[torch.Tensor], j: int) -> list[torch.Tensor]:
-        """Chunk ``j`` laid out in one base slot: each field's pieces back to back."""
+        """Chunk ``j`` laid out in one chunk slot: each field's pieces back to back."""
         lengths = [hi - lo for _, lo, hi in self.chunks[j]]
         return [t for flat in slot for t in flat[: sum(lengths)].split(lengths)]
 

@@ -65,11 +65,11 @@ class ShardedOptimizer:
         shared_memory: ranks that share a host keep the redundancy in shared memory
             (:mod:`distopt.collectives.window`) instead of sending it; False sends it always.
             The same on every rank.
-        replica_log_depth: the steps of gradients each rank logs and the steps over which
-            its shard is copied (:mod:`distopt.optim.replica_log`; on one host by its holder,
-            across hosts on CPU by the rank itself, to undo its own update): each step
-            costs a copy of ``1/depth`` of the shard's parameters and state, and memory
-            holds ``depth - 1`` more gradient shards. The same on every rank.
+        replica_log_depth: the steps over which each rank copies its shard, one less than
+            the steps of gradients it logs (:mod:`distopt.optim.replica_log`; on one host
+            where its holder reads them, across hosts on CPU in its own memory, to undo its
+            own update): each step costs a copy of ``1/depth`` of the shard's parameters and
+            state, and memory holds ``depth`` more gradient shards. The same on every rank.
 
     Raises:
         TypeError, ValueError: bad arguments, before any communication.

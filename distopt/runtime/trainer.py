@@ -72,9 +72,9 @@ class Trainer:
         shared_memory: workers on one host keep the fault-tolerance redundancy in shared
             memory (``/dev/shm``) instead of sending it and snapshotting every step; False
             takes the across-hosts path everywhere (so does ``DISTOPT_SHM=0``).
-        replica_log_depth: with shared memory, each worker logs this many steps of
-            gradient shards and its holder copies ``1/depth`` of its shard per step: higher
-            is faster and takes more memory (``distopt.optim.replica_log``).
+        replica_log_depth: with shared memory, each worker logs ``depth + 1`` steps of
+            gradient shards and copies ``1/depth`` of its shard per step where its holder
+            can read them: higher is faster and takes more memory (``distopt.optim.replica_log``).
         faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
             purpose (chaos testing).
         checkpoint_dir: write checkpoints here (``step-N`` folders); one at the end of ``fit``.
