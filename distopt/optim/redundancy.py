@@ -130,16 +130,17 @@ class Redundancy:
         self.live_step = step
 
     def gathered(self, step: int) -> None:
-        """Every rank's parameters hold update ``step``: start the copies of its chunk (the
-        neighbour's, on one host; this rank's own, across hosts on CPU) in the background."""
+        """Every rank's parameters hold update ``step``: start copying this rank's chunk of it
+        (into the window its holder maps on one host, into its own memory across hosts on
+        CPU) in the background."""
         t0 = time.perf_counter()
         for log in self._logs:
             log.copy_ahead(step)
         self.replay_s += time.perf_counter() - t0
 
     def settle(self) -> None:
-        """Finish the background copies; before the gradient-norm allreduce, after which the
-        neighbour may update the state they read."""
+        """Finish the background copies; before the gradient-norm allreduce, so before the
+        update that changes the shard they read."""
         t0 = time.perf_counter()
         for log in self._logs:
             log.settle()

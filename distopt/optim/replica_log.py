@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from distopt.optim.sharded import ShardedOptimizer
 
 ALIGN = 64  # elements; a multiple of every vector width, so lanes match the owner's update
-DEPTH = 4  # default chunks and logged steps
+DEPTH = 4  # default chunks (and logged steps, one more)
 MAX_DEPTH = 64
 _SLOTS = 1024  # a table entry is step * _SLOTS + slot (slots: depth + 1)
 _TORN = -1  # the table entry of a chunk being reset
@@ -70,7 +70,7 @@ _pool_lock = threading.Lock()
 
 
 def _copier() -> ThreadPoolExecutor:
-    """This process's thread for the holders' chunk copies (one thread, kept: starting a
+    """This process's thread for the ranks' chunk copies (one thread, kept: starting a
     thread per step costs a scheduler slice; made anew in a forked child, which has none)."""
     global _pool
     with _pool_lock:

@@ -164,7 +164,7 @@ class ShardedOptimizer:
             self._reduce(given)
         if self.redundancy is not None:
             t_settle = time.perf_counter()
-            self.redundancy.settle()  # the neighbour may update its shard once this rank joins the norm's allreduce
+            self.redundancy.settle()  # its copies read the shard that this step's update changes
             t0 += time.perf_counter() - t_settle  # (update time, in replay_s, not communication)
             replay_s, self.redundancy.replay_s = self.redundancy.replay_s, 0.0  # (perhaps replayed in begin)
         norm = self._global_norm()
