@@ -129,6 +129,20 @@ def test_the_state_stays_private_and_the_holder_maps_the_copies_and_the_log():
         assert opt._g_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot
 
 
+def test_a_shard_state_dict_is_refused_where_it_cannot_rebuild_the_replicas():
+    """A rank's own shard cannot rebuild what its holder keeps of it: a recovery after such a
+    load would bring back the state from before it. It fails before touching anything."""
+    _, opt = _run(2, 3, 4)[0]
+    sd = opt.state_dict()
+    for field in opt.state:
+        for t in field:
+            t.add_(1.0)
+    before = [t.clone() for f in opt.state for t in f]
+    with pytest.raises(ValueError, match="load_full_state_dict"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for f in opt.state for t in f]))
+
+
 @pytest.mark.parametrize("bad", [0, -1, 65, 2.0, True])
 def test_bad_log_depth_is_refused_before_any_communication(bad):
     comm = in_process(1)[0]

@@ -316,8 +316,13 @@ class ShardedOptimizer:
         """Restore a :meth:`state_dict` saved by the same rank of an identically planned run.
 
         Raises:
-            ValueError: the plan, rank or rule differs (load a full state dict instead).
+            ValueError: the plan, rank or rule differs (load a full state dict instead), or
+                the state is sharded and replicated: a rank's shard alone cannot rebuild the
+                copies its neighbours keep of it, so a later recovery would rebuild stale state.
         """
+        if self.redundancy is not None and self.redundancy.sharded:
+            raise ValueError("load_state_dict cannot rebuild the in-memory redundancy (replicate=True, "
+                             "zero_stage >= 1): load a full_state_dict() with load_full_state_dict() instead")
         self._will_write()
         state_io.load_shard_state_dict(self, sd)
 
@@ -326,7 +331,11 @@ class ShardedOptimizer:
         return state_io.full_state_dict(self)
 
     def load_full_state_dict(self, full: dict) -> None:
-        """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage)."""
+        """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage).
+
+        With ``replicate=True`` every rank calls it, after loading the parameters: the
+        in-memory redundancy is rebuilt from both.
+        """
         self._will_write()
         state_io.load_full_state_dict(self, full)
 
