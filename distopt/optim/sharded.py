@@ -320,9 +320,7 @@ class ShardedOptimizer:
                 the state is sharded and replicated: a rank's shard alone cannot rebuild the
                 copies its neighbours keep of it, so a later recovery would rebuild stale state.
         """
-        if self.redundancy is not None and self.redundancy.sharded:
-            raise ValueError("load_state_dict cannot rebuild the in-memory redundancy (replicate=True, "
-                             "zero_stage >= 1): load a full_state_dict() with load_full_state_dict() instead")
+        state_io.check_shard_state_dict(self, sd)  # before anything changes
         self._will_write()
         state_io.load_shard_state_dict(self, sd)
 

@@ -38,8 +38,13 @@ def shard_params(opt: "ShardedOptimizer") -> torch.Tensor:
     return torch.cat(opt._p_shards)
 
 
-def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
-    """Copy a shard state dict back in after checking it belongs to this rank and plan."""
+def check_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
+    """Raise ValueError unless ``sd`` is this rank's shard of this plan and rule, and loading
+    it alone leaves the in-memory redundancy right (it cannot where the state is sharded
+    and replicated: the neighbours' copies of the shard would stay stale)."""
+    if opt.redundancy is not None and opt.redundancy.sharded:
+        raise ValueError("load_state_dict cannot rebuild the in-memory redundancy (replicate=True, "
+                         "zero_stage >= 1): load a full_state_dict() with load_full_state_dict() instead")
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         raise ValueError(f"not a distopt shard state dict (format {sd.get('format') if isinstance(sd, dict) else None!r}"
                          f", expected {FORMAT!r})")
@@ -52,6 +57,11 @@ def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
     fields = opt.state._asdict()
     if set(sd["state"]) != {f for f, ts in fields.items() if ts}:
         raise ValueError(f"state fields {sorted(sd['state'])} do not match this rule's {sorted(fields)}")
+
+
+def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
+    """Copy a shard state dict checked by :func:`check_shard_state_dict` back in."""
+    fields = opt.state._asdict()
     for field, flat in sd["state"].items():
         torch._foreach_copy_(fields[field], list(flat.to(fields[field][0]).split([t.numel() for t in fields[field]])))
     opt.step_count = int(sd["step"])
