@@ -79,7 +79,9 @@ class Redundancy:
         return (self.opt.comm.rank - self.distance) % self.opt.comm.world_size
 
     def reset_replica(self) -> None:
-        """Take the left neighbour's shard from the (identical everywhere) parameters, zero state."""
+        """Start the redundancy afresh from the (identical everywhere) parameters: on one host
+        this rank's copies of its shard; across hosts also the left neighbour's replica, zero
+        state."""
         if not self.sharded:
             return
         if self.shared:
@@ -100,7 +102,7 @@ class Redundancy:
         self.live_step = self.opt.step_count
         self.pending_step = None
         if self.shared:
-            self.log.reset(self.opt.step_count)  # (its left neighbour copies its own slice of ``full``)
+            self.log.reset(self.opt.step_count)  # (each rank copies its own slice of ``full``, just loaded)
         elif self.sharded:
             self.reset_replica()  # (the own log's base takes the state just loaded)
             fill_shard(self.opt, full, self.left, self.replica.state)

@@ -197,14 +197,12 @@ class ReplicaLog:
         if self._refreshed == committed:
             return
         self._refreshed = committed
-        if self._ahead is not None and self._ahead[0] == committed:
-            self._take_ahead = True
-            return
-        self.settle()
-        j = committed % self.depth
-        if self.chunks[j]:
-            torch._foreach_copy_(self._pieces(self.own.chunks[self._spare], j), self._sources[j])
-        self._point(committed)
+        copied_ahead = self._ahead is not None and self._ahead[0] == committed
+        if not copied_ahead:
+            self.copy_ahead(committed)
+        self._take_ahead = True
+        if not copied_ahead:  # (after a recovery or load): the copy is waited for now
+            self.settle()
 
     def settle(self) -> None:
         """Wait for the background copy; point the table at it if its update committed, else
