@@ -257,11 +257,12 @@ def bench_faults(quick: bool) -> dict:
     """Section 5: the fault-tolerance cost per step and the checkpoint step, at one rank.
 
     Three runtime Workers per model, each in an NCCL group of one, steps interleaved in
-    rounds of 50: ``max_failures=0``, the default ``max_failures=3`` (snapshot, replica
-    replay, ring shift; at one rank the neighbour is the rank itself, so the shift is a
-    device copy), and ``max_failures=3`` writing a checkpoint every 50 steps (one per
-    round, so each write has two other rounds' time to finish, as a real interval of
-    minutes gives it). Data lives on the GPU, so no host-to-device copy dilutes the ratios.
+    rounds of 50: ``max_failures=0``, the default ``max_failures=3`` (at one rank there is
+    no neighbour to replicate for, so this is the snapshot of the shard before each update
+    that lets the rank undo it: a device copy), and ``max_failures=3`` writing a checkpoint
+    every 50 steps (one per round, so each write has two other rounds' time to finish, as a
+    real interval of minutes gives it). Data lives on the GPU, so no host-to-device copy
+    dilutes the ratios. A checkpoint write that fails raises: its time would mean nothing.
     """
     import tempfile
 
@@ -290,7 +291,7 @@ def bench_faults(quick: bool) -> dict:
         with tempfile.TemporaryDirectory() as root:
             workers = {}
             for name, kw in {"max_failures=0": {"max_failures": 0}, "max_failures=3": {"max_failures": 3},
-                             "max_failures=3, checkpoint every 10": {"max_failures": 3, "checkpoint_dir": root,
+                             "max_failures=3, checkpointing": {"max_failures": 3, "checkpoint_dir": root,
                                                                      "checkpoint_every": every}}.items():
                 config = TrainConfig(model=make_model, loss=mse_loss, data=data, optimizer=distopt.optim.adam(lr=LR),
                                      global_batch_size=batch, num_workers=1, zero_stage=1, seed=0, use_gpu=True, **kw)
@@ -298,22 +299,27 @@ def bench_faults(quick: bool) -> dict:
                 workers[name].attach(TorchCommunicator(0, 1, backend="nccl", timeout_s=60, store=dist.HashStore(),
                                                        always_group=True))
             times: dict[str, dict[int, float]] = {k: {} for k in workers}
+            records: list[dict] = []
             for rnd in range(rounds + 1):  # round 0 warms up
                 for name in rotated(list(workers), rnd):
                     for k in range(every * rnd, every * rnd + every):
                         t0 = time.perf_counter()
-                        workers[name].run_step(k)
+                        records += workers[name].run_step(k).checkpoints
                         # Training's stream only: a device-wide sync would also wait for the
                         # checkpoint's side-stream copies, which training itself never waits for.
                         torch.cuda.current_stream().synchronize()
                         if rnd:
                             times[name][k] = time.perf_counter() - t0
             for w in workers.values():
-                w.flush_checkpoints()
+                records += w.flush_checkpoints()
                 w.close()
+        failed = [r["error"] for r in records if "error" in r]
+        if failed or len(records) != rounds + 1:
+            raise RuntimeError(f"{label}: {len(records)} checkpoint writes for {rounds + 1} checkpoints, "
+                               f"errors: {failed}")
         off = median(times["max_failures=0"].values())
         on = median(times["max_failures=3"].values())
-        ck = times["max_failures=3, checkpoint every 10"]
+        ck = times["max_failures=3, checkpointing"]
         ck_steps = median(t for k, t in ck.items() if (k + 1) % every == 0)
         after = median(t for k, t in ck.items() if (k + 1) % every == 1)
         plain = median(t for k, t in ck.items() if (k + 1) % every not in (0, 1))
@@ -411,8 +417,9 @@ def markdown(result: dict) -> str:
                 for label, r in ft["cases"].items()]
         when = f" measured {ft['facts']['date']} on a {ft['facts']['device']}" if "facts" in ft else ""
         parts += [f"**Fault tolerance on one GPU**{when} (runtime Worker, NCCL group of one, Adam, zero stage 1; at one rank "
-                  "the replica is the rank's own shard and the ring shift a device copy, so the network half of the "
-                  "shift is not in these figures; checkpoints write to local disk in the background):",
+                  "there is no neighbour to replicate for, so max_failures=3 costs the device copy of the shard that "
+                  "lets the rank undo an update; the replicas' traffic between GPUs is not in these figures; "
+                  "checkpoints write to local disk in the background):",
                   md_table(["model", "max_failures=0 ms", "max_failures=3 ms", "ratio", "plain step ms (checkpointing "
                             "run)", "checkpoint step ms", "step after ms", "checkpoint / plain",
                             "ms lost per checkpoint (all steps)"], rows)]

@@ -144,3 +144,55 @@ def test_checkpoint_written_from_gpu_resumes_on_cpu(tmp_path):
     assert [h["step"] for h in resumed.history] == [5, 6, 7, 8]
     for name, value in whole.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[name].cpu(), value.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_device_pieces_stream_a_gpu_tensor_to_the_host_exactly(tmp_path):
+    from distopt.checkpoint.format import tensor_bytes
+    from distopt.checkpoint.writer import write_tensors
+    from distopt.runtime.checkpointing import DevicePieces, Staging
+    staging = Staging(torch.device("cuda", 0), piece_bytes=1000)  # no element size divides it evenly into pieces
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tensors = {"f32": torch.randn(1234, device="cuda", generator=g),
+               "bf16": torch.randn(7, 333, device="cuda", generator=g).bfloat16(),
+               "i64": torch.arange(-500, 500, device="cuda"), "flag": torch.rand(999, device="cuda", generator=g) > 0.5,
+               "empty": torch.empty(0, device="cuda"), "one": torch.ones(3, device="cuda")}
+    for name, t in tensors.items():
+        assert b"".join(bytes(p) for p in DevicePieces(t, staging).pieces()) == bytes(tensor_bytes(t.cpu())), name
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "cpu").mkdir()
+    from_gpu = write_tensors(tmp_path / "gpu", "x.bin", {k: DevicePieces(t, staging) for k, t in tensors.items()})
+    from_cpu = write_tensors(tmp_path / "cpu", "x.bin", {k: t.cpu() for k, t in tensors.items()})
+    assert from_gpu == from_cpu
+    assert (tmp_path / "gpu" / "x.bin").read_bytes() == (tmp_path / "cpu" / "x.bin").read_bytes()
+
+
+def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path):
+    """The writer's side stream waits for the snapshot's copies (queued behind a long kernel
+    here) and the shard written is the one of the checkpoint step, whatever the next
+    updates do to the live tensors meanwhile."""
+    from distopt.checkpoint import read_tensors, step_dir
+    from distopt.optim import adam
+    from distopt.runtime.checkpointing import Buffers, ShardWriter, snapshot
+    comm = _nccl_alone()
+    writer = ShardWriter()
+    try:
+        params = {k: v.cuda() for k, v in init_params().items()}
+        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
+        for k in range(3):
+            opt.step({n: g.cuda() for n, g in grads_of(k, 0).items()})
+        torch.cuda._sleep(200_000_000)  # the snapshot's copies wait behind this on training's stream
+        snap = snapshot(opt, torch.nn.Module(), 0, 0, 3, False, Buffers(), live=True)
+        writer.start(str(tmp_path), 3, 0, snap.shard, snap.model, snap.fields, snap.live)
+        want = {k: v.clone() for k, v in snap.shard.items()}  # stream-ordered after the snapshot's copies
+        for k in range(3, 6):  # training goes on: the live shard changes, the written one must not
+            opt.step({n: g.cuda() for n, g in grads_of(k, 0).items()})
+        (record,) = writer.drain(wait=True)
+    finally:
+        writer.close()
+        comm.close()
+    assert "error" not in record, record
+    got = read_tensors(step_dir(str(tmp_path), 3), record["shard"])
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value.cpu()), name
+    assert not torch.equal(got["param"], torch.cat(opt._p_shards).cpu()), "the live shard moved on"

@@ -12,7 +12,7 @@ from distopt.runtime.faults import Fault
 from distopt.checkpoint import load_checkpoint
 from distopt.collectives import run_ranks
 from distopt.optim import ShardedOptimizer
-from distopt.runtime.checkpointing import Buffers, Coordinator, ShardWriter, snapshot
+from distopt.runtime.checkpointing import Buffers, Coordinator, RunFields, ShardWriter, snapshot
 from odd_params import TiedModel
 from trainer_task import loss, make_data, make_model
 
@@ -124,3 +124,34 @@ def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_pa
         ckpt = load_checkpoint(step_dir(root, step))
         assert list(ckpt.model_state) == list(expected)
         assert all(torch.equal(ckpt.model_state[k], v) for k, v in expected.items()), step
+
+
+def test_rank_0_fields_are_built_once_per_optimizer_and_match_fresh_ones(groups):
+    """The manifest fields kept between checkpoints equal ones built anew at every step, and
+    a new optimizer (a recovery builds one) or another seed builds them again."""
+    from distopt.checkpoint import manifest_fields
+    from distopt.optim import state_io
+    (comm,) = groups(1)
+    model = TiedModel()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kept = RunFields()
+
+    def fresh(opt, seed, next_step):
+        header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt)}
+        return manifest_fields(header, dict(zip(opt.names, opt._tensors)), seed=seed, next_step=next_step,
+                               model_state=model.state_dict())
+    for rule in (adam(1e-2), adam(1e-3)):
+        opt = ShardedOptimizer(params, rule, comm, zero_stage=1, bucket_bytes=256)
+        for step in range(1, 4):
+            idx = torch.arange(8) % 11
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(idx), idx).backward()
+            opt.step()
+            for seed in (0, 5):
+                fields, loose = kept.get(opt, model, seed, step + 10)
+                assert fields == fresh(opt, seed, step + 10)
+                assert loose == [k for k, source in fields["model_keys"] if not source] and loose
+        assert fields["rule"]["lr"] == rule.lr and fields["optimizer_step"] == 3
+        shard, rest, fields, _ = snapshot(opt, model, 0, 5, 13, True, Buffers(), run_fields=kept)
+        assert fields == fresh(opt, 5, 13) and sorted(rest) == sorted(loose)
+        assert all(torch.equal(rest[k], model.state_dict()[k]) for k in loose)

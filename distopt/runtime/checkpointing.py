@@ -4,17 +4,20 @@ writes the manifest once the step has committed and every shard is on disk.
 Worker side (:class:`ShardWriter`): at a checkpoint step a thread starts writing the rank's
 state shard and slice of the parameters while training goes on. On CPU it reads them in
 place, and only what it has not read when the next update comes is copied
-(:mod:`distopt.runtime.live_shard`); on GPU they are copied on the device first. Rank 0's
-model buffers are always copied. Finished file records ride back on the next step
-reports. Driver side (:class:`Coordinator`): the manifest, written last, makes the
-checkpoint complete; older ones are pruned.
+(:mod:`distopt.runtime.live_shard`); on GPU they are copied on the device first (one
+launch), and the thread brings the copy to the host a few MiB at a time
+(:class:`DevicePieces`). Rank 0's model buffers are always copied. Finished file records
+ride back on the next step reports. Driver side (:class:`Coordinator`): the manifest,
+written last, makes the checkpoint complete; older ones are pruned.
 """
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +27,9 @@ from distopt import checkpoint as ckpt
 from distopt.checkpoint.format import MANIFEST, PARAM_FIELD
 from distopt.optim import state_io
 from distopt.runtime.live_shard import LiveShard
+
+STAGING_BYTES = 4 * 2**20  # one device-to-host piece: short enough that training's own small
+# copies to the host (a loss, a norm) never queue long behind one on the copy engine
 
 
 class ShardWriter:
@@ -41,6 +47,7 @@ class ShardWriter:
         self._done: list[dict] = []
         self._lock = threading.Lock()
         self._live: list[tuple[threading.Event, LiveShard]] = []
+        self._staging: dict[torch.device, Staging] = {}  # the thread's own, per device
 
     def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
               fields: dict | None, live: LiveShard | None = None) -> None:
@@ -48,8 +55,9 @@ class ShardWriter:
         background, after any write started before it.
 
         The tensors must be copies nobody changes meanwhile, or pieces of ``live``, whose
-        memory must not change before :meth:`freeze`. The thread moves GPU tensors to
-        pinned host memory on a stream of its own: training's stream never waits for them.
+        memory must not change before :meth:`freeze`. The thread moves GPU tensors to the
+        host piece by piece on a stream of its own (:class:`DevicePieces`): training's
+        stream never waits for them.
         """
         on_gpu = [t.device for part in (shard, model) if part for t in part.values()
                   if isinstance(t, torch.Tensor) and t.is_cuda]
@@ -94,8 +102,7 @@ class ShardWriter:
         record: dict = {"step": step, "rank": rank}
         try:
             if made is not None:
-                (shard, model), landed = to_host((shard, model), made)
-                landed.synchronize()
+                shard, model = self._from_device((shard, model), made)
             folder = ckpt.make_checkpoint_dir(root, step)
             if shard is not None:
                 record["shard"] = ckpt.write_shard(folder, rank, shard)
@@ -108,6 +115,20 @@ class ShardWriter:
             record["error"] = f"{type(e).__name__}: {e}"
         with self._lock:
             self._done.append(record)
+
+    def _from_device(self, parts: tuple, made: "torch.cuda.Event") -> tuple:
+        # Big-endian hosts (none has CUDA) would need the words swapped: tensor_bytes does that.
+        if sys.byteorder != "little":
+            return parts
+        cuda = [t for part in parts if part for t in part.values() if t.is_cuda]
+        device = cuda[0].device
+        if device not in self._staging:
+            self._staging[device] = Staging(device)
+        staging = self._staging[device]
+        staging.stream.wait_event(made)  # the sources are complete once training's stream passed it
+        with torch.cuda.stream(staging.stream):  # (where a source must be made contiguous first)
+            return tuple(None if part is None else {k: DevicePieces(v.contiguous(), staging) if v.is_cuda else v
+                                                    for k, v in part.items()} for part in parts)
 
     def busy(self) -> bool:
         """Whether a write is still queued or running (its tensors are still being read)."""
@@ -139,23 +160,52 @@ def _lower_priority() -> None:
         pass
 
 
-def to_host(parts: tuple, made: "torch.cuda.Event"):
-    """``parts`` (dicts of tensors, or None) with CUDA tensors copied to pinned host memory.
+class Staging:
+    """Two pinned host buffers and a side stream, through which one writer thread moves GPU
+    tensors to the host: kept for the writer's life, so a checkpoint pins no memory of its
+    own and the side stream is made once."""
 
-    Returns the new parts and a CUDA event that completes when the copies have landed.
-    The copies run on a side stream that first waits for ``made`` (the event after which
-    the sources, private copies, are complete).
+    def __init__(self, device: torch.device, piece_bytes: int = STAGING_BYTES) -> None:
+        self.stream = torch.cuda.Stream(device=device)
+        self.slots = [torch.empty(piece_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+
+
+class DevicePieces:
+    """A contiguous CUDA tensor given to the checkpoint writer as host bytes, piece by piece
+    (:class:`distopt.checkpoint.writer.Pieces`).
+
+    Piece ``i + 1`` is copied into one staging buffer on the side stream while piece ``i``,
+    in the other, is hashed and written. Each copy is one piece long, so a small copy of
+    training's to the host waits for at most one piece on the copy engine, where a whole
+    shard copied at once held it for milliseconds; and the pinned memory is two pieces,
+    not the shard. The source must be complete when the side stream reaches the copies
+    (the writer makes it wait for the checkpoint step's event first) and must not change
+    until the write is done: it is a private copy.
     """
-    cuda = [t for part in parts if part for t in part.values() if t.is_cuda]
-    side = torch.cuda.Stream(device=cuda[0].device)
-    side.wait_event(made)
-    with torch.cuda.stream(side):
-        moved = tuple(None if part is None else {
-            k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) if v.is_cuda else v
-            for k, v in part.items()} for part in parts)
-        for t in cuda:
-            t.record_stream(side)  # the caching allocator must not reuse a source before its copy
-    return moved, side.record_event()
+
+    def __init__(self, t: torch.Tensor, staging: Staging) -> None:
+        if not t.is_cuda or not t.is_contiguous():
+            raise ValueError("DevicePieces reads a contiguous CUDA tensor")
+        self.dtype, self.shape, self._t, self._staging = t.dtype, tuple(t.shape), t, staging
+
+    def pieces(self):
+        """The tensor's bytes (little-endian: the device's order on every CUDA host)."""
+        st, flat = self._staging, self._t.reshape(-1).view(torch.uint8)
+        size, n = st.slots[0].numel(), flat.numel()
+        bounds = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+        def fetch(i: int) -> "torch.cuda.Event":
+            lo, hi = bounds[i]
+            with torch.cuda.stream(st.stream):
+                st.slots[i % 2][: hi - lo].copy_(flat[lo:hi], non_blocking=True)
+            return st.stream.record_event()
+        landed = fetch(0) if bounds else None
+        for i, (lo, hi) in enumerate(bounds):
+            # Slot (i + 1) % 2 held piece i - 1, which the writer has consumed by now.
+            ahead = fetch(i + 1) if i + 1 < len(bounds) else None
+            landed.synchronize()
+            yield memoryview(st.slots[i % 2][: hi - lo].numpy())
+            landed = ahead
 
 
 class Buffers:
@@ -173,6 +223,33 @@ class Buffers:
         return buf
 
 
+class RunFields:
+    """Rank 0's manifest fields, built once per optimizer.
+
+    All but the step counters describe the optimizer (its world size, stage, plan, rule and
+    parameters) and the model, which stay as they are until the optimizer is rebuilt (a
+    recovery, a rejoin): a checkpoint step then pays for two integers, not for the plan,
+    the parameter list and the model's state dict.
+    """
+
+    def __init__(self) -> None:
+        self._for: tuple | None = None  # (optimizer weakref, rule, model weakref, seed)
+        self._fields: dict = {}
+        self._loose: list[str] = []  # model keys no parameter holds (model.bin)
+
+    def get(self, opt, model: torch.nn.Module, seed: int, next_step: int) -> tuple[dict, list[str]]:
+        """The fields of a checkpoint after ``next_step`` steps, and the model keys to copy."""
+        held = self._for
+        if held is None or held[0]() is not opt or held[1] is not opt.rule or held[2]() is not model \
+                or held[3] != seed:
+            header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt)}
+            self._fields = ckpt.manifest_fields(header, dict(zip(opt.names, opt._tensors)), seed=seed,
+                                                next_step=next_step, model_state=model.state_dict())
+            self._loose = [key for key, source in self._fields["model_keys"] if not source]
+            self._for = (weakref.ref(opt), opt.rule, weakref.ref(model), seed)
+        return {**self._fields, "next_step": next_step, "optimizer_step": opt.step_count}, self._loose
+
+
 class Snapshot(NamedTuple):
     """What a checkpoint needs from one rank (see :func:`snapshot`)."""
 
@@ -183,16 +260,17 @@ class Snapshot(NamedTuple):
 
 
 def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool,
-             buffers: Buffers | None = None, live: bool = False) -> Snapshot:
+             buffers: Buffers | None = None, live: bool = False, run_fields: RunFields | None = None) -> Snapshot:
     """What a checkpoint needs from this rank: its shard, and on rank 0 the rest.
 
     The shard is this rank's state and its slice of the parameters, so the ranks copy the
     weights between them; rank 0 adds what no parameter holds (buffers), always copied,
     since the next forward pass changes them. With ``live`` (CPU only) the shard is not
     copied: it is read in place until ``Snapshot.live.freeze()``, which the caller must run
-    before the next update (:mod:`distopt.runtime.live_shard`). Otherwise it is copied now.
-    With ``buffers`` the copies go into memory kept from the last snapshot, which must no
-    longer be in use (its write finished).
+    before the next update (:mod:`distopt.runtime.live_shard`). Otherwise it is copied now,
+    in one launch. With ``buffers`` the copies go into memory kept from the last snapshot,
+    which must no longer be in use (its write finished); ``run_fields`` keeps rank 0's
+    manifest fields from one snapshot to the next.
     """
     like = opt._params.data
 
@@ -200,22 +278,26 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
         if buffers is None:
             return torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffers.take(key, (numel,), like.dtype, like.device)
-    state, shard, reader = state_io.state_fields(opt), None, None
+    shard, reader = None, None
     if opt.zero_stage >= 1 or rank == 0:
-        parts = {**state, PARAM_FIELD: opt._p_shards}
+        parts = {**state_io.state_fields(opt), PARAM_FIELD: opt._p_shards}
         if live and like.device.type == "cpu":
             reader = LiveShard(parts, take)
             shard = reader.tensors()
         else:
-            shard = {k: torch.cat(ts, out=take(k, sum(t.numel() for t in ts))) for k, ts in parts.items()}
+            shard, into, src = {}, [], []
+            for k, ts in parts.items():
+                shard[k] = flat = take(k, sum(t.numel() for t in ts))
+                into += flat.split([t.numel() for t in ts])
+                src += [t.reshape(-1) for t in ts]
+            torch._foreach_copy_(into, src)
     if not with_model:
         return Snapshot(shard, None, None, reader)
-    model_state = model.state_dict()
-    fields = ckpt.manifest_fields({**state_io.shard_header(opt), "state": state}, dict(zip(opt.names, opt._tensors)),
-                                  seed=seed, next_step=next_step, model_state=model_state)
+    fields, loose = (run_fields or RunFields()).get(opt, model, seed, next_step)
+    model_state = model.state_dict() if loose else {}
     # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
     rest = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
-                else v.detach().clone()) for k, v in ckpt.model_file_tensors(model_state, fields).items()}
+                else v.detach().clone()) for k, v in ((k, model_state[k]) for k in loose)}
     return Snapshot(shard, rest, fields, reader)
 
 

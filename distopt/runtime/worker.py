@@ -19,7 +19,7 @@ from distopt.gradients import execute_with_gradients
 from distopt.optim import recovery
 from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
-from distopt.runtime.checkpointing import Buffers, ShardWriter, snapshot
+from distopt.runtime.checkpointing import Buffers, RunFields, ShardWriter, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.config import TrainConfig
 
@@ -74,6 +74,7 @@ class Worker:
         self._episode: int | None = None
         self._writer = ShardWriter()
         self._buffers = Buffers()
+        self._run_fields = RunFields()
 
     def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None,
                 replica_distance: int = 1) -> None:
@@ -239,7 +240,8 @@ class Worker:
         c = self.config
         # The last write's memory is reused unless that write still runs (checkpoint_every=1).
         reuse = None if self._writer.busy() else self._buffers
-        snap = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0, reuse, live=True)
+        snap = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0, reuse, live=True,
+                        run_fields=self._run_fields)
         if snap.shard is not None or snap.model is not None:
             self._writer.start(c.checkpoint_dir, steps_done, self.rank, snap.shard, snap.model, snap.fields, snap.live)
         return self._writer.drain(wait=True) if wait else []
