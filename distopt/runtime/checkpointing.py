@@ -28,7 +28,7 @@ from distopt.checkpoint.format import MANIFEST, PARAM_FIELD
 from distopt.optim import state_io
 from distopt.runtime.live_shard import LiveShard
 
-STAGING_BYTES = 4 * 2**20  # one device-to-host piece: short enough that training's own small
+STAGING_BYTES = 8 * 2**20  # one device-to-host piece: short enough that training's own small
 # copies to the host (a loss, a norm) never queue long behind one on the copy engine
 
 
@@ -161,13 +161,16 @@ def _lower_priority() -> None:
 
 
 class Staging:
-    """Two pinned host buffers and a side stream, through which one writer thread moves GPU
-    tensors to the host: kept for the writer's life, so a checkpoint pins no memory of its
-    own and the side stream is made once."""
+    """Two pinned host buffers, their events and a side stream, through which one writer
+    thread moves GPU tensors to the host: kept for the writer's life, so a checkpoint pins
+    no memory of its own and makes no stream or event."""
 
     def __init__(self, device: torch.device, piece_bytes: int = STAGING_BYTES) -> None:
         self.stream = torch.cuda.Stream(device=device)
+        self.size = piece_bytes
         self.slots = [torch.empty(piece_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.host = [memoryview(slot.numpy()) for slot in self.slots]
+        self.landed = [torch.cuda.Event(), torch.cuda.Event()]
 
 
 class DevicePieces:
@@ -191,29 +194,32 @@ class DevicePieces:
     def pieces(self):
         """The tensor's bytes (little-endian: the device's order on every CUDA host)."""
         st, flat = self._staging, self._t.reshape(-1).view(torch.uint8)
-        size, n = st.slots[0].numel(), flat.numel()
-        bounds = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+        size, n = st.size, flat.numel()
+        count = -(-n // size)
 
-        def fetch(i: int) -> "torch.cuda.Event":
-            lo, hi = bounds[i]
+        def fetch(i: int) -> None:
+            lo, hi = i * size, min(i * size + size, n)
             with torch.cuda.stream(st.stream):
-                st.slots[i % 2][: hi - lo].copy_(flat[lo:hi], non_blocking=True)
-            return st.stream.record_event()
-        landed = fetch(0) if bounds else None
-        for i, (lo, hi) in enumerate(bounds):
-            # Slot (i + 1) % 2 held piece i - 1, which the writer has consumed by now.
-            ahead = fetch(i + 1) if i + 1 < len(bounds) else None
-            landed.synchronize()
-            yield memoryview(st.slots[i % 2][: hi - lo].numpy())
-            landed = ahead
+                (st.slots[i % 2] if hi - lo == size else st.slots[i % 2][: hi - lo]).copy_(flat[lo:hi],
+                                                                                           non_blocking=True)
+                st.landed[i % 2].record()
+        if count:
+            fetch(0)
+        for i in range(count):
+            if i + 1 < count:
+                fetch(i + 1)  # into the slot of piece i - 1, which the writer has consumed by now
+            st.landed[i % 2].synchronize()
+            yield st.host[i % 2][: min(size, n - i * size)]
 
 
 class Buffers:
     """Snapshot memory kept from one checkpoint to the next: a fresh large allocation costs a
-    page fault per page on first touch, more than the copy into it."""
+    page fault per page on first touch, more than the copy into it. The views of the last
+    shard copy are kept too, so a checkpoint step of the same optimizer makes one call."""
 
     def __init__(self) -> None:
         self._kept: dict[str, torch.Tensor] = {}
+        self._copy: tuple | None = None  # (sources' memory, flat copies, their views, source views)
 
     def take(self, key: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor for ``key`` (the kept one when it fits)."""
@@ -221,6 +227,24 @@ class Buffers:
         if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype or buf.device != device:
             buf = self._kept[key] = torch.empty(shape, dtype=dtype, device=device)
         return buf
+
+    def copy(self, parts: dict[str, list[torch.Tensor]], dtype: torch.dtype, device: torch.device
+             ) -> dict[str, torch.Tensor]:
+        """Each field of ``parts`` (tensors of ``dtype`` on ``device``) copied flat into kept
+        memory, in one launch."""
+        # The kept views hold the old sources' memory, so an address and length seen again
+        # is the same memory: other tensors (a rebuilt optimizer) make new views.
+        memory = [(k, [(t.data_ptr(), t.numel(), t.dtype, t.device) for t in ts]) for k, ts in parts.items()]
+        if self._copy is None or self._copy[0] != memory:
+            flats, into, src = {}, [], []
+            for k, ts in parts.items():
+                flats[k] = flat = self.take(k, (sum(t.numel() for t in ts),), dtype, device)
+                into += flat.split([t.numel() for t in ts])
+                src += [t.reshape(-1) for t in ts]
+            self._copy = (memory, flats, into, src)
+        _, flats, into, src = self._copy
+        torch._foreach_copy_(into, src)
+        return dict(flats)
 
 
 class RunFields:
@@ -285,12 +309,7 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
             reader = LiveShard(parts, take)
             shard = reader.tensors()
         else:
-            shard, into, src = {}, [], []
-            for k, ts in parts.items():
-                shard[k] = flat = take(k, sum(t.numel() for t in ts))
-                into += flat.split([t.numel() for t in ts])
-                src += [t.reshape(-1) for t in ts]
-            torch._foreach_copy_(into, src)
+            shard = (buffers or Buffers()).copy(parts, like.dtype, like.device)
     if not with_model:
         return Snapshot(shard, None, None, reader)
     fields, loose = (run_fields or RunFields()).get(opt, model, seed, next_step)
