@@ -28,7 +28,7 @@ from distopt.checkpoint.format import MANIFEST, PARAM_FIELD
 from distopt.optim import state_io
 from distopt.runtime.live_shard import LiveShard
 
-STAGING_BYTES = 8 * 2**20  # one device-to-host piece: short enough that training's own small
+STAGING_BYTES = 4 * 2**20  # one device-to-host piece: short enough that training's own small
 # copies to the host (a loss, a norm) never queue long behind one on the copy engine
 
 
