@@ -424,6 +424,17 @@ def markdown(result: dict) -> str:
                   md_table(["model", "max_failures=0 ms", "max_failures=3 ms", "ratio", "plain step ms (checkpointing "
                             "run)", "checkpoint step ms", "step after ms", "checkpoint / plain",
                             "ms lost per checkpoint (all steps)"], rows)]
+    runs = result.get("faults_runs", [])
+    if runs:  # kept by hand from earlier device calls: one call's rows ran on one machine
+        parts += ["**Fault-tolerance section across code versions** (each row one `python -m benchmarks.bench_gpu "
+                  "--sections faults` run, or the section of a full run; one device call is one fresh machine, and "
+                  "within a call the versions ran one after the other from their own checkouts; compare rows of one "
+                  "call only):",
+                  md_table(["call", "code", "rounds", "6.3M per-step", "6.3M checkpoint", "50.3M per-step",
+                            "50.3M checkpoint", "when"],
+                           [[r["call"], r["code"], r["rounds"], f"{r['6.3M']['ft_ratio']:.3f}",
+                             f"{r['6.3M']['checkpoint_ratio']:.3f}", f"{r['50.3M']['ft_ratio']:.3f}",
+                             f"{r['50.3M']['checkpoint_ratio']:.3f}", r["date"]] for r in runs])]
     if result.get("goals"):
         parts += [goals_table(result["goals"])]
     errors = [f"{s}: {result[s]['error'].strip().splitlines()[-1]}" for s in SECTIONS if "error" in result.get(s, {})]
