@@ -43,8 +43,12 @@ class ScriptedGroup:
         self.episodes: list[int] = []  # the episode each regroup or grow belonged to
 
     def run_step(self, k: int) -> list[Outcome]:
+        self.calls.append(("step", k))
         dead = self.fail_step.pop(k, None)
         return _ok(self.world, k) if dead is None else _lost(self.world, dead, "allgather")
+
+    def refill_spares(self) -> None:
+        self.calls.append(("refill",))
 
     def replace(self, lost, step=-1) -> bool:
         self.calls.append(("replace", tuple(lost)))
@@ -110,6 +114,16 @@ def test_failure_records_name_the_node_the_rank_was_on_before_the_group_moved():
     ctl.run(0, 3)
     assert [(f["rank"], f["node"], f["action"]) for f in ctl.failures] == [(2, "n2", "shrink"), (2, "n3", "shrink")]
     assert group.nodes == ["n0", "n1"] and [h["step"] for h in ctl.history] == [1, 2, 3]
+
+
+def test_spares_used_by_a_recovery_are_refilled_only_once_a_step_commits_again():
+    # A new spare's start (process, imports, model) must not compete with the recovery for
+    # the node's cores: the group may start it only after the redone step committed.
+    group = ScriptedGroup(2, fail_step={2: 1})
+    _controller(group, 2).run(0, 4)
+    kinds = [c[0] for c in group.calls]
+    assert kinds == ["step", "refill", "step", "refill", "step", "replace", "regroup", "step", "refill", "step",
+                     "refill"]
 
 
 def test_rank_lost_during_the_recovery_counts_against_max_failures():

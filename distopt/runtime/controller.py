@@ -74,6 +74,9 @@ class Controller:
             decision = self._decide(statuses, can_replace=True)
             if decision.action == "continue":
                 self._commit(k, [o.report for o in outcomes], time.perf_counter() - t0)
+                refill_spares = getattr(self.group, "refill_spares", None)
+                if refill_spares is not None:  # a recovery used spares: their successors start now
+                    refill_spares()
                 k += 1
                 continue
             k = self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
