@@ -19,7 +19,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -191,7 +191,7 @@ class DevicePieces:
             raise ValueError("DevicePieces reads a contiguous CUDA tensor")
         self.dtype, self.shape, self._t, self._staging = t.dtype, tuple(t.shape), t, staging
 
-    def pieces(self):
+    def pieces(self) -> Iterator[memoryview]:
         """The tensor's bytes (little-endian: the device's order on every CUDA host)."""
         st, flat = self._staging, self._t.reshape(-1).view(torch.uint8)
         size, n = st.size, flat.numel()
@@ -199,9 +199,9 @@ class DevicePieces:
 
         def fetch(i: int) -> None:
             lo, hi = i * size, min(i * size + size, n)
+            slot = st.slots[i % 2] if hi - lo == size else st.slots[i % 2][: hi - lo]
             with torch.cuda.stream(st.stream):
-                (st.slots[i % 2] if hi - lo == size else st.slots[i % 2][: hi - lo]).copy_(flat[lo:hi],
-                                                                                           non_blocking=True)
+                slot.copy_(flat[lo:hi], non_blocking=True)
                 st.landed[i % 2].record()
         if count:
             fetch(0)
