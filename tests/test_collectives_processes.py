@@ -78,3 +78,34 @@ def test_peer_that_never_joins_raises_within_timeout():
     with pytest.raises(CollectiveError, match="could not form a gloo group of 2 .* within 2s"):
         TorchCommunicator(0, 2, "127.0.0.1", free_port(), "gloo", timeout_s=2)
     assert time.monotonic() - t0 < 2 + 5
+
+
+def test_rank_that_arrives_before_rank_0_joins_as_soon_as_rank_0_listens():
+    """A recovery's survivors roll back before rank 0 serves the store: the others must not
+    sit out TCPStore's growing reconnect pauses (up to half a second each)."""
+    import threading
+    port, made, seen = free_port(), {}, {}
+
+    def join(rank: int) -> None:
+        made[rank] = TorchCommunicator(rank, 2, "127.0.0.1", port, "gloo", timeout_s=10)
+        seen[rank] = time.monotonic()
+    early = threading.Thread(target=join, args=(1,))
+    early.start()
+    time.sleep(0.3)  # rank 1 has been refused for a while
+    started = time.monotonic()
+    join(0)
+    early.join(20)
+    try:
+        assert sorted(made) == [0, 1]
+        assert seen[1] - started < 0.25, "rank 1 waited out a reconnect pause after rank 0 listened"
+    finally:
+        for c in made.values():
+            c.close()
+
+
+def test_rank_whose_rank_0_never_listens_raises_within_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveError, match="rank 1 could not form a gloo group of 2 .* within 2s: no store "
+                                              "listened"):
+        TorchCommunicator(1, 2, "127.0.0.1", free_port(), "gloo", timeout_s=2)
+    assert time.monotonic() - t0 < 2 + 3
