@@ -214,12 +214,10 @@ class DevicePieces:
 
 class Buffers:
     """Snapshot memory kept from one checkpoint to the next: a fresh large allocation costs a
-    page fault per page on first touch, more than the copy into it. The views of the last
-    shard copy are kept too, so a checkpoint step of the same optimizer makes one call."""
+    page fault per page on first touch, more than the copy into it."""
 
     def __init__(self) -> None:
         self._kept: dict[str, torch.Tensor] = {}
-        self._copy: tuple | None = None  # (sources' memory, flat copies, their views, source views)
 
     def take(self, key: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor for ``key`` (the kept one when it fits)."""
@@ -232,19 +230,13 @@ class Buffers:
              ) -> dict[str, torch.Tensor]:
         """Each field of ``parts`` (tensors of ``dtype`` on ``device``) copied flat into kept
         memory, in one launch."""
-        # The kept views hold the old sources' memory, so an address and length seen again
-        # is the same memory: other tensors (a rebuilt optimizer) make new views.
-        memory = [(k, [(t.data_ptr(), t.numel(), t.dtype, t.device) for t in ts]) for k, ts in parts.items()]
-        if self._copy is None or self._copy[0] != memory:
-            flats, into, src = {}, [], []
-            for k, ts in parts.items():
-                flats[k] = flat = self.take(k, (sum(t.numel() for t in ts),), dtype, device)
-                into += flat.split([t.numel() for t in ts])
-                src += [t.reshape(-1) for t in ts]
-            self._copy = (memory, flats, into, src)
-        _, flats, into, src = self._copy
+        flats, into, src = {}, [], []
+        for k, ts in parts.items():
+            flats[k] = flat = self.take(k, (sum(t.numel() for t in ts),), dtype, device)
+            into += flat.split([t.numel() for t in ts])
+            src += [t.reshape(-1) for t in ts]
         torch._foreach_copy_(into, src)
-        return dict(flats)
+        return flats
 
 
 class RunFields:

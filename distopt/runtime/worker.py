@@ -98,7 +98,6 @@ class Worker:
         if self.optimizer is not None and self.optimizer.overlap is not None:
             self.optimizer.overlap.close()  # its hooks must not fire into a dead optimizer
         self.optimizer = None
-        self._buffers = Buffers()  # its views of the old shard would keep that shard's memory
 
     def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
         c = self.config
