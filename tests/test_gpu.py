@@ -166,22 +166,84 @@ def test_device_pieces_stream_a_gpu_tensor_to_the_host_exactly(tmp_path):
     assert (tmp_path / "gpu" / "x.bin").read_bytes() == (tmp_path / "cpu" / "x.bin").read_bytes()
 
 
-def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path):
+def test_writer_process_writes_gpu_tensors_as_their_cpu_bytes(tmp_path):
+    """Through pinned shared memory and a side stream: the files and records equal the
+    writer thread's of the same tensors on the CPU; a CPU part may ride along."""
+    from distopt.runtime.checkpointing import ShardWriter
+    from distopt.runtime.writer_process import ProcessWriter
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shard = {"f32": torch.randn(1234, device="cuda", generator=g),
+             "bf16": torch.randn(7, 333, device="cuda", generator=g).bfloat16(),
+             "i64": torch.arange(-500, 500, device="cuda"), "empty": torch.empty(0, device="cuda"),
+             "strided": torch.randn(40, 30, device="cuda", generator=g).t()}
+    model = {"flag": torch.rand(999, device="cuda", generator=g) > 0.5, "count": torch.tensor(3)}
+    process, thread = ProcessWriter(), ShardWriter()
+    try:
+        process.start(str(tmp_path / "gpu"), 2, 0, shard, model, {"k": 1})
+        thread.start(str(tmp_path / "cpu"), 2, 0, {k: v.cpu() for k, v in shard.items()},
+                     {k: v.cpu() for k, v in model.items()}, {"k": 1})
+        got, want = process.drain(wait=True), thread.drain(wait=True)
+        assert process._memory.pinned
+    finally:
+        process.close()
+        thread.close()
+    assert got == want and "error" not in got[0]
+    for name in ("shard-00000.bin", "model.bin"):
+        assert (tmp_path / "gpu" / "step-00000002" / name).read_bytes() == \
+            (tmp_path / "cpu" / "step-00000002" / name).read_bytes(), name
+
+
+def test_writer_process_paces_the_copy_in_pieces_across_steps(tmp_path, monkeypatch):
+    """``advance`` queues one piece per call, none while the last is in flight; pieces cut
+    tensors of odd sizes anywhere, and the file equals the CPU one."""
+    from distopt.runtime import writer_process
+    from distopt.runtime.checkpointing import ShardWriter
+    monkeypatch.setattr(writer_process, "FIRST_PIECE", 300_001)
+    monkeypatch.setattr(writer_process, "MAX_PIECE", 700_003)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shard = {"a": torch.randn(1_000_003, device="cuda", generator=g), "b": torch.randn(77, device="cuda", generator=g),
+             "c": torch.randn(250_000, device="cuda", generator=g).double()}
+    process, thread = writer_process.ProcessWriter(), ShardWriter()
+    try:
+        process.reserve(sum(t.numel() * t.element_size() for t in shard.values()), torch.device("cuda", 0))
+        process.start(str(tmp_path / "gpu"), 1, 3, shard, None, None)
+        assert process.busy(), "nothing is copied before the first advance"
+        pieces = 0
+        while process.busy():
+            process.advance(1.0)  # a long step: each piece is capped by MAX_PIECE
+            process.advance(1.0)  # the piece just queued is still in flight (or landed): at most one more
+            torch.cuda.synchronize()
+            pieces += 1
+            assert pieces < 50
+        assert pieces >= 4
+        thread.start(str(tmp_path / "cpu"), 1, 3, {k: v.cpu() for k, v in shard.items()}, None, None)
+        got, want = process.drain(wait=True), thread.drain(wait=True)
+    finally:
+        process.close()
+        thread.close()
+    assert got == want and "error" not in got[0]
+    assert (tmp_path / "gpu" / "step-00000001" / "shard-00003.bin").read_bytes() == \
+        (tmp_path / "cpu" / "step-00000001" / "shard-00003.bin").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path, kind):
     """The writer's side stream waits for the snapshot's copies (queued behind a long kernel
     here) and the shard written is the one of the checkpoint step, whatever the next
     updates do to the live tensors meanwhile."""
     from distopt.checkpoint import read_tensors, step_dir
     from distopt.optim import adam
     from distopt.runtime.checkpointing import Buffers, ShardWriter, snapshot
+    from distopt.runtime.writer_process import ProcessWriter
     comm = _nccl_alone()
-    writer = ShardWriter()
+    writer = ShardWriter() if kind == "thread" else ProcessWriter()
     try:
         params = {k: v.cuda() for k, v in init_params().items()}
         opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
         for k in range(3):
             opt.step({n: g.cuda() for n, g in grads_of(k, 0).items()})
         torch.cuda._sleep(200_000_000)  # the snapshot's copies wait behind this on training's stream
-        snap = snapshot(opt, torch.nn.Module(), 0, 0, 3, False, Buffers(), live=True)
+        snap = snapshot(opt, torch.nn.Module(), 0, 0, 3, False, Buffers(), live=writer.reads_live)
         writer.start(str(tmp_path), 3, 0, snap.shard, snap.model, snap.fields, snap.live)
         want = {k: v.clone() for k, v in snap.shard.items()}  # stream-ordered after the snapshot's copies
         for k in range(3, 6):  # training goes on: the live shard changes, the written one must not

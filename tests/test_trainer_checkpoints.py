@@ -13,6 +13,7 @@ from distopt.checkpoint import load_checkpoint
 from distopt.collectives import run_ranks
 from distopt.optim import ShardedOptimizer
 from distopt.runtime.checkpointing import Buffers, Coordinator, RunFields, ShardWriter, snapshot
+from distopt.runtime.writer_process import ProcessWriter
 from odd_params import TiedModel
 from trainer_task import loss, make_data, make_model
 
@@ -87,18 +88,21 @@ def test_worker_killed_while_writing_a_checkpoint(ray_cluster, saved, tmp_path):
         verify(folder)
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["copied", "read-in-place"])
-def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_path, groups, live):
+@pytest.mark.parametrize("writer_kind,live", [("thread", False), ("thread", True), ("process", False)],
+                         ids=["copied", "read-in-place", "writer-process"])
+def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_path, groups, writer_kind, live):
     """The worker's checkpoint path without Ray: snapshots (copies into kept buffers, or the
-    shard read in place while the next updates run), background writes, the driver's
-    manifest; the checkpoint holds the model's state dict at its step exactly."""
+    shard read in place while the next updates run), background writes by a thread or a
+    writer process, the driver's manifest; the checkpoint holds the model's state dict at
+    its step exactly."""
     root = str(tmp_path)
 
     def body(comm):
         model = TiedModel()
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
-        writer, buffers, records, states = ShardWriter(), Buffers(), [], []
+        writer = ShardWriter() if writer_kind == "thread" else ProcessWriter()
+        buffers, records, states = Buffers(), [], []
         opt.before_write = writer.freeze
         for step in range(1, 8):
             idx = (torch.arange(8) + step + comm.rank) % 11
@@ -114,7 +118,9 @@ def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_pa
                 if step == 4:  # the others are written while the next update runs
                     records += writer.drain(wait=True)
                 states.append({k: v.clone() for k, v in model.state_dict().items()})
-        return records + writer.drain(wait=True), states
+        records += writer.drain(wait=True)
+        writer.close()
+        return records, states
     out = run_ranks(groups(2), body)
     coordinator = Coordinator(root, keep_last=3)
     coordinator.add([r for records, _ in out for r in records])

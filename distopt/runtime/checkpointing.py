@@ -4,10 +4,11 @@ writes the manifest once the step has committed and every shard is on disk.
 Worker side (:class:`ShardWriter`): at a checkpoint step a thread starts writing the rank's
 state shard and slice of the parameters while training goes on. On CPU it reads them in
 place, and only what it has not read when the next update comes is copied
-(:mod:`distopt.runtime.live_shard`); on GPU they are copied on the device first (one
-launch), and the thread brings the copy to the host a few MiB at a time
-(:class:`DevicePieces`). Rank 0's model buffers are always copied. Finished file records
-ride back on the next step reports. Driver side (:class:`Coordinator`): the manifest,
+(:mod:`distopt.runtime.live_shard`). On GPU they are copied on the device first (one
+launch); a writer process takes them from there where the host has one
+(:mod:`distopt.runtime.writer_process`), else the thread brings the copy to the host a few
+MiB at a time (:class:`DevicePieces`). Rank 0's model buffers are always copied. Finished
+file records ride back on the next step reports. Driver side (:class:`Coordinator`): the manifest,
 written last, makes the checkpoint complete; older ones are pruned.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ShardWriter:
     scheduler slice every time.
     """
 
+    reads_live = True  # start() may take a CPU shard read in place (LiveShard)
+
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -71,8 +74,14 @@ class ShardWriter:
         if live is not None:
             self._live.append((written, live))
 
+    def reserve(self, nbytes: int, device: torch.device) -> None:
+        """Nothing to prepare: the thread's staging is two small pieces."""
+
+    def advance(self, seconds: float) -> None:
+        """Nothing to pace: the thread moves GPU copies to the host itself."""
+
     def _serve(self) -> None:
-        _lower_priority()
+        lower_priority()
         while (job := self._jobs.get()) is not None:
             args, written = job
             try:
@@ -99,20 +108,14 @@ class ShardWriter:
 
     def _write(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
                fields: dict | None, made=None) -> None:
-        record: dict = {"step": step, "rank": rank}
         try:
             if made is not None:
                 shard, model = self._from_device((shard, model), made)
-            folder = ckpt.make_checkpoint_dir(root, step)
-            if shard is not None:
-                record["shard"] = ckpt.write_shard(folder, rank, shard)
-            if model is not None:
-                record["model"] = ckpt.write_model(folder, model)
-                record["fields"] = fields
-        except FileExistsError:
-            record["complete"] = True  # a redone step whose checkpoint was already finished
-        except Exception as e:  # reported to the driver, which warns and skips this checkpoint
-            record["error"] = f"{type(e).__name__}: {e}"
+            record = write_files(root, step, rank, shard, model)
+        except Exception as e:  # (pinned staging out of memory): as a failed write
+            record = {"step": step, "rank": rank, "error": f"{type(e).__name__}: {e}"}
+        if "model" in record:
+            record["fields"] = fields
         with self._lock:
             self._done.append(record)
 
@@ -150,7 +153,28 @@ class ShardWriter:
         return done
 
 
-def _lower_priority() -> None:
+def write_files(root: str, step: int, rank: int, shard: dict | None, model: dict | None) -> dict:
+    """Write one rank's files of the checkpoint of ``step``: its record for the driver.
+
+    The record holds the shard's and the model file's records, or ``complete`` (a redone
+    step whose checkpoint was already finished), or the ``error`` that stopped the write
+    (the driver then warns and skips this checkpoint).
+    """
+    record: dict = {"step": step, "rank": rank}
+    try:
+        folder = ckpt.make_checkpoint_dir(root, step)
+        if shard is not None:
+            record["shard"] = ckpt.write_shard(folder, rank, shard)
+        if model is not None:
+            record["model"] = ckpt.write_model(folder, model)
+    except FileExistsError:
+        record["complete"] = True
+    except Exception as e:
+        record["error"] = f"{type(e).__name__}: {e}"
+    return record
+
+
+def lower_priority() -> None:
     # Hashing and writing yield to training when they compete for cores; the write
     # deadline (half a checkpoint interval) still bounds how long they may take.
     # Linux applies a nice value to one thread when given its thread id.

@@ -19,8 +19,9 @@ from distopt.gradients import execute_with_gradients
 from distopt.optim import recovery
 from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
-from distopt.runtime.checkpointing import Buffers, RunFields, ShardWriter, snapshot
+from distopt.runtime.checkpointing import Buffers, RunFields, snapshot
 from distopt.runtime.faults import maybe_fire
+from distopt.runtime.writer_process import make_writer
 from distopt.runtime.config import TrainConfig
 
 
@@ -72,9 +73,10 @@ class Worker:
         # failure can be attempted again with the same offer.
         self._offer: dict[int, torch.Tensor] | None = None
         self._episode: int | None = None
-        self._writer = ShardWriter()
+        self._writer = make_writer(self.device, bool(config.checkpoint_dir))
         self._buffers = Buffers()
         self._run_fields = RunFields()
+        self._last_step_s = 0.0
 
     def connect(self, host: str, port: int, group_name: str = "distopt", local_host: str | None = None,
                 replica_distance: int = 1) -> None:
@@ -107,6 +109,9 @@ class Worker:
                                replica_distance=self.replica_distance,
                                shared_memory=c.shared_memory, replica_log_depth=c.replica_log_depth)
         opt.before_write = self._writer.freeze  # a checkpoint may still be reading the shard in place
+        if c.checkpoint_dir and (opt.zero_stage >= 1 or self.rank == 0):
+            self._writer.reserve(opt.state_bytes() + sum(p.numel() * p.element_size() for p in opt._p_shards),
+                                 self.device)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:
@@ -188,6 +193,7 @@ class Worker:
         c = self.config
         self._step = step
         self._offer = None  # any recovery before this step is complete
+        self._writer.advance(0.5 * self._last_step_s)  # a checkpoint's next piece to the host lands meanwhile
         self._inject("data")
         indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
         losses, metrics, total, data_s = [], {}, None, 0.0
@@ -213,6 +219,7 @@ class Worker:
         written = self._writer.drain(before=self._write_deadline(step))
         # Losses and metrics stay on the device until the update is queued: one wait, at the end.
         losses, metrics = [float(v) for v in losses], {k: float(v) for k, v in metrics.items()}
+        self._last_step_s = time.perf_counter() - start
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
                           info.grad_norm, info.skipped, info.step, written)
@@ -235,13 +242,14 @@ class Worker:
 
     def checkpoint(self, steps_done: int, wait: bool = False) -> list[dict]:
         """Start writing this rank's part of the checkpoint after ``steps_done`` steps, in the
-        background (the shard is read in place until the next update, see ``live_shard``)."""
+        background: on CPU the shard is read in place until the next update (``live_shard``),
+        on GPU a device copy goes to a writer process (``writer_process``)."""
         self._inject("checkpoint")
         c = self.config
         # The last write's memory is reused unless that write still runs (checkpoint_every=1).
         reuse = None if self._writer.busy() else self._buffers
-        snap = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0, reuse, live=True,
-                        run_fields=self._run_fields)
+        snap = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0, reuse,
+                        live=self._writer.reads_live, run_fields=self._run_fields)
         if snap.shard is not None or snap.model is not None:
             self._writer.start(c.checkpoint_dir, steps_done, self.rank, snap.shard, snap.model, snap.fields, snap.live)
         return self._writer.drain(wait=True) if wait else []

@@ -1,0 +1,413 @@
+"""Checkpoint writes in a process of their own, for a rank whose shard lives on a GPU.
+
+A writer thread shares the training process's GIL. When a step is mostly Python and kernel
+launches (a few milliseconds on a GPU), each bit of the thread's Python (a piece's copy and
+event, a folder, a file) holds up training's next op, and the checkpoint step paid 10-20%.
+Here the training thread moves the snapshot into pinned shared memory itself, and a writer
+process hashes, writes, fsyncs and renames; it never touches CUDA.
+
+The copy to the host goes in pieces, one at the start of each step, sized to land within
+about half a step at the bandwidth the last piece reached: a copy queued on the copy engine
+holds up every later device-to-host copy of training's (the loss it reads at the end of the
+step) until it is done, however it is split, so no more than one step's piece may be in
+flight. Once the last piece has landed the writer process gets a short message.
+
+The shared memory (a memfd both processes map; no /dev/shm size limit applies) holds one
+snapshot and is kept from one checkpoint to the next: a checkpoint that starts while the
+last one is still being written first waits for it. Run as ``python -m
+distopt.runtime.writer_process FD``, the module is the writer process: it serves the
+socket ``FD`` until the training process closes it or is gone.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import msgpack
+import torch
+
+from distopt.checkpoint.format import DTYPES, dtype_name
+from distopt.runtime.checkpointing import lower_priority, write_files
+
+ALIGN = 64  # each tensor's bytes start on a cache line, so a dtype view of any slice is legal
+READ_BYTES = 16 * 2**20  # what the writer process hashes and writes per call
+FIRST_PIECE = 8 * 2**20  # before any piece has measured the rate
+MIN_PIECE, MAX_PIECE = 2**20, 512 * 2**20
+RESERVE_SLACK = 4 * 2**20  # alignment and rank 0's model buffers, beyond the shard
+MESSAGE_BYTES = 2**20
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def available() -> bool:
+    """Whether this host can run the writer process (Linux memfd; little-endian bytes)."""
+    return hasattr(os, "memfd_create") and hasattr(socket, "send_fds") and sys.byteorder == "little"
+
+
+class SharedMemory:
+    """Host memory mapped by the training process and the writer process, pinned for fast
+    device-to-host copies when a GPU uses it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(size, ALIGN)
+        self.fd = os.memfd_create("distopt-checkpoint", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self._map = mmap.mmap(self.fd, self.size)
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the memory for CUDA: copies into it are then asynchronous."""
+        if self.pinned:
+            return
+        err = torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.size, 0)
+        if int(err) != 0:  # the copies still land, just slower and holding the host thread
+            warnings.warn(f"checkpoint staging could not be pinned (cudaHostRegister error {int(err)}): "
+                          "device-to-host copies of checkpoints will block training")
+            return
+        self.pinned = True
+
+    def close(self) -> None:
+        """Unpin and unmap; the writer process keeps its own mapping until it maps another."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
+            self.pinned = False
+        self.bytes = None  # the tensor exports the map's buffer: it must go before the map closes
+        self._map.close()
+        os.close(self.fd)
+
+
+@dataclass
+class _Job:
+    step: int
+    message: bytes
+    fields: dict | None
+    todo: list = field(default_factory=list)  # [(CUDA bytes, offset)] still to copy to the shared memory
+    ready: "torch.cuda.Event | None" = None  # training's stream has made the CUDA sources here
+    piece: tuple | None = None  # (start event, end event, bytes) of the copies last queued
+    sources: list = field(default_factory=list)  # alive until the side stream has read them
+
+
+class ProcessWriter:
+    """One rank's background checkpoint writes, done in order by a writer process.
+
+    The same calls as :class:`distopt.runtime.checkpointing.ShardWriter`. ``start`` takes
+    copies nobody changes until they have reached the host (see :meth:`busy`); the process
+    is started at construction, so its imports overlap the run's set-up.
+    """
+
+    reads_live = False  # it takes copies, never a shard read in place
+
+    def __init__(self) -> None:
+        if not available():
+            raise RuntimeError("the checkpoint writer process needs Linux (memfd) and a little-endian host")
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._memory: SharedMemory | None = None
+        self._mapped = False  # whether the current process has mapped self._memory
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._copying: list[_Job] = []  # being copied to the host; not yet sent
+        self._rate: float | None = None  # bytes per second the last piece reached
+        self._writing: list[_Job] = []  # sent; record not back yet
+        self._done: list[dict] = []
+        self._spawn()
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",  # it must never make a CUDA context
+               "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = subprocess.Popen([sys.executable, "-m", "distopt.runtime.writer_process", str(theirs.fileno())],
+                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._sock, self._mapped = ours, False
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's pid (None once closed)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
+              fields: dict | None, live=None) -> None:
+        """Write ``shard`` and ``model`` (name -> tensor, any device) for ``step`` in the
+        background, after any write started before it.
+
+        CUDA tensors are copied to the host on a side stream once training's stream has
+        passed this point; CPU tensors are copied now. Either way the tensors must not
+        change until :meth:`busy` says so.
+        """
+        if live is not None:
+            raise ValueError("ProcessWriter takes copies, not a shard read in place: pass live=None")
+        if self._copying or self._writing:
+            self._finish(lambda _: True)  # the shared memory holds one snapshot
+        if self._proc is None:
+            self._spawn()
+        message: dict = {"root": str(root), "step": step, "rank": rank}
+        entries, size = [], 0  # (tensor, offset in the shared memory)
+        for key, part in (("shard", shard), ("model", model)):
+            message[key] = None if part is None else []
+            for name, t in (part or {}).items():
+                nbytes = t.numel() * t.element_size()
+                message[key].append([name, dtype_name(t.dtype), list(t.shape), size, nbytes])
+                entries.append((t, size))
+                size += -(-nbytes // ALIGN) * ALIGN
+        memory = self._shared(size, any(t.is_cuda for t, _ in entries))
+        job = _Job(step, msgpack.packb(message), fields)
+        for t, off in entries:
+            src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            if t.is_cuda:
+                job.todo.append((src, off))
+                job.sources.append(src)
+            else:
+                memory.bytes[off: off + src.numel()].copy_(src)
+        if job.todo:
+            job.ready = torch.cuda.current_stream(job.todo[0][0].device).record_event()
+        self._copying.append(job)
+        self._pump()
+
+    def reserve(self, nbytes: int, device: torch.device) -> None:
+        """Make (and on a GPU pin) the shared memory for a snapshot of about ``nbytes`` now,
+        at set-up: pinning takes a while (0.3 s for 600 MB on an H100), which the first
+        checkpoint step would pay otherwise."""
+        if self._memory is None or self._memory.size < nbytes + RESERVE_SLACK:
+            self._finish(lambda _: True)  # copies still on their way land in the memory they started in
+            self._shared(nbytes + RESERVE_SLACK, device.type == "cuda")
+
+    def advance(self, seconds: float) -> None:
+        """Queue the next piece of a checkpoint's copy to the host: as much as lands in about
+        ``seconds`` at the last piece's rate; nothing while the last piece is in flight.
+
+        Call it at the start of a step, with half a step's time: the piece lands while the
+        step computes, before the step's own copies to the host.
+        """
+        if not self._copying or not self._copying[0].todo:
+            return
+        job = self._copying[0]
+        if job.piece is not None:
+            start, end, nbytes = job.piece
+            if not end.query():
+                return
+            self._rate = nbytes / max(start.elapsed_time(end) / 1e3, 1e-6)
+        budget = FIRST_PIECE if self._rate is None else self._rate * seconds
+        self._queue(job, int(min(max(budget, MIN_PIECE), MAX_PIECE)))
+
+    def _queue(self, job: _Job, budget: int) -> None:
+        device = job.todo[0][0].device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        if job.ready is not None:
+            stream.wait_event(job.ready)
+            job.ready = None
+        start, end, queued = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), 0
+        with torch.cuda.stream(stream):
+            start.record()
+            while job.todo and queued < budget:
+                src, off = job.todo[0]
+                n = min(src.numel(), budget - queued)
+                self._memory.bytes[off: off + n].copy_(src[:n], non_blocking=True)
+                job.todo[0] = (src[n:], off + n)
+                if n == src.numel():
+                    job.todo.pop(0)
+                queued += n
+            end.record()
+        job.piece = (start, end, queued)
+
+    def _landed(self, job: _Job) -> bool:
+        return not job.todo and (job.piece is None or job.piece[1].query())
+
+    def _shared(self, size: int, pin: bool) -> SharedMemory:
+        if self._memory is None or self._memory.size < size:
+            if self._memory is not None:
+                self._memory.close()
+            self._memory, self._mapped = SharedMemory(size), False
+        if pin:
+            self._memory.pin()
+        if not self._mapped:
+            self._send(msgpack.packb({"map": self._memory.size}), [self._memory.fd])
+            self._mapped = True
+        return self._memory
+
+    def _send(self, message: bytes, fds: list[int] | None = None) -> bool:
+        try:
+            if fds:
+                socket.send_fds(self._sock, [message], fds)
+            else:
+                self._sock.send(message)
+            return True
+        except OSError:  # the writer process is gone: its jobs fail below
+            self._lost()
+            return False
+
+    def _pump(self) -> None:
+        """Send the jobs whose copy has landed; collect the records that came back."""
+        while self._copying and self._landed(self._copying[0]):
+            self._dispatch()
+        while self._writing and self._receive(block=False):
+            pass
+
+    def _dispatch(self) -> None:
+        job = self._copying.pop(0)
+        job.sources = []
+        if self._proc is not None and self._send(job.message):
+            self._writing.append(job)
+        else:
+            self._fail([job])
+
+    def _receive(self, block: bool) -> bool:
+        try:
+            if block:
+                self._sock.settimeout(1.0)  # wakes to see whether the process still lives
+                data = self._sock.recv(MESSAGE_BYTES)
+            else:
+                data = self._sock.recv(MESSAGE_BYTES, socket.MSG_DONTWAIT)
+        except (BlockingIOError, socket.timeout):
+            if block and self._proc.poll() is not None:
+                self._lost()
+            return False
+        except OSError:
+            data = b""
+        finally:
+            if block and self._sock is not None:
+                self._sock.settimeout(None)
+        if not data:
+            self._lost()
+            return False
+        record = msgpack.unpackb(data)
+        job = self._writing.pop(0)
+        if "model" in record:
+            record["fields"] = job.fields
+        self._done.append(record)
+        return True
+
+    def _lost(self) -> None:
+        code = self._proc.poll() if self._proc is not None else None
+        self._fail(self._writing, f"the checkpoint writer process exited (code {code})")
+        self._writing = []
+        if self._sock is not None:
+            self._sock.close()
+        self._proc, self._sock, self._mapped = None, None, False
+
+    def _fail(self, jobs: list[_Job], why: str = "the checkpoint writer process exited") -> None:
+        for job in jobs:
+            msg = msgpack.unpackb(job.message)
+            self._done.append({"step": msg["step"], "rank": msg["rank"], "error": f"RuntimeError: {why}"})
+
+    def _finish(self, which: Callable[[int], bool]) -> None:
+        """Wait for the writes of the steps ``which`` picks (and those before them)."""
+        while self._copying and any(which(j.step) for j in self._copying):
+            job = self._copying[0]
+            if job.todo:
+                self._queue(job, sum(src.numel() for src, _ in job.todo))
+            if job.piece is not None:
+                job.piece[1].synchronize()
+            self._dispatch()
+        while self._writing and any(which(j.step) for j in self._writing):
+            if self._proc is None:
+                self._lost()
+            else:
+                self._receive(block=True)
+
+    def busy(self) -> bool:
+        """Whether tensors given to :meth:`start` are still being read (copied to the host)."""
+        self._pump()
+        return bool(self._copying)
+
+    def freeze(self) -> None:
+        """Nothing to do: every write reads a copy."""
+
+    def drain(self, wait: bool = False, before: int | None = None) -> list[dict]:
+        """Records of the writes finished so far; ``wait`` waits for every write first,
+        ``before`` for those of steps before it."""
+        self._pump()
+        if wait:
+            self._finish(lambda _: True)
+        elif before is not None:
+            self._finish(lambda step: step < before)
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        """Stop the writer process once the writes already sent are done (it does not wait).
+
+        Copies still on their way to the host are waited for: the shared memory is released.
+        """
+        for job in self._copying:
+            if job.piece is not None:
+                job.piece[1].synchronize()
+        self._copying = []  # writes not yet copied to the host are dropped
+        if self._sock is not None:
+            self._sock.close()  # the process finishes what it was sent, then sees the end
+        self._sock, self._proc = None, None
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+
+def make_writer(device: torch.device, checkpointing: bool):
+    """The checkpoint writer for a rank: a writer process for a GPU rank that writes
+    checkpoints, where the host allows one; otherwise a writer thread."""
+    from distopt.runtime.checkpointing import ShardWriter
+    if checkpointing and device.type == "cuda" and available():
+        try:
+            return ProcessWriter()
+        except OSError as e:
+            warnings.warn(f"checkpoint writer process not started ({e}): checkpoints are written by a thread")
+    return ShardWriter()
+
+
+class HostBytes:
+    """A tensor's bytes in the shared memory, handed to the checkpoint writer piece by piece
+    (:class:`distopt.checkpoint.writer.Pieces`)."""
+
+    def __init__(self, view: memoryview, dtype: str, shape: list[int], offset: int, nbytes: int, parent: int) -> None:
+        self.dtype, self.shape = DTYPES[dtype].torch, tuple(shape)
+        self._view, self._lo, self._hi, self._parent = view, offset, offset + nbytes, parent
+
+    def pieces(self) -> Iterator[memoryview]:
+        """The bytes, as the training process copied them."""
+        for lo in range(self._lo, self._hi, READ_BYTES):
+            if os.getppid() != self._parent:  # a write nobody will finish may not go on
+                raise RuntimeError("the training process is gone")
+            yield self._view[lo: min(lo + READ_BYTES, self._hi)]
+
+
+def serve(sock: socket.socket) -> None:
+    """The writer process: map shared memory, write checkpoints, send back their records."""
+    parent, view, mapped = os.getppid(), None, None
+    sock.settimeout(2.0)
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 1)
+        except socket.timeout:
+            if os.getppid() != parent:
+                return
+            continue
+        except OSError:
+            return
+        if not data:
+            return  # the training process closed its end, or is gone
+        msg = msgpack.unpackb(data)
+        if "map" in msg:
+            if view is not None:
+                view.release()
+                mapped.close()
+            mapped = mmap.mmap(fds[0], msg["map"], prot=mmap.PROT_READ)
+            os.close(fds[0])
+            view = memoryview(mapped)
+            continue
+        parts = [None if part is None else {name: HostBytes(view, *rest, parent) for name, *rest in part}
+                 for part in (msg["shard"], msg["model"])]
+        try:
+            sock.send(msgpack.packb(write_files(msg["root"], msg["step"], msg["rank"], *parts)))
+        except OSError:
+            return
+
+
+if __name__ == "__main__":
+    lower_priority()
+    serve(socket.socket(fileno=int(sys.argv[1])))
