@@ -455,11 +455,13 @@ def markdown(result: dict) -> str:
                   "--sections faults` run, or the section of a full run; one device call is one fresh machine, and "
                   "within a call the versions ran one after the other from their own checkouts; compare rows of one "
                   "call only):",
-                  md_table(["call", "code", "rounds", "6.3M per-step", "6.3M checkpoint", "50.3M per-step",
-                            "50.3M checkpoint", "when"],
-                           [[r["call"], r["code"], r["rounds"], f"{r['6.3M']['ft_ratio']:.3f}",
-                             f"{r['6.3M']['checkpoint_ratio']:.3f}", f"{r['50.3M']['ft_ratio']:.3f}",
-                             f"{r['50.3M']['checkpoint_ratio']:.3f}", r["date"]] for r in runs])]
+                  md_table(["call", "code", "rounds", "writer", "6.3M per-step", "6.3M checkpoint / plain",
+                            "6.3M checkpoint / max_failures=3", "50.3M per-step", "50.3M checkpoint / plain",
+                            "50.3M checkpoint / max_failures=3", "when"],
+                           [[r["call"], r["code"], r["rounds"], r.get("writer", "thread")]
+                            + [f"{r[m][k]:.3f}" if k in r[m] else "" for m in ("6.3M", "50.3M")
+                               for k in ("ft_ratio", "checkpoint_ratio", "checkpoint_vs_on")]
+                            + [r["date"]] for r in runs])]
     if result.get("goals"):
         parts += [goals_table(result["goals"])]
     errors = [f"{s}: {result[s]['error'].strip().splitlines()[-1]}" for s in SECTIONS if "error" in result.get(s, {})]
