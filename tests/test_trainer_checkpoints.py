@@ -45,6 +45,23 @@ def test_checkpoints_are_written_verified_and_pruned(saved, tmp_path):
     assert list_checkpoints(more) == [step_dir(more, 8), step_dir(more, 6)]
 
 
+def test_the_writer_process_writes_what_the_writer_thread_writes(saved, tmp_path, monkeypatch):
+    """The worker's whole checkpoint path with the writer process a GPU rank uses (fed CPU
+    copies here): memory reserved at set-up, write deadlines, records, manifests; every file
+    equals the writer thread's byte for byte."""
+    from distopt.runtime import worker as worker_module
+    monkeypatch.setattr(worker_module, "make_writer",
+                        lambda device, checkpointing: ProcessWriter() if checkpointing else ShardWriter())
+    root, _ = saved
+    _trainer(checkpoint_dir=tmp_path, checkpoint_every=4, keep_last=3).fit(steps=12)
+    assert list_checkpoints(tmp_path) == [step_dir(tmp_path, s) for s in (12, 8, 4)]
+    for step in (4, 8, 12):
+        theirs, ours = step_dir(root, step), step_dir(tmp_path, step)
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+        for name in (p.name for p in theirs.iterdir()):
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), (step, name)
+
+
 @pytest.mark.parametrize("workers,stage", [(1, 0), (2, 1), (3, 2)])
 def test_resume_from_a_two_worker_checkpoint_on_any_world_size(saved, workers, stage):
     root, uninterrupted = saved

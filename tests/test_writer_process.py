@@ -13,7 +13,8 @@ import torch
 
 from distopt.checkpoint import step_dir
 from distopt.runtime.checkpointing import ShardWriter
-from distopt.runtime.writer_process import HostBytes, ProcessWriter, available
+from distopt.runtime.writer_main import HostBytes
+from distopt.runtime.writer_process import ProcessWriter, available, make_writer
 
 pytestmark = pytest.mark.skipif(not available(), reason="the writer process needs Linux memfd")
 
@@ -132,3 +133,13 @@ def test_live_shards_are_refused():
             writer.start("/nonexistent", 1, 0, {}, None, None, live=object())
     finally:
         writer.close()
+
+
+def test_a_gpu_rank_that_checkpoints_gets_the_writer_process():
+    chosen = {(kind, on): make_writer(torch.device(kind), on) for kind in ("cuda", "cpu") for on in (True, False)}
+    try:
+        assert isinstance(chosen["cuda", True], ProcessWriter)
+        assert all(isinstance(w, ShardWriter) for key, w in chosen.items() if key != ("cuda", True))
+    finally:
+        for w in chosen.values():
+            w.close()

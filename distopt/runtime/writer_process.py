@@ -14,9 +14,8 @@ flight. Once the last piece has landed the writer process gets a short message.
 
 The shared memory (a memfd both processes map; no /dev/shm size limit applies) holds one
 snapshot and is kept from one checkpoint to the next: a checkpoint that starts while the
-last one is still being written first waits for it. Run as ``python -m
-distopt.runtime.writer_process FD``, the module is the writer process: it serves the
-socket ``FD`` until the training process closes it or is gone.
+last one is still being written first waits for it. The writer process's side is
+:mod:`distopt.runtime.writer_main`.
 """
 from __future__ import annotations
 
@@ -27,20 +26,19 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import msgpack
 import torch
 
-from distopt.checkpoint.format import DTYPES, dtype_name
-from distopt.runtime.checkpointing import lower_priority, write_files
+from distopt.checkpoint.format import dtype_name
+from distopt.runtime.checkpointing import ShardWriter
+from distopt.runtime.writer_main import MESSAGE_BYTES
 
 ALIGN = 64  # each tensor's bytes start on a cache line, so a dtype view of any slice is legal
-READ_BYTES = 16 * 2**20  # what the writer process hashes and writes per call
 FIRST_PIECE = 8 * 2**20  # before any piece has measured the rate
 MIN_PIECE, MAX_PIECE = 2**20, 512 * 2**20
 RESERVE_SLACK = 4 * 2**20  # alignment and rank 0's model buffers, beyond the shard
-MESSAGE_BYTES = 2**20
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -121,7 +119,7 @@ class ProcessWriter:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",  # it must never make a CUDA context
                "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
-        self._proc = subprocess.Popen([sys.executable, "-m", "distopt.runtime.writer_process", str(theirs.fileno())],
+        self._proc = subprocess.Popen([sys.executable, "-m", "distopt.runtime.writer_main", str(theirs.fileno())],
                                       pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self._sock, self._mapped = ours, False
@@ -351,63 +349,9 @@ class ProcessWriter:
 def make_writer(device: torch.device, checkpointing: bool):
     """The checkpoint writer for a rank: a writer process for a GPU rank that writes
     checkpoints, where the host allows one; otherwise a writer thread."""
-    from distopt.runtime.checkpointing import ShardWriter
     if checkpointing and device.type == "cuda" and available():
         try:
             return ProcessWriter()
         except OSError as e:
             warnings.warn(f"checkpoint writer process not started ({e}): checkpoints are written by a thread")
     return ShardWriter()
-
-
-class HostBytes:
-    """A tensor's bytes in the shared memory, handed to the checkpoint writer piece by piece
-    (:class:`distopt.checkpoint.writer.Pieces`)."""
-
-    def __init__(self, view: memoryview, dtype: str, shape: list[int], offset: int, nbytes: int, parent: int) -> None:
-        self.dtype, self.shape = DTYPES[dtype].torch, tuple(shape)
-        self._view, self._lo, self._hi, self._parent = view, offset, offset + nbytes, parent
-
-    def pieces(self) -> Iterator[memoryview]:
-        """The bytes, as the training process copied them."""
-        for lo in range(self._lo, self._hi, READ_BYTES):
-            if os.getppid() != self._parent:  # a write nobody will finish may not go on
-                raise RuntimeError("the training process is gone")
-            yield self._view[lo: min(lo + READ_BYTES, self._hi)]
-
-
-def serve(sock: socket.socket) -> None:
-    """The writer process: map shared memory, write checkpoints, send back their records."""
-    parent, view, mapped = os.getppid(), None, None
-    sock.settimeout(2.0)
-    while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(sock, MESSAGE_BYTES, 1)
-        except socket.timeout:
-            if os.getppid() != parent:
-                return
-            continue
-        except OSError:
-            return
-        if not data:
-            return  # the training process closed its end, or is gone
-        msg = msgpack.unpackb(data)
-        if "map" in msg:
-            if view is not None:
-                view.release()
-                mapped.close()
-            mapped = mmap.mmap(fds[0], msg["map"], prot=mmap.PROT_READ)
-            os.close(fds[0])
-            view = memoryview(mapped)
-            continue
-        parts = [None if part is None else {name: HostBytes(view, *rest, parent) for name, *rest in part}
-                 for part in (msg["shard"], msg["model"])]
-        try:
-            sock.send(msgpack.packb(write_files(msg["root"], msg["step"], msg["rank"], *parts)))
-        except OSError:
-            return
-
-
-if __name__ == "__main__":
-    lower_priority()
-    serve(socket.socket(fileno=int(sys.argv[1])))
