@@ -95,8 +95,10 @@ class ProcessWriter:
     """One rank's background checkpoint writes, done in order by a writer process.
 
     The same calls as :class:`distopt.runtime.checkpointing.ShardWriter`. ``start`` takes
-    copies nobody changes until they have reached the host (see :meth:`busy`); the process
-    is started at construction, so its imports overlap the run's set-up.
+    copies nobody changes until they have reached the host (see :meth:`busy`), which CUDA
+    copies do piece by piece as :meth:`advance` is called, once per step. The process is
+    started at construction and the shared memory made by :meth:`reserve`, so neither
+    costs a training step.
     """
 
     reads_live = False  # it takes copies, never a shard read in place
@@ -130,7 +132,7 @@ class ProcessWriter:
         return self._proc.pid if self._proc is not None else None
 
     def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
-              fields: dict | None, live=None) -> None:
+              fields: dict | None, live: object = None) -> None:
         """Write ``shard`` and ``model`` (name -> tensor, any device) for ``step`` in the
         background, after any write started before it.
 
@@ -346,7 +348,7 @@ class ProcessWriter:
             self._memory = None
 
 
-def make_writer(device: torch.device, checkpointing: bool):
+def make_writer(device: torch.device, checkpointing: bool) -> "ProcessWriter | ShardWriter":
     """The checkpoint writer for a rank: a writer process for a GPU rank that writes
     checkpoints, where the host allows one; otherwise a writer thread."""
     if checkpointing and device.type == "cuda" and available():
