@@ -290,6 +290,14 @@ class RunFields:
         return {**self._fields, "next_step": next_step, "optimizer_step": opt.step_count}, self._loose
 
 
+def shard_parts(opt, rank: int) -> dict[str, list[torch.Tensor]] | None:
+    """The tensors of this rank's checkpoint shard, by field: its state and its slice of the
+    parameters; None on a rank that writes no shard (zero_stage 0, rank > 0)."""
+    if opt.zero_stage < 1 and rank != 0:
+        return None
+    return {**state_io.state_fields(opt), PARAM_FIELD: opt._p_shards}
+
+
 class Snapshot(NamedTuple):
     """What a checkpoint needs from one rank (see :func:`snapshot`)."""
 
@@ -318,9 +326,8 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
         if buffers is None:
             return torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffers.take(key, (numel,), like.dtype, like.device)
-    shard, reader = None, None
-    if opt.zero_stage >= 1 or rank == 0:
-        parts = {**state_io.state_fields(opt), PARAM_FIELD: opt._p_shards}
+    shard, reader, parts = None, None, shard_parts(opt, rank)
+    if parts is not None:
         if live and like.device.type == "cpu":
             reader = LiveShard(parts, take)
             shard = reader.tensors()

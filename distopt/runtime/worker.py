@@ -19,7 +19,7 @@ from distopt.gradients import execute_with_gradients
 from distopt.optim import recovery
 from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
-from distopt.runtime.checkpointing import Buffers, RunFields, snapshot
+from distopt.runtime.checkpointing import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.writer_process import make_writer
 from distopt.runtime.config import TrainConfig
@@ -109,9 +109,9 @@ class Worker:
                                replica_distance=self.replica_distance,
                                shared_memory=c.shared_memory, replica_log_depth=c.replica_log_depth)
         opt.before_write = self._writer.freeze  # a checkpoint may still be reading the shard in place
-        if c.checkpoint_dir and (opt.zero_stage >= 1 or self.rank == 0):
-            self._writer.reserve(opt.state_bytes() + sum(p.numel() * p.element_size() for p in opt._p_shards),
-                                 self.device)
+        parts = shard_parts(opt, self.rank)
+        if c.checkpoint_dir and parts is not None:
+            self._writer.reserve(sum(t.numel() * t.element_size() for ts in parts.values() for t in ts), self.device)
         if c.faults:
             opt.on_phase = lambda phase, _: self._inject(phase)
         if c.overlap:
@@ -221,7 +221,7 @@ class Worker:
         losses, metrics = [float(v) for v in losses], {k: float(v) for k, v in metrics.items()}
         self._last_step_s = time.perf_counter() - start
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
-                          data_s, compute_s, info.comm_s, info.update_s, time.perf_counter() - start,
+                          data_s, compute_s, info.comm_s, info.update_s, self._last_step_s,
                           info.grad_norm, info.skipped, info.step, written)
 
     def _gradients(self, batch: Any) -> tuple[torch.Tensor, dict, dict]:

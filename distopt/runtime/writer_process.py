@@ -83,6 +83,7 @@ class SharedMemory:
 @dataclass
 class _Job:
     step: int
+    rank: int
     message: bytes
     fields: dict | None
     todo: list = field(default_factory=list)  # [(CUDA bytes, offset)] still to copy to the shared memory
@@ -156,7 +157,7 @@ class ProcessWriter:
                 entries.append((t, size))
                 size += -(-nbytes // ALIGN) * ALIGN
         memory = self._shared(size, any(t.is_cuda for t, _ in entries))
-        job = _Job(step, msgpack.packb(message), fields)
+        job = _Job(step, rank, msgpack.packb(message), fields)
         for t, off in entries:
             src = t.detach().contiguous().reshape(-1).view(torch.uint8)
             if t.is_cuda:
@@ -210,9 +211,10 @@ class ProcessWriter:
                 src, off = job.todo[0]
                 n = min(src.numel(), budget - queued)
                 self._memory.bytes[off: off + n].copy_(src[:n], non_blocking=True)
-                job.todo[0] = (src[n:], off + n)
                 if n == src.numel():
                     job.todo.pop(0)
+                else:
+                    job.todo[0] = (src[n:], off + n)
                 queued += n
             end.record()
         job.piece = (start, end, queued)
@@ -294,8 +296,7 @@ class ProcessWriter:
 
     def _fail(self, jobs: list[_Job], why: str = "the checkpoint writer process exited") -> None:
         for job in jobs:
-            msg = msgpack.unpackb(job.message)
-            self._done.append({"step": msg["step"], "rank": msg["rank"], "error": f"RuntimeError: {why}"})
+            self._done.append({"step": job.step, "rank": job.rank, "error": f"RuntimeError: {why}"})
 
     def _finish(self, which: Callable[[int], bool]) -> None:
         """Wait for the writes of the steps ``which`` picks (and those before them)."""
