@@ -193,20 +193,37 @@ def test_writer_process_writes_gpu_tensors_as_their_cpu_bytes(tmp_path):
             (tmp_path / "cpu" / "step-00000002" / name).read_bytes(), name
 
 
+def _written_as_on_the_cpu(tmp_path, step: int, rank: int, shard: dict, drive) -> None:
+    """Write ``shard`` with a writer process, ``drive(process)`` moving its copy to the host,
+    and its CPU copy with the writer thread: the records and the files must be equal."""
+    from distopt.runtime.checkpointing import ShardWriter
+    from distopt.runtime.writer_process import ProcessWriter
+    process, thread = ProcessWriter(), ShardWriter()
+    try:
+        process.reserve(sum(t.numel() * t.element_size() for t in shard.values()), torch.device("cuda", 0))
+        process.start(str(tmp_path / "gpu"), step, rank, shard, None, None)
+        drive(process)
+        thread.start(str(tmp_path / "cpu"), step, rank, {k: v.cpu() for k, v in shard.items()}, None, None)
+        got, want = process.drain(wait=True), thread.drain(wait=True)
+    finally:
+        process.close()
+        thread.close()
+    assert got == want and "error" not in got[0]
+    name = f"step-{step:08d}/shard-{rank:05d}.bin"
+    assert (tmp_path / "gpu" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes()
+
+
 def test_writer_process_paces_the_copy_in_pieces_across_steps(tmp_path, monkeypatch):
     """``advance`` queues one piece per call, none while the last is in flight; pieces cut
     tensors of odd sizes anywhere, and the file equals the CPU one."""
     from distopt.runtime import writer_process
-    from distopt.runtime.checkpointing import ShardWriter
     monkeypatch.setattr(writer_process, "FIRST_PIECE", 300_001)
     monkeypatch.setattr(writer_process, "MAX_PIECE", 700_003)
     g = torch.Generator(device="cuda").manual_seed(1)
     shard = {"a": torch.randn(1_000_003, device="cuda", generator=g), "b": torch.randn(77, device="cuda", generator=g),
              "c": torch.randn(250_000, device="cuda", generator=g).double()}
-    process, thread = writer_process.ProcessWriter(), ShardWriter()
-    try:
-        process.reserve(sum(t.numel() * t.element_size() for t in shard.values()), torch.device("cuda", 0))
-        process.start(str(tmp_path / "gpu"), 1, 3, shard, None, None)
+
+    def drive(process) -> None:
         assert process.busy(), "nothing is copied before the first advance"
         pieces = 0
         while process.busy():
@@ -216,14 +233,30 @@ def test_writer_process_paces_the_copy_in_pieces_across_steps(tmp_path, monkeypa
             pieces += 1
             assert pieces < 50
         assert pieces >= 4
-        thread.start(str(tmp_path / "cpu"), 1, 3, {k: v.cpu() for k, v in shard.items()}, None, None)
-        got, want = process.drain(wait=True), thread.drain(wait=True)
-    finally:
-        process.close()
-        thread.close()
-    assert got == want and "error" not in got[0]
-    assert (tmp_path / "gpu" / "step-00000001" / "shard-00003.bin").read_bytes() == \
-        (tmp_path / "cpu" / "step-00000001" / "shard-00003.bin").read_bytes()
+    _written_as_on_the_cpu(tmp_path, 1, 3, shard, drive)
+
+
+def test_writer_process_copies_a_snapshots_fields_as_one_run(tmp_path, monkeypatch):
+    """A snapshot from ``Buffers.copy`` reaches the host as one run of copies (its fields are
+    one block laid out like the shared memory), cut into pieces anywhere, padding and all;
+    the file equals the CPU one."""
+    from distopt.runtime import writer_process
+    from distopt.runtime.checkpointing import Buffers
+    monkeypatch.setattr(writer_process, "FIRST_PIECE", 123_457)
+    monkeypatch.setattr(writer_process, "MIN_PIECE", 50_021)
+    monkeypatch.setattr(writer_process, "MAX_PIECE", 400_009)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    parts = {"exp_avg": [torch.randn(100_003, device="cuda", generator=g), torch.randn(7, 9, device="cuda", generator=g)],
+             "exp_avg_sq": [torch.rand(100_012, device="cuda", generator=g)],
+             "param": [torch.randn(33, device="cuda", generator=g), torch.randn(100_001, device="cuda", generator=g)]}
+
+    def drive(process) -> None:
+        process.advance(1.0)
+        assert len(process._copying[0].todo) == 1, "the fields were not joined into one run"
+        while process.busy():
+            torch.cuda.synchronize()
+            process.advance(1.0)
+    _written_as_on_the_cpu(tmp_path, 4, 1, Buffers().copy(parts, torch.float32, torch.device("cuda", 0)), drive)
 
 
 @pytest.mark.parametrize("kind", ["thread", "process"])

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,10 +33,9 @@ import msgpack
 import torch
 
 from distopt.checkpoint.format import dtype_name
-from distopt.runtime.checkpointing import ShardWriter
+from distopt.runtime.checkpointing import FIELD_ALIGN, ShardWriter
 from distopt.runtime.writer_main import MESSAGE_BYTES
 
-ALIGN = 64  # each tensor's bytes start on a cache line, so a dtype view of any slice is legal
 FIRST_PIECE = 8 * 2**20  # before any piece has measured the rate
 MIN_PIECE, MAX_PIECE = 2**20, 512 * 2**20
 RESERVE_SLACK = 4 * 2**20  # alignment and rank 0's model buffers, beyond the shard
@@ -52,7 +52,7 @@ class SharedMemory:
     device-to-host copies when a GPU uses it."""
 
     def __init__(self, size: int) -> None:
-        self.size = max(size, ALIGN)
+        self.size = max(size, FIELD_ALIGN)
         self.fd = os.memfd_create("distopt-checkpoint", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self._map = mmap.mmap(self.fd, self.size)
@@ -92,6 +92,70 @@ class _Job:
     sources: list = field(default_factory=list)  # alive until the side stream has read them
 
 
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes, flat: a view where ``t`` is contiguous (one op for a snapshot's flat
+    tensors), else a copy."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dim() == 1 and t.is_contiguous():
+        return t.view(torch.uint8)
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _runs(todo: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:
+    """``todo`` (bytes, offset in the shared memory) with neighbours joined: sources in one
+    block of memory, as far apart there as in the shared memory (a snapshot's fields,
+    see ``checkpointing.Buffers``), are copied in one launch, padding and all. A launch is
+    ~30 us of a training step's Python."""
+    runs = todo[:1]
+    for src, off in todo[1:]:
+        last, last_off = runs[-1]
+        if src.data_ptr() - last.data_ptr() == off - last_off >= last.numel() and \
+                src.untyped_storage().data_ptr() == last.untyped_storage().data_ptr():
+            runs[-1] = (last.as_strided((off - last_off + src.numel(),), (1,)), last_off)
+        else:
+            runs.append((src, off))
+    return runs
+
+
+class _Layout:
+    """Where a snapshot's tensors go in the shared memory, and the message fields that say so.
+
+    Kept from one checkpoint to the next: the snapshot is the same kept tensors every time,
+    and describing them anew (names, dtypes, shapes, offsets) was a sizeable share of a
+    checkpoint step's Python on a GPU. Held weakly: it must not keep a snapshot alive.
+    """
+
+    def __init__(self, shard: dict | None, model: dict | None) -> None:
+        self.fields: dict = {}
+        self.offsets: list[int] = []
+        self._refs: list = []  # (part key, name, weakref, shape) in order
+        self.size, self.cuda = 0, False
+        for key, part in (("shard", shard), ("model", model)):
+            self.fields[key] = None if part is None else []
+            for name, t in (part or {}).items():
+                nbytes = t.numel() * t.element_size()
+                self.fields[key].append([name, dtype_name(t.dtype), list(t.shape), self.size, nbytes])
+                self._refs.append((key, name, weakref.ref(t), t.shape, t.dtype))
+                self.offsets.append(self.size)
+                self.size += -(-nbytes // FIELD_ALIGN) * FIELD_ALIGN
+                self.cuda = self.cuda or t.is_cuda
+
+    @staticmethod
+    def tensors(shard: dict | None, model: dict | None) -> list[torch.Tensor]:
+        """The tensors of a snapshot, in layout order."""
+        return [*(shard or {}).values(), *(model or {}).values()]
+
+    def fits(self, shard: dict | None, model: dict | None) -> bool:
+        """Whether ``shard`` and ``model`` are the tensors this layout was made for, as they were."""
+        if (shard is None) != (self.fields["shard"] is None) or (model is None) != (self.fields["model"] is None):
+            return False
+        items = [("shard", n, t) for n, t in (shard or {}).items()] + [("model", n, t) for n, t in (model or {}).items()]
+        return len(items) == len(self._refs) and all(
+            key == k and name == n and ref() is t and t.shape == shape and t.dtype == dtype
+            for (key, name, t), (k, n, ref, shape, dtype) in zip(items, self._refs))
+
+
 class ProcessWriter:
     """One rank's background checkpoint writes, done in order by a writer process.
 
@@ -111,11 +175,15 @@ class ProcessWriter:
         self._sock: socket.socket | None = None
         self._memory: SharedMemory | None = None
         self._mapped = False  # whether the current process has mapped self._memory
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[int, torch.cuda.Stream] = {}  # by device index
+        self._marks: dict[int, tuple] = {}  # by device index: see _events
+        self._packer = msgpack.Packer()  # msgpack.packb makes a Packer, with its buffer, per call
         self._copying: list[_Job] = []  # being copied to the host; not yet sent
         self._rate: float | None = None  # bytes per second the last piece reached
         self._writing: list[_Job] = []  # sent; record not back yet
         self._done: list[dict] = []
+        self._layout: _Layout | None = None  # the last snapshot's, which the next one is like
+        self._inbox = bytearray(MESSAGE_BYTES)
         self._spawn()
 
     def _spawn(self) -> None:
@@ -147,28 +215,29 @@ class ProcessWriter:
             self._finish(lambda _: True)  # the shared memory holds one snapshot
         if self._proc is None:
             self._spawn()
-        message: dict = {"root": str(root), "step": step, "rank": rank}
-        entries, size = [], 0  # (tensor, offset in the shared memory)
-        for key, part in (("shard", shard), ("model", model)):
-            message[key] = None if part is None else []
-            for name, t in (part or {}).items():
-                nbytes = t.numel() * t.element_size()
-                message[key].append([name, dtype_name(t.dtype), list(t.shape), size, nbytes])
-                entries.append((t, size))
-                size += -(-nbytes // ALIGN) * ALIGN
-        memory = self._shared(size, any(t.is_cuda for t, _ in entries))
-        job = _Job(step, rank, msgpack.packb(message), fields)
-        for t, off in entries:
-            src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        layout = self._layout_of(shard, model)
+        message = {"root": str(root), "step": step, "rank": rank, **layout.fields}
+        memory = self._shared(layout.size, layout.cuda)
+        job = _Job(step, rank, self._packer.pack(message), fields)
+        for t, off in zip(layout.tensors(shard, model), layout.offsets):
+            src = _bytes_of(t)
             if t.is_cuda:
                 job.todo.append((src, off))
                 job.sources.append(src)
             else:
                 memory.bytes[off: off + src.numel()].copy_(src)
         if job.todo:
-            job.ready = torch.cuda.current_stream(job.todo[0][0].device).record_event()
+            device = job.todo[0][0].get_device()
+            job.ready = self._events(device)[0]  # re-recorded only once the last job's copies are queued
+            job.ready.record(torch.cuda.current_stream(device))
         self._copying.append(job)
         self._pump()
+
+    def _layout_of(self, shard: dict | None, model: dict | None) -> "_Layout":
+        layout = self._layout
+        if layout is None or not layout.fits(shard, model):
+            layout = self._layout = _Layout(shard, model)
+        return layout
 
     def reserve(self, nbytes: int, device: torch.device) -> None:
         """Make (and on a GPU pin) the shared memory for a snapshot of about ``nbytes`` now,
@@ -197,16 +266,20 @@ class ProcessWriter:
         self._queue(job, int(min(max(budget, MIN_PIECE), MAX_PIECE)))
 
     def _queue(self, job: _Job, budget: int) -> None:
-        device = job.todo[0][0].device
+        device = job.todo[0][0].get_device()
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
-        if job.ready is not None:
+        if job.ready is not None:  # the job's first piece
             stream.wait_event(job.ready)
             job.ready = None
-        start, end, queued = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), 0
+            job.todo = job.sources = _runs(job.todo)
+        # Reused: a piece is queued once the last one has landed, or (when waiting for the
+        # whole copy) after it on the same stream, so the end event always marks the newest.
+        _, start, end = self._events(device)
+        queued = 0
+        start.record(stream)
         with torch.cuda.stream(stream):
-            start.record()
             while job.todo and queued < budget:
                 src, off = job.todo[0]
                 n = min(src.numel(), budget - queued)
@@ -216,8 +289,18 @@ class ProcessWriter:
                 else:
                     job.todo[0] = (src[n:], off + n)
                 queued += n
-            end.record()
+        end.record(stream)
         job.piece = (start, end, queued)
+
+    def _events(self, device: int) -> tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]:
+        """This device's events, made once: (a job's sources are ready, a piece's start, its end).
+        Each new event costs a checkpoint step's Python more than recording one again."""
+        events = self._marks.get(device)
+        if events is None:
+            # An event takes its device from the first stream it is recorded on.
+            events = self._marks[device] = (torch.cuda.Event(), torch.cuda.Event(enable_timing=True),
+                                            torch.cuda.Event(enable_timing=True))
+        return events
 
     def _landed(self, job: _Job) -> bool:
         return not job.todo and (job.piece is None or job.piece[1].query())
@@ -230,7 +313,7 @@ class ProcessWriter:
         if pin:
             self._memory.pin()
         if not self._mapped:
-            self._send(msgpack.packb({"map": self._memory.size}), [self._memory.fd])
+            self._send(self._packer.pack({"map": self._memory.size}), [self._memory.fd])
             self._mapped = True
         return self._memory
 
@@ -261,24 +344,27 @@ class ProcessWriter:
             self._fail([job])
 
     def _receive(self, block: bool) -> bool:
+        # Into memory kept for it: recv(n) allocates n bytes on every call, and a step's check
+        # for a finished write (nothing there) then cost tens of microseconds.
         try:
             if block:
                 self._sock.settimeout(1.0)  # wakes to see whether the process still lives
-                data = self._sock.recv(MESSAGE_BYTES)
+                n = self._sock.recv_into(self._inbox)
             else:
-                data = self._sock.recv(MESSAGE_BYTES, socket.MSG_DONTWAIT)
+                n = self._sock.recv_into(self._inbox, 0, socket.MSG_DONTWAIT)
         except (BlockingIOError, socket.timeout):
             if block and self._proc.poll() is not None:
                 self._lost()
             return False
         except OSError:
-            data = b""
+            n = 0
         finally:
             if block and self._sock is not None:
                 self._sock.settimeout(None)
-        if not data:
+        if not n:
             self._lost()
             return False
+        data = memoryview(self._inbox)[:n]
         record = msgpack.unpackb(data)
         job = self._writing.pop(0)
         if "model" in record:
