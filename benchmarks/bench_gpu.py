@@ -449,6 +449,8 @@ def markdown(result: dict) -> str:
                   md_table(["model", "writer", "plain step ms", "checkpoint step ms", "step after ms",
                             "checkpoint / plain", "checkpoint / max_failures=3 steps",
                             "ms lost per checkpoint (all steps)"], rows)]
+        if ft.get("note"):  # written by hand into gpu.json: how this run was chosen, what else was measured
+            parts += [ft["note"]]
     runs = result.get("faults_runs", [])
     if runs:  # kept by hand from earlier device calls: one call's rows ran on one machine
         parts += ["**Fault-tolerance section across code versions** (each row one `python -m benchmarks.bench_gpu "
