@@ -93,8 +93,8 @@ class _Job:
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bytes, flat: a view where ``t`` is contiguous (one op for a snapshot's flat
-    tensors), else a copy."""
+    """``t``'s bytes, flat: a view of them where ``t`` is contiguous (one op for a snapshot's
+    1-D fields), else of a contiguous copy."""
     if t.requires_grad:
         t = t.detach()
     if t.dim() == 1 and t.is_contiguous():
@@ -129,7 +129,7 @@ class _Layout:
     def __init__(self, shard: dict | None, model: dict | None) -> None:
         self.fields: dict = {}
         self.offsets: list[int] = []
-        self._refs: list = []  # (part key, name, weakref, shape) in order
+        self._refs: list = []  # (part key, name, weakref, shape, dtype) in layout order
         self.size, self.cuda = 0, False
         for key, part in (("shard", shard), ("model", model)):
             self.fields[key] = None if part is None else []
