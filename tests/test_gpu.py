@@ -241,7 +241,7 @@ def test_writer_process_copies_a_snapshots_fields_as_one_run(tmp_path, monkeypat
     one block laid out like the shared memory), cut into pieces anywhere, padding and all;
     the file equals the CPU one."""
     from distopt.runtime import writer_process
-    from distopt.runtime.checkpointing import Buffers
+    from distopt.runtime.snapshots import Buffers
     monkeypatch.setattr(writer_process, "FIRST_PIECE", 123_457)
     monkeypatch.setattr(writer_process, "MIN_PIECE", 50_021)
     monkeypatch.setattr(writer_process, "MAX_PIECE", 400_009)
@@ -266,7 +266,8 @@ def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path, 
     updates do to the live tensors meanwhile."""
     from distopt.checkpoint import read_tensors, step_dir
     from distopt.optim import adam
-    from distopt.runtime.checkpointing import Buffers, ShardWriter, snapshot
+    from distopt.runtime.checkpointing import ShardWriter
+    from distopt.runtime.snapshots import Buffers, snapshot
     from distopt.runtime.writer_process import ProcessWriter
     comm = _nccl_alone()
     writer = ShardWriter() if kind == "thread" else ProcessWriter()

@@ -12,7 +12,8 @@ from distopt.runtime.faults import Fault
 from distopt.checkpoint import load_checkpoint
 from distopt.collectives import run_ranks
 from distopt.optim import ShardedOptimizer
-from distopt.runtime.checkpointing import Buffers, Coordinator, RunFields, ShardWriter, snapshot
+from distopt.runtime.checkpointing import Coordinator, ShardWriter
+from distopt.runtime.snapshots import Buffers, RunFields, snapshot
 from distopt.runtime.writer_process import ProcessWriter
 from odd_params import TiedModel
 from trainer_task import loss, make_data, make_model

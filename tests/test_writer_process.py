@@ -147,14 +147,14 @@ def test_a_snapshots_fields_reach_the_shared_memory_in_one_copy():
     """``Buffers.copy`` lays the fields out in one block as the shared memory lays them out,
     so the copies join into one, whose bytes put every field where the message says; tensors
     of their own, or offsets that do not match, stay apart."""
-    from distopt.runtime.checkpointing import Buffers
-    from distopt.runtime.writer_process import _bytes_of, _Layout, _runs
+    from distopt.runtime.snapshots import Buffers
+    from distopt.runtime.host_snapshot import Layout, bytes_of, join_runs
     g = torch.Generator().manual_seed(3)
     parts = {"a": [torch.randn(5, generator=g), torch.randn(2, 3, generator=g)], "b": [torch.randn(17, generator=g)],
              "c": [torch.randn(1, generator=g)]}
     flats = Buffers().copy(parts, torch.float32, torch.device("cpu"))
-    layout = _Layout(flats, None)
-    runs = _runs([(_bytes_of(t), off) for t, off in zip(flats.values(), layout.offsets)])
+    layout = Layout(flats, None)
+    runs = join_runs([(bytes_of(t), off) for t, off in zip(flats.values(), layout.offsets)])
     assert len(runs) == 1 and runs[0][1] == 0
     memory = torch.zeros(layout.size, dtype=torch.uint8)
     for src, off in runs:
@@ -162,6 +162,6 @@ def test_a_snapshots_fields_reach_the_shared_memory_in_one_copy():
     for name, _, _, off, nbytes in layout.fields["shard"]:
         assert torch.equal(memory[off: off + nbytes], torch.cat([t.reshape(-1) for t in parts[name]]).view(torch.uint8))
     apart = {k: v.clone() for k, v in flats.items()}
-    assert len(_runs([(_bytes_of(t), off) for t, off in zip(apart.values(), layout.offsets)])) == 3
-    shifted = [(_bytes_of(t), off + 64 * i) for i, (t, off) in enumerate(zip(flats.values(), layout.offsets))]
-    assert len(_runs(shifted)) == 3
+    assert len(join_runs([(bytes_of(t), off) for t, off in zip(apart.values(), layout.offsets)])) == 3
+    shifted = [(bytes_of(t), off + 64 * i) for i, (t, off) in enumerate(zip(flats.values(), layout.offsets))]
+    assert len(join_runs(shifted)) == 3

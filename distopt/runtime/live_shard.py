@@ -54,7 +54,7 @@ class LiveShard:
         for name, ts in fields.items():
             if any(t.device.type != "cpu" or t.dtype != dtype for t in ts):
                 raise ValueError(f"field {name!r}: a live shard reads CPU tensors of one dtype ({dtype}); "
-                                 f"copy GPU tensors first (checkpointing.snapshot does)")
+                                 f"copy GPU tensors first (snapshots.snapshot does)")
             flat, start, offset = staging(name, sum(t.numel() for t in ts)), len(self._pieces), 0
             for t in ts:
                 n = t.numel()

@@ -19,7 +19,7 @@ from distopt.gradients import execute_with_gradients
 from distopt.optim import recovery
 from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
-from distopt.runtime.checkpointing import Buffers, RunFields, shard_parts, snapshot
+from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.writer_process import make_writer
 from distopt.runtime.config import TrainConfig

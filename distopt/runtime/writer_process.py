@@ -14,26 +14,25 @@ flight. Once the last piece has landed the writer process gets a short message.
 
 The shared memory (a memfd both processes map; no /dev/shm size limit applies) holds one
 snapshot and is kept from one checkpoint to the next: a checkpoint that starts while the
-last one is still being written first waits for it. The writer process's side is
+last one is still being written first waits for it; where each tensor goes in it is
+:mod:`distopt.runtime.host_snapshot`. The writer process's side is
 :mod:`distopt.runtime.writer_main`.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import subprocess
 import sys
 import warnings
-import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import msgpack
 import torch
 
-from distopt.checkpoint.format import dtype_name
-from distopt.runtime.checkpointing import FIELD_ALIGN, ShardWriter
+from distopt.runtime.checkpointing import ShardWriter
+from distopt.runtime.host_snapshot import Layout, SharedMemory, bytes_of, join_runs
 from distopt.runtime.writer_main import MESSAGE_BYTES
 
 FIRST_PIECE = 8 * 2**20  # before any piece has measured the rate
@@ -45,39 +44,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def available() -> bool:
     """Whether this host can run the writer process (Linux memfd; little-endian bytes)."""
     return hasattr(os, "memfd_create") and hasattr(socket, "send_fds") and sys.byteorder == "little"
-
-
-class SharedMemory:
-    """Host memory mapped by the training process and the writer process, pinned for fast
-    device-to-host copies when a GPU uses it."""
-
-    def __init__(self, size: int) -> None:
-        self.size = max(size, FIELD_ALIGN)
-        self.fd = os.memfd_create("distopt-checkpoint", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self._map = mmap.mmap(self.fd, self.size)
-        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self.pinned = False
-
-    def pin(self) -> None:
-        """Page-lock the memory for CUDA: copies into it are then asynchronous."""
-        if self.pinned:
-            return
-        err = torch.cuda.cudart().cudaHostRegister(self.bytes.data_ptr(), self.size, 0)
-        if int(err) != 0:  # the copies still land, just slower and holding the host thread
-            warnings.warn(f"checkpoint staging could not be pinned (cudaHostRegister error {int(err)}): "
-                          "device-to-host copies of checkpoints will block training")
-            return
-        self.pinned = True
-
-    def close(self) -> None:
-        """Unpin and unmap; the writer process keeps its own mapping until it maps another."""
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.bytes.data_ptr())
-            self.pinned = False
-        self.bytes = None  # the tensor exports the map's buffer: it must go before the map closes
-        self._map.close()
-        os.close(self.fd)
 
 
 @dataclass
@@ -92,68 +58,13 @@ class _Job:
     sources: list = field(default_factory=list)  # alive until the side stream has read them
 
 
-def _bytes_of(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bytes, flat: a view of them where ``t`` is contiguous (one op for a snapshot's
-    1-D fields), else of a contiguous copy."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.dim() == 1 and t.is_contiguous():
-        return t.view(torch.uint8)
-    return t.contiguous().reshape(-1).view(torch.uint8)
+class _Lane(NamedTuple):
+    """One device's side stream for copies to the host, and its events, made once."""
 
-
-def _runs(todo: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, int]]:
-    """``todo`` (bytes, offset in the shared memory) with neighbours joined: sources in one
-    block of memory, as far apart there as in the shared memory (a snapshot's fields,
-    see ``checkpointing.Buffers``), are copied in one launch, padding and all. A launch is
-    ~30 us of a training step's Python."""
-    runs = todo[:1]
-    for src, off in todo[1:]:
-        last, last_off = runs[-1]
-        if src.data_ptr() - last.data_ptr() == off - last_off >= last.numel() and \
-                src.untyped_storage().data_ptr() == last.untyped_storage().data_ptr():
-            runs[-1] = (last.as_strided((off - last_off + src.numel(),), (1,)), last_off)
-        else:
-            runs.append((src, off))
-    return runs
-
-
-class _Layout:
-    """Where a snapshot's tensors go in the shared memory, and the message fields that say so.
-
-    Kept from one checkpoint to the next: the snapshot is the same kept tensors every time,
-    and describing them anew (names, dtypes, shapes, offsets) was a sizeable share of a
-    checkpoint step's Python on a GPU. Held weakly: it must not keep a snapshot alive.
-    """
-
-    def __init__(self, shard: dict | None, model: dict | None) -> None:
-        self.fields: dict = {}
-        self.offsets: list[int] = []
-        self._refs: list = []  # (part key, name, weakref, shape, dtype) in layout order
-        self.size, self.cuda = 0, False
-        for key, part in (("shard", shard), ("model", model)):
-            self.fields[key] = None if part is None else []
-            for name, t in (part or {}).items():
-                nbytes = t.numel() * t.element_size()
-                self.fields[key].append([name, dtype_name(t.dtype), list(t.shape), self.size, nbytes])
-                self._refs.append((key, name, weakref.ref(t), t.shape, t.dtype))
-                self.offsets.append(self.size)
-                self.size += -(-nbytes // FIELD_ALIGN) * FIELD_ALIGN
-                self.cuda = self.cuda or t.is_cuda
-
-    @staticmethod
-    def tensors(shard: dict | None, model: dict | None) -> list[torch.Tensor]:
-        """The tensors of a snapshot, in layout order."""
-        return [*(shard or {}).values(), *(model or {}).values()]
-
-    def fits(self, shard: dict | None, model: dict | None) -> bool:
-        """Whether ``shard`` and ``model`` are the tensors this layout was made for, as they were."""
-        if (shard is None) != (self.fields["shard"] is None) or (model is None) != (self.fields["model"] is None):
-            return False
-        items = [("shard", n, t) for n, t in (shard or {}).items()] + [("model", n, t) for n, t in (model or {}).items()]
-        return len(items) == len(self._refs) and all(
-            key == k and name == n and ref() is t and t.shape == shape and t.dtype == dtype
-            for (key, name, t), (k, n, ref, shape, dtype) in zip(items, self._refs))
+    stream: torch.cuda.Stream
+    ready: torch.cuda.Event  # training's stream has made a job's sources
+    start: torch.cuda.Event  # a piece's copies start
+    end: torch.cuda.Event  # and have landed
 
 
 class ProcessWriter:
@@ -175,14 +86,13 @@ class ProcessWriter:
         self._sock: socket.socket | None = None
         self._memory: SharedMemory | None = None
         self._mapped = False  # whether the current process has mapped self._memory
-        self._streams: dict[int, torch.cuda.Stream] = {}  # by device index
-        self._marks: dict[int, tuple] = {}  # by device index: see _events
+        self._lanes: dict[int, _Lane] = {}  # by device index
         self._packer = msgpack.Packer()  # msgpack.packb makes a Packer, with its buffer, per call
         self._copying: list[_Job] = []  # being copied to the host; not yet sent
         self._rate: float | None = None  # bytes per second the last piece reached
         self._writing: list[_Job] = []  # sent; record not back yet
         self._done: list[dict] = []
-        self._layout: _Layout | None = None  # the last snapshot's, which the next one is like
+        self._layout: Layout | None = None  # the last snapshot's, which the next one is like
         self._inbox = bytearray(MESSAGE_BYTES)
         self._spawn()
 
@@ -220,7 +130,7 @@ class ProcessWriter:
         memory = self._shared(layout.size, layout.cuda)
         job = _Job(step, rank, self._packer.pack(message), fields)
         for t, off in zip(layout.tensors(shard, model), layout.offsets):
-            src = _bytes_of(t)
+            src = bytes_of(t)
             if t.is_cuda:
                 job.todo.append((src, off))
                 job.sources.append(src)
@@ -228,15 +138,15 @@ class ProcessWriter:
                 memory.bytes[off: off + src.numel()].copy_(src)
         if job.todo:
             device = job.todo[0][0].get_device()
-            job.ready = self._events(device)[0]  # re-recorded only once the last job's copies are queued
+            job.ready = self._lane(device).ready  # re-recorded only once the last job's copies are queued
             job.ready.record(torch.cuda.current_stream(device))
         self._copying.append(job)
         self._pump()
 
-    def _layout_of(self, shard: dict | None, model: dict | None) -> "_Layout":
+    def _layout_of(self, shard: dict | None, model: dict | None) -> "Layout":
         layout = self._layout
         if layout is None or not layout.fits(shard, model):
-            layout = self._layout = _Layout(shard, model)
+            layout = self._layout = Layout(shard, model)
         return layout
 
     def reserve(self, nbytes: int, device: torch.device) -> None:
@@ -266,20 +176,16 @@ class ProcessWriter:
         self._queue(job, int(min(max(budget, MIN_PIECE), MAX_PIECE)))
 
     def _queue(self, job: _Job, budget: int) -> None:
-        device = job.todo[0][0].get_device()
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        lane = self._lane(job.todo[0][0].get_device())
         if job.ready is not None:  # the job's first piece
-            stream.wait_event(job.ready)
+            lane.stream.wait_event(job.ready)
             job.ready = None
-            job.todo = job.sources = _runs(job.todo)
-        # Reused: a piece is queued once the last one has landed, or (when waiting for the
-        # whole copy) after it on the same stream, so the end event always marks the newest.
-        _, start, end = self._events(device)
+            job.todo = join_runs(job.todo)  # job.sources keeps the memory of what they read
+        # The events are reused: a piece is queued once the last one has landed, or (when
+        # waiting for the whole copy) after it on the same stream, so ``end`` marks the newest.
         queued = 0
-        start.record(stream)
-        with torch.cuda.stream(stream):
+        lane.start.record(lane.stream)
+        with torch.cuda.stream(lane.stream):
             while job.todo and queued < budget:
                 src, off = job.todo[0]
                 n = min(src.numel(), budget - queued)
@@ -289,18 +195,16 @@ class ProcessWriter:
                 else:
                     job.todo[0] = (src[n:], off + n)
                 queued += n
-        end.record(stream)
-        job.piece = (start, end, queued)
+        lane.end.record(lane.stream)
+        job.piece = (lane.start, lane.end, queued)
 
-    def _events(self, device: int) -> tuple[torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]:
-        """This device's events, made once: (a job's sources are ready, a piece's start, its end).
-        Each new event costs a checkpoint step's Python more than recording one again."""
-        events = self._marks.get(device)
-        if events is None:
-            # An event takes its device from the first stream it is recorded on.
-            events = self._marks[device] = (torch.cuda.Event(), torch.cuda.Event(enable_timing=True),
-                                            torch.cuda.Event(enable_timing=True))
-        return events
+    def _lane(self, device: int) -> "_Lane":
+        lane = self._lanes.get(device)
+        if lane is None:  # each new event cost a checkpoint step's Python more than a record
+            lane = self._lanes[device] = _Lane(torch.cuda.Stream(device=device), torch.cuda.Event(),
+                                               torch.cuda.Event(enable_timing=True),
+                                               torch.cuda.Event(enable_timing=True))
+        return lane
 
     def _landed(self, job: _Job) -> bool:
         return not job.todo and (job.piece is None or job.piece[1].query())
