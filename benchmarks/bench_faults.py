@@ -214,7 +214,7 @@ def markdown(result: dict) -> str:
             "The redundancy's cost as the step computes more: the same MLP on the runtime (2 rank processes, no "
             "Ray), stage 1, redundancy off, on, and on as across hosts, back to back in each round; per batch "
             "size the median over rounds of the ratio and of the extra milliseconds. Here the two ranks share a "
-            "host, so the redundancy goes through shared memory (distopt/optim/replica_log.py): what is left "
+            "host, so the redundancy goes through shared memory (distopt/ft/replica_log.py): what is left "
             "per step is each rank's copy of 1/depth of its shard where its holder reads it (`replica_log_depth`, 4 by "
             "default; the depth-8 column logs twice the gradient shards to copy half as much), on a background "
             "thread since 29fdfb5: here the steps follow each other with no round trip to a controller, so it "

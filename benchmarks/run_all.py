@@ -148,8 +148,8 @@ def _findings(results: dict) -> list[str]:
         on, off = summ["A:rt-s1-f3"], summ["A:rt-s1-f0"]
         out.append(f"Fault tolerance (max_failures > 0) adds {on['update_ms'] - off['update_ms']:.1f} ms to "
                    f"`update_s` and {on['comm_ms'] - off['comm_ms']:.1f} ms to `comm_s` at stage 1 (the redundancy "
-                   f"of distopt/optim/redundancy.py; the two ranks share a host, so it is the copy of a quarter of the "
-                   f"neighbour's shard, distopt/optim/replica_log.py), {on['time_ms'] - off['time_ms']:.1f} ms per step in all.")
+                   f"of distopt/ft/redundancy.py; the two ranks share a host, so it is the copy of a quarter of the "
+                   f"neighbour's shard, distopt/ft/replica_log.py), {on['time_ms'] - off['time_ms']:.1f} ms per step in all.")
     if summ:
         out.append("The peers run torch's default Adam, which on CPU is the per-tensor loop (`optimizer_ms` above); "
                    "distopt's update is the fused kernel (benchmark 3).")

@@ -10,9 +10,9 @@ SHAPES = [(7, 5), (13,), (1,), (3, 3, 3), (101,)]
 
 
 def init_params() -> dict[str, torch.Tensor]:
-    """The same initial parameters every call."""
+    """The same initial parameters every call (leaves that require grad, as a model's)."""
     g = torch.Generator().manual_seed(0)
-    return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+    return {f"p{i}": torch.randn(s, generator=g).requires_grad_() for i, s in enumerate(SHAPES)}
 
 
 def grads_of(step: int, rank: int) -> dict[str, torch.Tensor]:

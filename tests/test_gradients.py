@@ -153,7 +153,7 @@ def test_execute_with_gradients_matches_autograd_and_returns_extras():
     randn = _randn(gen)
     xs = {"a": randn(3), "b": [randn((2, 2)), randn(1)], "unused": torch.ones(2)}
     y, grads, e1, e2 = execute_with_gradients(lambda x: (_loss(x), "extra", 7), xs)
-    ref_in = [t.clone().requires_grad_() for t in (xs["a"], *xs["b"])]
+    ref_in = [t.detach().clone().requires_grad_() for t in (xs["a"], *xs["b"])]
     ref_y = _loss({"a": ref_in[0], "b": ref_in[1:]})
     ref = torch.autograd.grad(ref_y, ref_in)
     torch.testing.assert_close(y, ref_y.detach())

@@ -26,7 +26,7 @@ def _train(comms, stage, make_rule, steps=STEPS, bucket_bytes=25 * 2**20, **kw):
 
 
 def _reference(w, make_ref, steps=STEPS, clip=None):
-    params = {k: v.clone().requires_grad_() for k, v in _init().items()}
+    params = {k: v.detach().clone().requires_grad_() for k, v in _init().items()}
     ref = make_ref(list(params.values()))
     for k in range(steps):
         per_rank = [_grads(k, r) for r in range(w)]
@@ -141,7 +141,7 @@ def test_state_dict_round_trip_and_full_state_reshards(groups):
     two = _train(groups(2), 2, make_rule, steps=6)
     shard_sd = [opt.state_dict() for _, opt, _ in two]
     fulls = run_ranks([opt for _, opt, _ in two], lambda opt: opt.full_state_dict())
-    ref_params = {k: v.clone().requires_grad_() for k, v in _init().items()}
+    ref_params = {k: v.detach().clone().requires_grad_() for k, v in _init().items()}
     ref = RULES["adam"][1](list(ref_params.values()))
     for k in range(6):
         for name, p in ref_params.items():

@@ -58,6 +58,18 @@ def layout(numels: Sequence[int], bucket_numel: int, pad_multiple: int = 1, unit
     return Layout(tuple(offsets), tuple(int(n) for n in numels), tuple(buckets), pos, tuple(bucket_of))
 
 
+def concat_layouts(parts: Sequence[Layout]) -> Layout:
+    """Layouts placed back to back in one index space (offsets and buckets shifted)."""
+    offsets, numels, buckets, bucket_of, pos, nb = [], [], [], [], 0, 0
+    for lay in parts:
+        offsets += [o + pos for o in lay.offsets]
+        numels += lay.numels
+        buckets += [(s + pos, e + pos) for s, e in lay.buckets]
+        bucket_of += [b + nb for b in lay.bucket_of]
+        pos, nb = pos + lay.total, nb + len(lay.buckets)
+    return Layout(tuple(offsets), tuple(numels), tuple(buckets), pos, tuple(bucket_of))
+
+
 def _groups_from_end(numels: list[int], units: list, cap: int, last_cap: int) -> list[list[int]]:
     """Tensor indices per bucket, in order; whole units, filled from the end."""
     chunks: list[list[int]] = []  # units, the last one first

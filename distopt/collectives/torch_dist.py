@@ -1,9 +1,11 @@
 """The torch.distributed backend: gloo on CPU tensors, NCCL on CUDA tensors.
 
-Each :class:`TorchCommunicator` owns its own process group built straight from a store
-(:mod:`distopt.collectives.rendezvous`), never torch's global default group, so a broken group can be closed and a new one formed
-in the same process (the recovery path), and several groups can live in one process (the
-in-process test bed).
+A :class:`TorchCommunicator` made by its constructor owns its own process group built
+straight from a store (:mod:`distopt.collectives.rendezvous`), never torch's global default
+group, so a broken group can be closed and a new one formed in the same process (the
+recovery path), and several groups can live in one process (the in-process test bed).
+:meth:`TorchCommunicator.from_process_group` instead runs the same collectives on a group
+the caller already formed (torchrun's default group), which it never shuts down.
 """
 from __future__ import annotations
 
@@ -54,20 +56,8 @@ class TorchCommunicator:
         group_name: str = "distopt", local_host: str | None = None, always_group: bool = False,
     ) -> None:
         validate(rank, world_size, backend, timeout_s)
-        self.rank, self.world_size, self.backend = rank, world_size, backend
-        self.timeout_s = float(timeout_s)
-        self._timeout = datetime.timedelta(seconds=self.timeout_s)
-        # gloo's wait takes the deadline itself. NCCL's wait with a deadline blocks the host
-        # until the GPU is done (polling every millisecond), so NCCL waits are stream-ordered
-        # and the group's watchdog enforces the same timeout_s.
-        self._wait_timeout = self._timeout if backend == "gloo" else None
-        self._broken: str | None = None
-        self._seq = 0
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._store = None
-        self._pg = None
-        self._local = world_size == 1 and not always_group  # nothing to exchange: no group
-        if self._local:
+        self._setup(rank, world_size, backend, timeout_s, local=world_size == 1 and not always_group)
+        if self._local:  # nothing to exchange: no group
             return
         try:
             self._store = store if store is not None else connect_store(rank, world_size, host, port, self._timeout)
@@ -79,9 +69,82 @@ class TorchCommunicator:
                 f"within {self.timeout_s:g}s: {_first_line(e)}. Check that every rank started, "
                 f"that they share host/port, and that the port is reachable") from e
 
+    @classmethod
+    def from_process_group(cls, group: dist.ProcessGroup | None = None) -> TorchCommunicator:
+        """Run this class's collectives on a process group torch.distributed already formed.
+
+        Under torchrun, ``torch.distributed.init_process_group`` has formed the default
+        group; wrapping it needs no second port or store. Every method works as on a group
+        this class forms, and every rank of ``group`` must call the same collectives in the
+        same order. The caller's own collectives on ``group`` may come between them, in the
+        same order on every rank too.
+
+        Collectives time out after the group's own timeout, the one given to
+        ``init_process_group`` (or ``new_group``): pass ``timeout=timedelta(seconds=...)``
+        there, so a dead or stalled peer raises :class:`CollectiveError` within that time
+        (torch's default waits 10 minutes on NCCL, 30 on gloo). On NCCL also set
+        ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` before the group forms; torch's default kills
+        the process when a collective times out instead of raising.
+
+        Args:
+            group: an initialised ``gloo`` or ``nccl`` group this process belongs to (with
+                ``"cpu:gloo,cuda:nccl"``, CUDA tensors take NCCL, CPU tensors gloo); None
+                for torch's default group.
+
+        Returns:
+            A communicator with the group's ``rank`` and ``world_size``. Its :meth:`close`
+            leaves ``group`` usable (the group belongs to the caller); its :attr:`store` is
+            the default group's store, or None where torch does not expose one.
+
+        Raises:
+            RuntimeError: ``group`` is None and the default group is not initialised.
+            ValueError: this process is not a member of ``group``, or its backend is
+                neither gloo nor NCCL.
+        """
+        if group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "comm=None uses torch.distributed's default process group, which is not initialised: "
+                    "call torch.distributed.init_process_group(backend='gloo' or 'nccl') first, or pass a "
+                    "Communicator")
+            group = dist.group.WORLD
+        if not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"group={group!r} is not a process group this process belongs to: pass one "
+                             f"torch.distributed.new_group returned on a member rank, or None for the default group")
+        backend, timeout_s = _backend_and_timeout(group)
+        comm = cls.__new__(cls)
+        comm._setup(group.rank(), group.size(), backend, timeout_s, local=group.size() == 1)
+        comm._pg, comm._owns_group = group, False
+        try:
+            comm._store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, ValueError, KeyError, RuntimeError):  # private API: absent or no store
+            comm._store = None
+        return comm
+
+    def _setup(self, rank: int, world_size: int, backend: str, timeout_s: float | None, local: bool) -> None:
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
+        self._timeout = None if timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
+        # gloo's wait takes the deadline itself. NCCL's wait with a deadline blocks the host
+        # until the GPU is done (polling every millisecond), so NCCL waits are stream-ordered
+        # and the group's watchdog enforces the same timeout_s.
+        self._wait_timeout = self._timeout if backend == "gloo" else None
+        self._broken: str | None = None
+        self._seq = 0
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._store = None
+        self._pg = None
+        self._owns_group = True  # False for a wrapped group: close() must leave it to its owner
+        self._local = local
+
     @property
     def store(self) -> dist.Store | None:
-        """The rendezvous store (rank 0 serves it); another group may form on it."""
+        """The rendezvous store; another group may form on it.
+
+        Rank 0 serves it for a group this class formed; a wrapped group
+        (:meth:`from_process_group`) gives torch's default store. None after :meth:`close`,
+        for a constructed communicator of world size 1, and where torch exposes no default store.
+        """
         return self._store
 
     # --- the collectives ------------------------------------------------------------
@@ -265,10 +328,13 @@ class TorchCommunicator:
             self._run("barrier", lambda _: self._pg.barrier(BarrierOptions()))
 
     def close(self) -> None:
-        """Shut the group down; later calls raise :class:`CollectiveError`."""
+        """Shut the group down; later calls raise :class:`CollectiveError`.
+
+        A group from :meth:`from_process_group` is only let go of, never shut down.
+        """
         pg, self._pg, self._store = self._pg, None, None
         self._broken = self._broken or "closed"
-        if pg is not None:
+        if pg is not None and self._owns_group:
             try:
                 pg.shutdown()
             except Exception:  # a group that already failed may refuse a clean shutdown
@@ -313,7 +379,8 @@ class TorchCommunicator:
         self._broken = f"{name} failed: {_first_line(e)}"
         return CollectiveError(
             f"{name} failed on rank {self.rank} of {self.world_size} ({self.backend}, timeout "
-            f"{self.timeout_s:g}s): {_first_line(e)}. A peer died, stalled or left; form a new group")
+            f"{'unknown' if self.timeout_s is None else f'{self.timeout_s:g}s'}): {_first_line(e)}. "
+            f"A peer died, stalled or left; form a new group")
 
     def _prescale(self, t: torch.Tensor, op: str) -> None:
         if op == "mean" and t.dtype in _PREDIVIDE:
@@ -325,6 +392,24 @@ class TorchCommunicator:
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
+
+
+def _backend_and_timeout(group: dist.ProcessGroup) -> tuple[str, float | None]:
+    """The code path ("nccl" or "gloo") for ``group``'s tensors, and its timeout in seconds
+    (None where this torch does not expose it; the group still enforces it)."""
+    name = str(dist.get_backend(group))  # "gloo", "nccl", or per device: "cpu:gloo,cuda:nccl"
+    per_device = dict(part.split(":") for part in name.split(",")) if ":" in name else {"cpu": name, "cuda": name}
+    if per_device.get("cuda") == "nccl":
+        backend, device = "nccl", "cuda"
+    elif per_device.get("cpu") == "gloo":
+        backend, device = "gloo", "cpu"
+    else:
+        raise ValueError(f"the group's backend is {name!r}: wrap a 'gloo' or 'nccl' group "
+                         f"(torch.distributed.init_process_group(backend='gloo' or 'nccl'))")
+    try:
+        return backend, group._get_backend(torch.device(device)).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # private API, absent in some torch versions
+        return backend, None
 
 
 def _check_contiguous(t: torch.Tensor, name: str) -> None:

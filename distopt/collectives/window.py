@@ -1,6 +1,6 @@
 """Buffers ring neighbours on one host map from each other: shared memory instead of sends.
 
-The in-memory redundancy (:mod:`distopt.optim.redundancy`) moves a shard's gradients to
+The in-memory redundancy (:mod:`distopt.ft.redundancy`) moves a shard's gradients to
 the rank holding its replica every step, and needs the replica back only after a failure.
 When the two processes run on one host, a file in ``/dev/shm`` that both map replaces the
 transfer: one rank writes its buffer, the other reads it in place, with no copy and no

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, Layout, layout
+import torch
+
+from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, Layout, concat_layouts, layout
 
 # 32 fp32 elements = 128 bytes: shard starts stay cache-line and vector aligned.
 ALIGN = 32
@@ -79,3 +81,46 @@ def plan(numels: Sequence[int], world_size: int, bucket_numel: int = DEFAULT_BUC
     if len(numels) == 0:
         raise ValueError("plan() needs at least one tensor")
     return ShardPlan(world_size, align, layout(numels, bucket_numel, world_size * align, units, last_bucket_numel))
+
+
+class Arrangement(NamedTuple):
+    """How an optimizer's parameters sit in its plan: which tensor is at each plan position,
+    and the group and dtype of every bucket (a bucket never mixes either)."""
+
+    order: tuple[int, ...]  # plan position -> index of the tensor as given
+    bucket_group: tuple[int, ...]
+    bucket_dtype: tuple[torch.dtype, ...]
+    launch: tuple[int, ...]  # buckets in the order their reductions start, the same on every rank
+
+
+def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Sequence[int], world_size: int,
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+            last_bucket_bytes: int | None = 2**20) -> tuple[ShardPlan, Arrangement]:
+    """The plan of a ShardedOptimizer over ``world_size`` shards (1 at zero_stage 0); pure.
+
+    Tensors are ordered by dtype (first seen first), then group, then as given; each
+    (dtype, group) run is cut into buckets of its own (:func:`plan`), so one flat buffer per
+    dtype holds its buckets back to back and each bucket's shard updates with one group's
+    hyperparameters. A module's parameters (names sharing the part before the last dot)
+    share a bucket. Reductions start in the order backward completes buckets: the bucket
+    whose first tensor comes latest in the given order first.
+    """
+    dtypes = list(dict.fromkeys(t.dtype for t in tensors))
+    order = sorted(range(len(tensors)), key=lambda i: (dtypes.index(tensors[i].dtype), group_of[i], i))
+    runs: dict[tuple, list[int]] = {}
+    for i in order:
+        runs.setdefault((tensors[i].dtype, group_of[i]), []).append(i)
+    layouts, bucket_group, bucket_dtype = [], [], []
+    for (dtype, group), members in runs.items():
+        size = dtype.itemsize
+        units = [names[i].rsplit(".", 1)[0] if "." in names[i] else names[i] for i in members]
+        part = plan([tensors[i].numel() for i in members], world_size, max(1, bucket_bytes // size),
+                    units=units, last_bucket_numel=max(1, last_bucket_bytes // size) if last_bucket_bytes else None)
+        layouts.append(part.layout)
+        bucket_group += [group] * len(part.layout.buckets)
+        bucket_dtype += [dtype] * len(part.layout.buckets)
+    lay = concat_layouts(layouts)
+    first = [min(order[i] for i in lay.members(b)) if lay.members(b) else -1 for b in range(len(lay.buckets))]
+    launch = sorted(range(len(lay.buckets)), key=lambda b: (-first[b], -b))
+    return ShardPlan(world_size, ALIGN, lay), Arrangement(tuple(order), tuple(bucket_group), tuple(bucket_dtype),
+                                                          tuple(launch))

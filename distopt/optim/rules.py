@@ -12,7 +12,7 @@ number of the update being made.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, NamedTuple, Union
 
 import torch
@@ -128,6 +128,27 @@ class Adam:
 Rule = Union[SGD, Adam]
 
 
+def hyperparameters(rule: Rule) -> dict:
+    """The rule's hyperparameters by name: the defaults of a torch-style parameter group."""
+    return {f.name: getattr(rule, f.name) for f in fields(rule)}
+
+
+def with_hyperparameters(rule: Rule, group: dict, where: str = "param group") -> Rule:
+    """``rule`` with the hyperparameters a parameter group holds now, checked as the rule's
+    constructor checks them (the rule itself when nothing differs).
+
+    Raises:
+        ValueError: a value the rule does not take, naming the group.
+    """
+    values = {name: group.get(name, default) for name, default in hyperparameters(rule).items()}
+    if all(values[k] is getattr(rule, k) or values[k] == getattr(rule, k) for k in values):
+        return rule
+    try:
+        return _FACTORIES[rule.name](**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
 def sgd(lr: LR, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> SGD:
     """SGD with optional momentum, Nesterov momentum and L2 weight decay.
 
@@ -158,6 +179,9 @@ def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     if not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0: use e.g. eps=1e-8")
     return Adam(lr, (float(betas[0]), float(betas[1])), float(eps), float(weight_decay), bool(decoupled))
+
+
+_FACTORIES = {"sgd": sgd, "adam": adam}
 
 
 def _fusable(*lists: list[torch.Tensor]) -> bool:

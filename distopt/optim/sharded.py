@@ -1,36 +1,43 @@
-"""ShardedOptimizer: ZeRO stages 0, 1 and 2 over any :class:`Communicator`.
+"""ShardedOptimizer: a ``torch.optim.Optimizer`` with ZeRO stages 0, 1 and 2 over any Communicator.
 
-The given parameter tensors are re-pointed at views of one flat buffer cut into buckets
-(their identity is kept, so a model holding them sees every update). Per step:
+The parameters are re-pointed at views of flat buffers (one per dtype) cut into buckets;
+their identity is kept, so the model sees every update. Each step reads top to bottom:
 
-    stage 0  allreduce(mean) each gradient bucket; every rank updates everything
-    stage 1  reduce_scatter(mean) each bucket into this rank's gradient shard; update the
-             shard with the shard's state; allgather the new parameter shards
-    stage 2  as stage 1, but the full-size gradient buffer is never kept: gradients are
-             packed one bucket at a time into a bucket-sized staging buffer
+    reduce   each gradient bucket is averaged into this rank's shard of it (reduce-scatter;
+             at zero_stage 0 the plan has one shard, which is the whole bucket: allreduce),
+             mostly while backward still runs (:mod:`distopt.optim.reducer`)
+    norm     the global gradient norm; a non-finite one skips the step on every rank, a
+             large one is clipped to ``max_grad_norm``
+    update   every group's rule on this rank's shard, with the group's hyperparameters now
+    gather   the new parameter shards to every rank (nothing to do with one shard)
 
-World size 1 runs the same code; the communicator skips the wire.
+Stage 1 keeps a full-size gradient buffer that ``.grad`` views (written once, by autograd);
+stage 2 keeps only this rank's gradient shard and packs a bucket at a time. World size 1
+runs the same code; the communicator skips the wire.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from typing import Callable, Mapping, NamedTuple, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from distopt.collectives.base import Communicator, check_wire_dtype
-from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, FlatBuffer
+from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES
 from distopt.optim import state_io
-from distopt.optim.plan import ShardPlan, plan
-from distopt.optim.overlap import Overlap
-from distopt.optim.redundancy import RecoveryError, Redundancy, clipped
-from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
-from distopt.optim.rules import Rule
+from distopt.optim.flat import Flat
+from distopt.optim.hooks import StepHooks
+from distopt.optim.params import check_devices, normalize
+from distopt.optim.plan import Arrangement, ShardPlan, arrange
+from distopt.optim.reducer import Reducer
+from distopt.optim.rules import Rule, hyperparameters, with_hyperparameters
 
 log = logging.getLogger("distopt")
-Params = Union[Sequence[torch.Tensor], Mapping[str, torch.Tensor]]
+HISTORY = 128  # steps whose hyperparameters are kept, for a replica's replay
 
 
 class StepInfo(NamedTuple):
@@ -39,17 +46,22 @@ class StepInfo(NamedTuple):
     step: int  # updates applied so far
     grad_norm: float  # L2 norm of the averaged gradient, before clipping
     skipped: bool  # a non-finite gradient somewhere: no rank updated
-    comm_s: float  # seconds in gradient reduction and parameter gather
-    update_s: float  # seconds in the update rule and the redundancy (replay or copy of the neighbour's shard)
+    comm_s: float  # seconds waiting for gradient reduction and parameter gather
+    update_s: float  # seconds in the update rule and the hooks around it
 
 
-class ShardedOptimizer:
-    """Data-parallel optimizer with sharded state (see the module docstring for the stages).
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Data-parallel optimizer with sharded state; a torch optimizer (see the module docstring).
 
     Args:
-        params: a list of tensors or a ``name -> tensor`` dict; one floating dtype, one device.
-        rule: ``distopt.optim.sgd(...)`` or ``distopt.optim.adam(...)``.
-        comm: this rank's communicator; every rank constructs its optimizer in the same order.
+        params: tensors, ``(name, tensor)`` pairs, a ``name -> tensor`` dict, or parameter
+            groups: dicts with ``"params"`` and overrides of the rule's hyperparameters
+            (``lr``, ``weight_decay``, ...). ``requires_grad=False`` tensors are frozen (no
+            state, no traffic); a tensor listed twice is one parameter. dtypes may mix.
+        rule: ``distopt.optim.sgd(...)`` or ``distopt.optim.adam(...)``; its hyperparameters
+            are the groups' defaults.
+        comm: this rank's communicator; None uses torch.distributed's default group (as
+            under torchrun). Every rank constructs its optimizer in the same order.
         zero_stage: 0, 1 or 2.
         bucket_bytes: cap on one collective's buffer.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
@@ -57,272 +69,293 @@ class ShardedOptimizer:
         sync_params: broadcast rank 0's parameters at construction, so all ranks start equal.
         last_bucket_bytes: cap on the bucket of the last parameters, reduced first while
             backward is still running (1 MiB, as DDP's first bucket); None: ``bucket_bytes``.
-        replicate: keep the in-memory redundancy that lets a lost rank be rebuilt and a
-            failed step be undone (:mod:`distopt.optim.redundancy`).
-        replica_distance: rank ``r + replica_distance`` holds rank ``r``'s replica; pick it
-            with :func:`distopt.optim.redundancy.replica_distance` so a replica sits on
-            another node than its shard.
-        shared_memory: ranks that share a host keep the redundancy in shared memory
-            (:mod:`distopt.collectives.window`) instead of sending it; False sends it always.
-            The same on every rank.
-        replica_log_depth: the steps over which each rank copies its shard, one less than
-            the steps of gradients it logs (:mod:`distopt.optim.replica_log`; on one host
-            where its holder reads them, across hosts on CPU in its own memory, to undo its
-            own update): each step costs a copy of ``1/depth`` of the shard's parameters and
-            state, and memory holds ``depth`` more gradient shards. The same on every rank.
 
     Raises:
         TypeError, ValueError: bad arguments, before any communication.
+        RuntimeError: ``comm=None`` without an initialised default process group.
     """
 
-    def __init__(self, params: Params, rule: Rule, comm: Communicator, zero_stage: int = 1,
+    def __init__(self, params: Any, rule: Rule, comm: Communicator | None = None, zero_stage: int = 1,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
-                 wire_dtype: torch.dtype | None = None, sync_params: bool = True, replicate: bool = False,
-                 last_bucket_bytes: int | None = 2**20, replica_distance: int = 1,
-                 shared_memory: bool = True, replica_log_depth: int = REPLICA_LOG_DEPTH) -> None:
-        self.names, self._tensors = _named_tensors(params)
-        _check_args(self._tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype)
-        if not isinstance(replica_distance, int) or isinstance(replica_distance, bool) or \
-                not 1 <= replica_distance <= max(1, comm.world_size - 1):
-            raise ValueError(f"replica_distance={replica_distance!r} must be an int in [1, world_size - 1] "
-                             f"(world_size={comm.world_size}): use distopt.optim.redundancy.replica_distance(nodes)")
-        check_depth(replica_log_depth)
+                 wire_dtype: torch.dtype | None = None, sync_params: bool = True,
+                 last_bucket_bytes: int | None = 2**20) -> None:
+        hyper = hyperparameters(rule)
+        groups, managed = normalize(params, list(hyper))
+        _check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
+        for dtype in {t.dtype for t in managed.tensors}:
+            check_wire_dtype(wire_dtype, dtype)
+        self.device = check_devices(managed.tensors)
+        if comm is None:
+            from distopt.collectives.torch_dist import TorchCommunicator
+            comm = TorchCommunicator.from_process_group(None)
+        _check_comm(comm)
+        super().__init__(groups, hyper)
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
-        first = self._tensors[0]
-        self.plan: ShardPlan = build_plan(self.names, self._tensors, comm.world_size, zero_stage, bucket_bytes,
-                                          last_bucket_bytes)
+        self.plan, self.arrangement = arrange(managed.names, managed.tensors, managed.group_of,
+                                              comm.world_size if zero_stage >= 1 else 1, bucket_bytes,
+                                              last_bucket_bytes)
+        order = self.arrangement.order
+        self.names = [managed.names[i] for i in order]  # plan order
+        self.tensors = [managed.tensors[i] for i in order]
         log.debug("rank %d: %s", comm.rank, self.plan.describe())
-        self._params = self._adopt_params(first.dtype, first.device)
+        self.params_flat = self._adopt_params()
         if sync_params:
-            comm.broadcast(self._params.data, src=0)
-        ranges = self.plan.ranges(comm.rank if zero_stage >= 1 else 0)
-        self._p_shards = [self._params.data[s:e] for s, e in ranges]
-        self._grads = self._grad_buffer() if zero_stage <= 1 else None
-        self._g_shards = self._grad_shards(ranges)
-        self._staging = self._params.data.new_zeros(max(e - s for s, e in self.plan.layout.buckets)) \
-            if zero_stage == 2 else None
-        self.state = rule.init(self._p_shards)
+            for flat in self.params_flat.flats():
+                comm.broadcast(flat, src=0)
+        ranges = self.plan.ranges(comm.rank if self.plan.world_size > 1 else 0)
+        self.shard_params = [self.params_flat.range(s, e) for s, e in ranges]
+        self.grad_buckets = self._grad_buffer() if zero_stage <= 1 else None
+        self.grad_flat, self.grad_shards = self._grad_shards(ranges)
+        # A group may turn on state the defaults lack (SGD momentum): the rule that keeps the most makes it.
+        first = [with_hyperparameters(rule, g, f"param group {i}") for i, g in enumerate(self.param_groups)]
+        self._init_rule = max(first, key=_fields_kept)
+        self.shard_state = self.init_state(self.shard_params)
+        self._units = self._update_units()
         self.step_count = 0
-        # Called as on_phase(phase, step) at "grad_collective", "shard_update", "param_gather".
-        self.on_phase: Callable[[str, int], None] | None = None
-        # Called before this rank's parameter shard or state changes in place (update,
-        # rollback, load): whoever still reads that memory (a checkpoint write) must let go.
-        self.before_write: Callable[[], None] | None = None
-        self.redundancy = Redundancy(self, replica_distance, shared_memory, replica_log_depth) if replicate else None
-        self.overlap: Overlap | None = None
+        self.info: StepInfo | None = None  # the last step's
+        self._hooks: list[StepHooks] = []
+        self._rules_at: dict[int, list[Rule]] = {}
+        self.reducer = Reducer(self)
+        self.reducer.narrow_blocks = zero_stage == 0 and wire_dtype is not None
 
     # --- set-up ---------------------------------------------------------------------
-    def _adopt_params(self, dtype: torch.dtype, device: torch.device) -> FlatBuffer:
-        buf = FlatBuffer([t.shape for t in self._tensors], self.plan.layout, dtype, device)
-        buf.copy_in([t.detach() for t in self._tensors])
-        for t, view in zip(self._tensors, buf.views):
+    def _adopt_params(self) -> Flat:
+        buf = Flat(self.plan, self.arrangement, [t.shape for t in self.tensors], self.device)
+        with torch.no_grad():
+            torch._foreach_copy_(buf.views, [t.detach() for t in self.tensors])
+        for t, view in zip(self.tensors, buf.views):
             t.data = view  # same tensor object, storage now in the flat buffer
         return buf
 
-    def _grad_buffer(self) -> FlatBuffer:
-        buf = FlatBuffer([t.shape for t in self._tensors], self.plan.layout, self._params.data.dtype,
-                         self._params.data.device)
-        for t, view in zip(self._tensors, buf.views):
+    def _grad_buffer(self) -> Flat:
+        buf = Flat(self.plan, self.arrangement, [t.shape for t in self.tensors], self.device)
+        for t, view in zip(self.tensors, buf.views):
             if t.grad is not None:
                 view.copy_(t.grad)
             t.grad = view  # backward accumulates straight into the bucket
         return buf
 
-    def _grad_shards(self, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def _grad_shards(self, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         if self.zero_stage == 0:
-            return [self._grads.data[s:e] for s, e in ranges]
-        self._g_flat = self._params.data.new_zeros(sum(e - s for s, e in ranges))
-        return list(self._g_flat.split([e - s for s, e in ranges]))
+            return None, [self.grad_buckets.bucket(b) for b in range(len(ranges))]
+        dtypes = self.arrangement.bucket_dtype
+        flats = {d: torch.zeros(sum(e - s for (s, e), x in zip(ranges, dtypes) if x == d), dtype=d,
+                                device=self.device) for d in dict.fromkeys(dtypes)}
+        shards, used = [], {d: 0 for d in flats}
+        for (s, e), d in zip(ranges, dtypes):
+            shards.append(flats[d][used[d]:used[d] + e - s])
+            used[d] += e - s
+        return (next(iter(flats.values())) if len(flats) == 1 else None), shards
+
+    def _update_units(self) -> list[tuple[int, list[int], Any]]:
+        """(group, its buckets of one dtype, their state) for each rule call of a step."""
+        arr, out = self.arrangement, []
+        for key in dict.fromkeys(zip(arr.bucket_group, arr.bucket_dtype)):
+            idx = [b for b, k in enumerate(zip(arr.bucket_group, arr.bucket_dtype)) if k == key]
+            out.append((key[0], idx, _state_of(self.shard_state, idx)))
+        return out
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Groups are fixed once the plan is made; torch calls this while constructing."""
+        if getattr(self, "plan", None) is not None:
+            raise RuntimeError("ShardedOptimizer cannot add a parameter group after construction (the sharding "
+                               "plan is made from all groups): pass every group to the constructor")
+        super().add_param_group(param_group)
+
+    # --- hooks ----------------------------------------------------------------------
+    def register_hooks(self, hooks: StepHooks) -> Callable[[], None]:
+        """Call ``hooks`` at the points of every step (:mod:`distopt.optim.hooks`); returns
+        a function that removes them."""
+        self._hooks.append(hooks)
+        return lambda: self._hooks.remove(hooks) if hooks in self._hooks else None
+
+    def notify_write(self) -> None:
+        """Tell the hooks this rank's shard is about to change in place outside a step (a
+        layer that restores it: a rollback)."""
+        self._call("before_write")
+
+    def init_state(self, params: list[torch.Tensor]) -> Any:
+        """Fresh (zero) optimizer state for pieces shaped like ``params``, with the fields
+        this optimizer keeps: what a copy of a shard's state needs."""
+        return self._init_rule.init(params)
+
+    def use_grad_shards(self, flat: torch.Tensor) -> None:
+        """Reduce the next step's gradients into ``flat`` (this rank's shard size, one
+        dtype): a replica log keeps them where a neighbour reads them. Between steps only."""
+        if self.zero_stage == 0 or len(self.params_flat.segments) > 1:
+            raise TypeError("use_grad_shards needs zero_stage >= 1 and parameters of one dtype")
+        self.grad_flat = flat
+        self.grad_shards = list(flat.split([t.numel() for t in self.shard_params]))
+
+    def _call(self, point: str, *args: Any) -> None:
+        for h in self._hooks:
+            getattr(h, point)(*args)
 
     # --- the step -------------------------------------------------------------------
-    def step(self, grads: Params | None = None) -> StepInfo:
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients over several backward passes without reducing them (as
+        DDP's ``no_sync``): every backward but the last of a step runs inside. Gradients are
+        summed, so scale each micro-batch's loss by ``1 / micro_batches`` for their mean."""
+        with self.reducer.no_sync():
+            yield
+
+    def step(self, closure: Callable[[], Any] | None = None, *, grads: Any = None) -> Any:
         """Average gradients over ranks and apply one update; a collective.
 
-        Every rank calls it once per step with gradients for the same parameters. Without
-        ``grads`` each parameter's ``.grad`` is used. Afterwards every rank holds identical
-        parameters. At stage >= 1 ``.grad`` holds unspecified values: call :meth:`zero_grad`
-        before the next backward.
+        Every rank calls it once per step. Gradients come from ``.grad`` (reduced while
+        backward ran, or now), or from ``grads`` (same names or order as the parameters).
+        Afterwards every rank holds identical parameters; :attr:`info` says what happened.
+        At stage >= 1 ``.grad`` then holds unspecified values: :meth:`zero_grad` before the
+        next backward.
 
         Returns:
-            StepInfo; ``skipped`` is True (on every rank) when any gradient was not finite.
+            The closure's loss (None without a closure), as torch optimizers do.
 
         Raises:
             ValueError: ``grads`` does not match the parameters.
-            CollectiveError: a peer failed; parameters and state are then unspecified.
+            CollectiveError: a peer failed; parameters and state are then unspecified
+                (roll back with :mod:`distopt.ft`, or restore a checkpoint).
         """
-        given = None if grads is None else _match_grads(grads, self.names, self._tensors)
-        replay_s = 0.0
-        if self.redundancy is not None:
-            self.redundancy.commit(self.step_count)  # being called again means the last step committed
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        given = None if grads is None else _match_grads(grads, self.names, self.tensors, self.arrangement.order)
         step = self.step_count + 1
         t0 = time.perf_counter()
-        self._phase("grad_collective", step)
-        if self.overlap is not None and self.overlap.capturing:
-            self.overlap.finish()
-        else:
-            self._reduce(given)
-        if self.redundancy is not None:
-            t_settle = time.perf_counter()
-            self.redundancy.settle()  # its copies read the shard that this step's update changes
-            t0 += time.perf_counter() - t_settle  # (update time, in replay_s, not communication)
-            replay_s, self.redundancy.replay_s = self.redundancy.replay_s, 0.0  # (perhaps replayed in begin)
-        norm = self._global_norm()
+        self._call("phase", "grad_collective", step)
+        self.reducer.finish(given)
         t1 = time.perf_counter()
+        self._call("grads_reduced", step)
+        t2 = time.perf_counter()
+        norm = self._global_norm()
+        t3 = time.perf_counter()
         if not math.isfinite(norm):
             log.warning("rank %d: non-finite gradient (norm %s): step %d skipped on every rank",
-                        self.comm.rank, norm, self.step_count + 1)
-            return StepInfo(self.step_count, norm, True, t1 - t0, replay_s)
+                        self.comm.rank, norm, step)
+            self.info = StepInfo(self.step_count, norm, True, (t1 - t0) + (t3 - t2), t2 - t1)
+            return loss
         scale = self.max_grad_norm / (norm + 1e-6) if self.max_grad_norm is not None and norm > self.max_grad_norm \
             else 1.0
         self._update(step, scale)
-        t2 = time.perf_counter()
-        self._phase("param_gather", step)
-        if self.zero_stage >= 1:
-            gathers = [self.comm.allgather(shard, out=self._params.bucket(b), async_op=True)
-                       for b, shard in enumerate(self._p_shards)]
-            for g in gathers:
-                g.wait()
-        if self.redundancy is not None:
-            self.redundancy.shipped()  # the step is not done before the neighbour has our gradients
-        self.step_count += 1
-        if self.redundancy is not None:
-            self.redundancy.gathered(self.step_count)
-        return StepInfo(self.step_count, norm, False, (t1 - t0) + (time.perf_counter() - t2), replay_s + t2 - t1)
+        t4 = time.perf_counter()
+        self._call("phase", "param_gather", step)
+        self._gather()
+        self.step_count = step
+        t5 = time.perf_counter()
+        self._call("after_gather", step)
+        t6 = time.perf_counter()
+        self.info = StepInfo(step, norm, False, (t1 - t0) + (t3 - t2) + (t5 - t4), (t2 - t1) + (t4 - t3) + (t6 - t5))
+        return loss
 
-    def overlap_backward(self) -> None:
-        """From now on reduce gradients during backward (hooks on the parameters).
-
-        Before each micro-batch's backward call :meth:`begin_micro_batch`; after the last
-        one, :meth:`step` with no arguments. A step without ``begin_micro_batch`` uses
-        ``.grad`` or the ``grads`` given, as usual.
-        """
-        if self.overlap is None:
-            self.overlap = Overlap(self)
-
-    def begin_micro_batch(self, first: bool = True, last: bool = True, scale: float = 1.0) -> None:
-        """Capture the coming backward's gradients, times ``scale``; reduce them after the ``last``.
-
-        Raises:
-            RuntimeError: :meth:`overlap_backward` was not called.
-        """
-        if self.overlap is None:
-            raise RuntimeError("begin_micro_batch needs overlap_backward() first")
-        self.overlap.begin(first, last, scale)
+    def reduce_bucket(self, b: int, flat: torch.Tensor):
+        """Start averaging gradient bucket ``b`` (in ``flat``) into this rank's shard of it."""
+        if self.zero_stage == 0:  # the one shard is the bucket itself
+            return self.comm.allreduce(flat, "mean", self.wire_dtype, async_op=True)
+        return self.comm.reduce_scatter(flat, "mean", self.wire_dtype, out=self.grad_shards[b], async_op=True)
 
     def _update(self, step: int, scale: float) -> None:
-        grads = clipped(self._g_shards, scale)
-        if self.redundancy is None:
-            self._phase("shard_update", step)
-            self._will_write()
-            self.rule.update(self._p_shards, grads, self.state, step)
+        rules = self.rules_at(step)
+        if any(_fields_kept(r) > sum(1 for f in self.shard_state if f) for r in rules):
+            raise ValueError("a parameter group's hyperparameters now need optimizer state it was built without "
+                             "(e.g. SGD momentum turned on from 0): give the rule or the group a nonzero value "
+                             "at construction")
+        self._call("before_update", step, scale)
+        self._call("phase", "shard_update", step)
+        self._call("before_write")
+        grads = clipped(self.grad_shards, scale)
+        for group, idx, state in self._units:
+            rules[group].update([self.shard_params[b] for b in idx], [grads[b] for b in idx], state, step)
+        self._call("after_update", step)
+
+    def _gather(self) -> None:
+        if self.plan.world_size == 1:
             return
-        prepared = self.rule.prepare(self._p_shards, grads, step)
-        self.redundancy.before_update(step, scale)  # the shift to the holder stays in flight
-        self._phase("shard_update", step)
-        self._will_write()
-        self.rule.apply(self._p_shards, prepared, self.state, step)
-        self.redundancy.after_update(step)
-
-    def _phase(self, phase: str, step: int) -> None:
-        if self.on_phase is not None:
-            self.on_phase(phase, step)
-
-    def _will_write(self) -> None:
-        if self.before_write is not None:
-            self.before_write()
-
-    def rollback(self, committed: int) -> None:
-        """Undo a step that did not commit: this rank's shard returns to update ``committed``.
-
-        Local, no communication; the other ranks' parameter shards are restored by the
-        recovery's gather. Needs ``replicate=True``.
-
-        Raises:
-            RecoveryError: this rank cannot return to ``committed``.
-        """
-        if self.redundancy is None:
-            raise RecoveryError("rollback needs ShardedOptimizer(..., replicate=True)")
-        self._will_write()
-        self.redundancy.rollback(committed)
-
-    def _reduce(self, given: list[torch.Tensor] | None) -> None:
-        if self._grads is not None and given is not None:
-            self._grads.copy_in(given)
-        elif self._grads is not None:
-            self._adopt_loose_grads()
-        for b in range(len(self.plan.layout.buckets)):
-            if self.zero_stage == 0:
-                self.comm.allreduce(self._grads.bucket(b), "mean", self.wire_dtype)
-                continue
-            flat = self._grads.bucket(b) if self._grads is not None else self._stage(b, given)
-            self.comm.reduce_scatter(flat, "mean", self.wire_dtype, out=self._g_shards[b])
-
-    def _adopt_loose_grads(self) -> None:
-        # A user who set .grad to None or a new tensor gets it copied back into the bucket.
-        for t, view in zip(self._tensors, self._grads.views):
-            if t.grad is None:
-                view.zero_()
-            elif t.grad.data_ptr() != view.data_ptr():
-                view.copy_(t.grad)
-            t.grad = view
-
-    def _stage(self, b: int, given: list[torch.Tensor] | None) -> torch.Tensor:
-        lay = self.plan.layout
-        start, end = lay.buckets[b]
-        flat = self._staging[: end - start]
-        flat.zero_()
-        for i in lay.members(b):
-            g = given[i] if given is not None else self._tensors[i].grad
-            if g is not None:
-                flat[lay.offsets[i] - start: lay.offsets[i] - start + lay.numels[i]].copy_(g.reshape(-1))
-        return flat
+        gathers = [self.comm.allgather(shard, out=self.params_flat.bucket(b), async_op=True)
+                   for b, shard in enumerate(self.shard_params)]
+        for g in gathers:
+            g.wait()
 
     def _global_norm(self) -> float:
-        # Per-bucket norms in the gradients' dtype (one fused pass, as clip_grad_norm_ does),
-        # combined in double precision.
-        # Summed on the device: one host synchronisation per step, not one per bucket.
-        if self._g_shards:
-            norms = torch.stack(torch._foreach_norm(self._g_shards, 2.0)).double()
-            total = norms.square().sum().reshape(1)
-        else:
-            total = torch.zeros(1, dtype=torch.float64, device=self._params.data.device)
-        if self.zero_stage >= 1:
+        # Per-bucket norms in the gradients' dtype (one fused pass per dtype, as
+        # clip_grad_norm_ does), combined in double precision on the device: one host
+        # synchronisation per step, not one per bucket.
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in self.grad_shards:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        parts = [torch.stack(torch._foreach_norm(gs, 2.0)).double() for gs in by_dtype.values()]
+        total = torch.cat(parts).square().sum().reshape(1)
+        if self.plan.world_size > 1:
             # Every rank must see the same number, so the skip/clip decision is unanimous.
             self.comm.allreduce(total, "sum")
         sumsq = float(total[0])
         return math.sqrt(sumsq) if sumsq >= 0 else float("nan")
 
-    def zero_grad(self) -> None:
-        """Reset gradients: zeros in the gradient buckets (stage 0/1), ``None`` at stage 2."""
-        if self._grads is None:
-            for t in self._tensors:
+    def rules_at(self, step: int) -> list[Rule]:
+        """Each group's rule with the hyperparameters of update ``step``: the groups' values
+        when it is made, kept for :data:`HISTORY` steps so a replica replays it exactly.
+
+        Raises:
+            ValueError: a group's hyperparameter is not valid for the rule.
+            KeyError: ``step`` is older than the history.
+        """
+        if step not in self._rules_at:
+            if step <= self.step_count and self._rules_at:
+                raise KeyError(f"update {step} is older than the {HISTORY} steps whose hyperparameters are kept")
+            self._rules_at[step] = [with_hyperparameters(self.rule, g, f"param group {i}")
+                                    for i, g in enumerate(self.param_groups)]
+            for old in [s for s in self._rules_at if s <= step - HISTORY]:
+                del self._rules_at[old]
+        return self._rules_at[step]
+
+    def replay(self, step: int, buckets: Sequence[int], params: list[torch.Tensor], grads: list[torch.Tensor],
+               state: Any, scale: float) -> None:
+        """Apply update ``step`` as this optimizer made it, to pieces of a shard (a replica's,
+        or a copy being rolled forward): ``params[i]``, ``grads[i]`` and each state field's
+        ``[i]`` are a piece of bucket ``buckets[i]``; local, no communication."""
+        rules, group_of, dtypes = self.rules_at(step), self.arrangement.bucket_group, self.arrangement.bucket_dtype
+        grads = clipped(grads, scale)
+        for key in dict.fromkeys((group_of[b], dtypes[b]) for b in buckets):
+            idx = [i for i, b in enumerate(buckets) if (group_of[b], dtypes[b]) == key]
+            rules[key[0]].update([params[i] for i in idx], [grads[i] for i in idx], _state_of(state, idx), step)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset gradients. At zero_stage 0/1 ``.grad`` stays a view of the gradient
+        bucket, zeroed in place whatever ``set_to_none`` says (the bucket is the memory
+        backward writes into); at zero_stage 2 gradients become None."""
+        if self.grad_buckets is None:
+            for t in self.tensors:
                 t.grad = None
             return
-        self._grads.data.zero_()
-        for t, view in zip(self._tensors, self._grads.views):
+        for flat in self.grad_buckets.flats():
+            flat.zero_()
+        for t, view in zip(self.tensors, self.grad_buckets.views):
             t.grad = view
+
+    def close(self) -> None:
+        """Remove the gradient hooks (this optimizer is being replaced)."""
+        self.reducer.close()
 
     # --- state ----------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (moments, momentum buffers)."""
-        return sum(t.numel() * t.element_size() for field in self.state for t in field)
+        return sum(t.numel() * t.element_size() for field in self.shard_state for t in field)
 
     def state_dict(self) -> dict:
-        """This rank's state shard, the step and the plan it belongs to (tensors are copies)."""
+        """This rank's state shard, the step, the groups' hyperparameters and the plan (copies)."""
         return state_io.shard_state_dict(self)
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` saved by the same rank of an identically planned run.
 
         Raises:
-            ValueError: the plan, rank or rule differs (load a full state dict instead), or
-                the state is sharded and replicated: a rank's shard alone cannot rebuild the
-                copies its neighbours keep of it, so a later recovery would rebuild stale state.
+            ValueError: the plan, rank, rule or groups differ (load a full state dict instead).
         """
-        state_io.check_shard_state_dict(self, sd)  # before anything changes
-        self._will_write()
-        state_io.load_shard_state_dict(self, sd)
+        state_io.check_shard_state_dict(self, state_dict)  # before anything changes
+        self._call("before_write")
+        state_io.load_shard_state_dict(self, state_dict)
 
     def full_state_dict(self) -> dict:
         """Gather the whole state, per parameter name; a collective, bucket by bucket."""
@@ -331,68 +364,66 @@ class ShardedOptimizer:
     def load_full_state_dict(self, full: dict) -> None:
         """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage).
 
-        With ``replicate=True`` every rank calls it, after loading the parameters: the
-        in-memory redundancy is rebuilt from both.
-        """
-        self._will_write()
+        A fault-tolerance layer registered on the optimizer must rebuild its copies next
+        (``distopt.ft.Redundancy.load_full``)."""
+        self._call("before_write")
         state_io.load_full_state_dict(self, full)
 
 
 def build_plan(names: Sequence[str], tensors: Sequence[torch.Tensor], world_size: int, zero_stage: int,
-               bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20) -> ShardPlan:
-    """The plan a ShardedOptimizer with these arguments uses (a pure function).
-
-    A module's parameters (names sharing the part before the last dot) share a bucket, so
-    a bucket is complete as soon as backward is through its modules.
-    """
-    size = tensors[0].element_size()
-    units = [n.rsplit(".", 1)[0] if "." in n else n for n in names]
-    return plan([t.numel() for t in tensors], world_size if zero_stage >= 1 else 1, max(1, bucket_bytes // size),
-                units=units, last_bucket_numel=max(1, last_bucket_bytes // size) if last_bucket_bytes else None)
+               bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20,
+               group_of: Sequence[int] | None = None) -> tuple[ShardPlan, Arrangement]:
+    """The plan and arrangement a ShardedOptimizer with these arguments uses (pure)."""
+    return arrange(names, tensors, group_of or [0] * len(tensors), world_size if zero_stage >= 1 else 1,
+                   bucket_bytes, last_bucket_bytes)
 
 
-def _named_tensors(params: Params) -> tuple[list[str], list[torch.Tensor]]:
-    if isinstance(params, Mapping):
-        names, tensors = [str(k) for k in params], list(params.values())
-    elif isinstance(params, (list, tuple)):
-        names, tensors = [str(i) for i in range(len(params))], list(params)
-    else:
-        raise TypeError(f"params must be a list of tensors or a name -> tensor dict, got {type(params).__name__}: "
-                        f"pass list(model.parameters()) or dict(model.named_parameters())")
-    if not tensors:
-        raise ValueError("params is empty: pass the model's parameters")
-    return names, tensors
+def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """``grads`` times the clipping factor, as new tensors (the reduced shard stays as it
+    is: a replica's holder may replay from it)."""
+    return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
 
 
-def _check_args(tensors, rule, comm, zero_stage, bucket_bytes, max_grad_norm, wire_dtype) -> None:
-    for name, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"params[{name}] must be a floating-point tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}: cast with .float()")
-    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
-        raise TypeError(f"params mix dtypes/devices {sorted({f'{t.dtype}@{t.device}' for t in tensors})}: "
-                        f"one flat buffer holds them all; move the model with .to(dtype, device) first")
-    if len({id(t) for t in tensors}) < len(tensors):
-        raise ValueError("params lists the same tensor twice: pass each parameter once")
+def _fields_kept(rule: Rule) -> int:
+    return sum(1 for field in rule.init([torch.zeros(1)]) if field)
+
+
+def _state_of(state: Any, idx: Sequence[int]) -> Any:
+    return type(state)(*[[field[i] for i in idx] if field else [] for field in state])
+
+
+def _check_args(rule, zero_stage, bucket_bytes, max_grad_norm) -> None:
     if not all(hasattr(rule, m) for m in ("init", "update", "config")):
         raise TypeError(f"rule={rule!r} is not an update rule: use distopt.optim.sgd(...) or distopt.optim.adam(...)")
-    if not all(hasattr(comm, m) for m in ("rank", "world_size", "allreduce", "reduce_scatter", "allgather")):
-        raise TypeError(f"comm={comm!r} is not a Communicator: use distopt.collectives.TorchCommunicator or in_process")
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage={zero_stage!r} must be 0, 1 or 2")
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes!r} must be a positive int (default 25 MiB)")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0, or None for no clipping")
-    check_wire_dtype(wire_dtype, tensors[0].dtype)
 
 
-def _match_grads(grads: Params, names: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    gnames, gs = _named_tensors(grads)
-    if gnames != names:
-        missing, extra = sorted(set(names) - set(gnames)), sorted(set(gnames) - set(names))
-        raise ValueError(f"grads do not match params (missing {missing}, unexpected {extra}): pass the same "
-                         f"structure (list of {len(names)} or dict with the same keys, same order)")
+def _check_comm(comm: Any) -> None:
+    if not all(hasattr(comm, m) for m in ("rank", "world_size", "allreduce", "reduce_scatter", "allgather")):
+        raise TypeError(f"comm={comm!r} is not a Communicator: use distopt.collectives.TorchCommunicator, "
+                        f"in_process, or None for torch.distributed's default group")
+
+
+def _match_grads(grads: Any, names: list[str], tensors: list[torch.Tensor],
+                 order: Sequence[int]) -> list[torch.Tensor]:
+    """``grads`` (a name -> tensor dict, or a sequence in the order the parameters were
+    given) in plan order, checked."""
+    if isinstance(grads, dict):
+        missing, extra = sorted(set(names) - set(grads)), sorted(set(grads) - set(names))
+        if missing or extra:
+            raise ValueError(f"grads do not match params (missing {missing}, unexpected {extra}): pass a dict with "
+                             f"the parameters' names")
+        gs = [grads[n] for n in names]
+    else:
+        given = list(grads)
+        if len(given) != len(names):
+            raise ValueError(f"grads has {len(given)} tensors for {len(names)} parameters: pass one per parameter")
+        gs = [given[i] for i in order]
     for n, g, t in zip(names, gs, tensors):
         if not isinstance(g, torch.Tensor) or g.shape != t.shape:
             raise ValueError(f"grads[{n!r}] has shape {tuple(getattr(g, 'shape', ()))}, param has {tuple(t.shape)}")

@@ -16,8 +16,10 @@ FORMAT = "distopt.sharded_state.v1"
 
 
 def shard_state_dict(opt: "ShardedOptimizer") -> dict:
-    """This rank's state as one flat tensor per state field (new copies), plus what it belongs to."""
-    return {**shard_header(opt), "state": {field: torch.cat(ts) for field, ts in state_fields(opt).items()}}
+    """This rank's state as one flat tensor per state field and dtype (new copies), plus what
+    it belongs to."""
+    return {**shard_header(opt), "param_groups": group_hyperparameters(opt),
+            "state": {field: _cat(ts) for field, ts in state_fields(opt).items()}}
 
 
 def shard_header(opt: "ShardedOptimizer") -> dict:
@@ -27,24 +29,43 @@ def shard_header(opt: "ShardedOptimizer") -> dict:
             "plan": opt.plan.to_dict()}
 
 
+def group_hyperparameters(opt: "ShardedOptimizer") -> list[dict]:
+    """Each group's hyperparameters now, as plain data (a schedule is kept by the rule, not here)."""
+    names = list(opt.defaults)
+    return [{k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in names if not callable(g[k])}
+            for g in opt.param_groups]
+
+
 def state_fields(opt: "ShardedOptimizer") -> dict[str, list[torch.Tensor]]:
     """The live state this rank holds: field -> its per-bucket tensors (fields the rule keeps)."""
-    return {field: ts for field, ts in opt.state._asdict().items() if ts}
+    return {field: ts for field, ts in opt.shard_state._asdict().items() if ts}
 
 
 def shard_params(opt: "ShardedOptimizer") -> torch.Tensor:
     """A copy of the parameters this rank updates, flat and laid out as its state shard
     (its range of every bucket, in bucket order; at zero_stage 0 every bucket whole)."""
-    return torch.cat(opt._p_shards)
+    return _cat(opt.shard_params)
+
+
+def _cat(ts: list[torch.Tensor]):
+    """One flat tensor where the buckets share a dtype, else one per dtype (a list)."""
+    if len({t.dtype for t in ts}) == 1:
+        return torch.cat(ts)
+    return [torch.cat([t for t in ts if t.dtype == d]) for d in dict.fromkeys(t.dtype for t in ts)]
+
+
+def _split(flat, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(flat, torch.Tensor):
+        flat = [flat]
+    by_dtype = {d: iter(f.split([t.numel() for t in like if t.dtype == d]))
+                for d, f in zip(dict.fromkeys(t.dtype for t in like), flat)}
+    return [next(by_dtype[t.dtype]) for t in like]
 
 
 def check_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
     """Raise ValueError unless ``sd`` is this rank's shard of this plan and rule, and loading
     it alone leaves the in-memory redundancy right (it cannot where the state is sharded
     and replicated: the neighbours' copies of the shard would stay stale)."""
-    if opt.redundancy is not None and opt.redundancy.sharded:
-        raise ValueError("load_state_dict cannot rebuild the in-memory redundancy (replicate=True, "
-                         "zero_stage >= 1): load a full_state_dict() with load_full_state_dict() instead")
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         raise ValueError(f"not a distopt shard state dict (format {sd.get('format') if isinstance(sd, dict) else None!r}"
                          f", expected {FORMAT!r})")
@@ -54,17 +75,19 @@ def check_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
             raise ValueError(f"state dict was saved with a different {key} ({key}={_short(sd[key])}, this optimizer "
                              f"has {_short(value)}): load full_state_dict() output with load_full_state_dict() instead")
     _check_rule(opt, sd["rule"])
-    fields = opt.state._asdict()
+    _check_groups(opt, sd.get("param_groups"))
+    fields = opt.shard_state._asdict()
     if set(sd["state"]) != {f for f, ts in fields.items() if ts}:
         raise ValueError(f"state fields {sorted(sd['state'])} do not match this rule's {sorted(fields)}")
 
 
 def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
     """Copy a shard state dict checked by :func:`check_shard_state_dict` back in."""
-    fields = opt.state._asdict()
+    fields = opt.shard_state._asdict()
     for field, flat in sd["state"].items():
-        torch._foreach_copy_(fields[field], list(flat.to(fields[field][0]).split([t.numel() for t in fields[field]])))
+        torch._foreach_copy_(fields[field], _split(flat, fields[field]))
     opt.step_count = int(sd["step"])
+    set_group_hyperparameters(opt, sd.get("param_groups"))
 
 
 def full_state_dict(opt: "ShardedOptimizer") -> dict:
@@ -75,14 +98,15 @@ def full_state_dict(opt: "ShardedOptimizer") -> dict:
     """
     lay = opt.plan.layout
     per_param: dict[str, dict[str, torch.Tensor]] = {n: {} for n in opt.names}
-    for field, shards in opt.state._asdict().items():
+    for field, shards in opt.shard_state._asdict().items():
         for b, shard in enumerate(shards):
-            bucket = opt.comm.allgather(shard) if opt.zero_stage >= 1 else shard
+            bucket = opt.comm.allgather(shard) if opt.plan.world_size > 1 else shard
             start = lay.buckets[b][0]
             for i in lay.members(b):
                 o = lay.offsets[i] - start
-                per_param[opt.names[i]][field] = bucket[o:o + lay.numels[i]].view(opt._tensors[i].shape).clone()
-    return {"format": FORMAT + ".full", "step": opt.step_count, "rule": opt.rule.config(), "state": per_param}
+                per_param[opt.names[i]][field] = bucket[o:o + lay.numels[i]].view(opt.tensors[i].shape).clone()
+    return {"format": FORMAT + ".full", "step": opt.step_count, "rule": opt.rule.config(),
+            "param_groups": group_hyperparameters(opt), "state": per_param}
 
 
 def load_full_state_dict(opt: "ShardedOptimizer", full: dict) -> None:
@@ -93,10 +117,10 @@ def load_full_state_dict(opt: "ShardedOptimizer", full: dict) -> None:
     missing = sorted(set(opt.names) - set(full["state"]))
     if missing:
         raise ValueError(f"full state dict has no state for parameters {missing[:5]}")
-    fill_shard(opt, full, opt.comm.rank if opt.zero_stage >= 1 else 0, opt.state)
+    _check_groups(opt, full.get("param_groups"))
+    fill_shard(opt, full, opt.comm.rank if opt.plan.world_size > 1 else 0, opt.shard_state)
     opt.step_count = int(full["step"])
-    if opt.redundancy is not None:
-        opt.redundancy.load_full(full)
+    set_group_hyperparameters(opt, full.get("param_groups"))
 
 
 def fill_shard(opt: "ShardedOptimizer", full: dict, shard_rank: int, state) -> None:
@@ -114,6 +138,18 @@ def fill_shard(opt: "ShardedOptimizer", full: dict, shard_rank: int, state) -> N
                                      f"the parameter has {lay.numels[i]}")
                 bucket[lay.offsets[i] - start: lay.offsets[i] - start + lay.numels[i]].copy_(src.reshape(-1))
             shards[b].copy_(bucket[s - start: e - start])
+
+
+def _check_groups(opt: "ShardedOptimizer", saved: list | None) -> None:
+    if saved is not None and len(saved) != len(opt.param_groups):
+        raise ValueError(f"state was saved with {len(saved)} parameter groups, this optimizer has "
+                         f"{len(opt.param_groups)}: build it with the same groups")
+
+
+def set_group_hyperparameters(opt: "ShardedOptimizer", saved: list | None) -> None:
+    """Put saved hyperparameter values (a scheduler's lr, say) back into the live groups."""
+    for group, values in zip(opt.param_groups, saved or []):
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
 
 
 def _check_rule(opt: "ShardedOptimizer", saved: dict) -> None:

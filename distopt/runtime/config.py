@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
+from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
 from distopt.optim.rules import Rule
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

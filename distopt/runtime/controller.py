@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from distopt.optim.recovery import RecoveryError, holders
+from distopt.ft.recovery import RecoveryError, holders
 from distopt.runtime import policy
 from distopt.runtime.checkpointing import Coordinator
 from distopt.runtime.config import TrainConfig

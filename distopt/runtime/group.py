@@ -15,7 +15,7 @@ from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distopt.optim.redundancy import replica_distance
+from distopt.ft.redundancy import replica_distance
 from distopt.runtime.actor import WorkerActor
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import PlacementError, WorkerLost

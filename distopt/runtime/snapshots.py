@@ -93,7 +93,7 @@ class RunFields:
         if held is None or held[0]() is not opt or held[1] is not opt.rule or held[2]() is not model \
                 or held[3] != seed:
             header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt)}
-            self._fields = ckpt.manifest_fields(header, dict(zip(opt.names, opt._tensors)), seed=seed,
+            self._fields = ckpt.manifest_fields(header, dict(zip(opt.names, opt.tensors)), seed=seed,
                                                 next_step=next_step, model_state=model.state_dict())
             self._loose = [key for key, source in self._fields["model_keys"] if not source]
             self._for = (weakref.ref(opt), opt.rule, weakref.ref(model), seed)
@@ -105,7 +105,7 @@ def shard_parts(opt, rank: int) -> dict[str, list[torch.Tensor]] | None:
     parameters; None on a rank that writes no shard (zero_stage 0, rank > 0)."""
     if opt.zero_stage < 1 and rank != 0:
         return None
-    return {**state_io.state_fields(opt), PARAM_FIELD: opt._p_shards}
+    return {**state_io.state_fields(opt), PARAM_FIELD: opt.shard_params}
 
 
 class Snapshot(NamedTuple):
@@ -130,7 +130,7 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
     which must no longer be in use (its write finished); ``run_fields`` keeps rank 0's
     manifest fields from one snapshot to the next.
     """
-    like = opt._params.data
+    like = opt.params_flat.data
 
     def take(key: str, numel: int) -> torch.Tensor:
         if buffers is None:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from distopt.optim.replica_log import DEPTH as REPLICA_LOG_DEPTH
+from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH
 from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.checkpointing import load_for_resume
@@ -74,7 +74,7 @@ class Trainer:
             takes the across-hosts path everywhere (so does ``DISTOPT_SHM=0``).
         replica_log_depth: with shared memory, each worker logs ``depth + 1`` steps of
             gradient shards and copies ``1/depth`` of its shard per step where its holder
-            can read them: higher is faster and takes more memory (``distopt.optim.replica_log``).
+            can read them: higher is faster and takes more memory (``distopt.ft.replica_log``).
         faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
             purpose (chaos testing).
         checkpoint_dir: write checkpoints here (``step-N`` folders); one at the end of ``fit``.

@@ -5,6 +5,7 @@ both wrap this class, so it is tested in one process and runs on a GPU box as it
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from torch.utils.data import TensorDataset, default_collate
 
 from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
-from distopt.gradients import execute_with_gradients
-from distopt.optim import recovery
+from distopt.ft import Redundancy, recovery
+from distopt.optim.hooks import StepHooks
 from distopt.optim.sharded import ShardedOptimizer, build_plan
 from distopt.runtime import sampling
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
@@ -67,6 +68,7 @@ class Worker:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
+        self.ft: Redundancy | None = None  # the fault-tolerance layer on the optimizer's hooks
         self.replica_distance = 1  # rank r + d holds rank r's replica (chosen by node, see connect)
         # What this rank held at the last commit (old shard index -> packet), kept through the
         # attempts of one recovery (its ``episode``), so a recovery cut short by another
@@ -83,7 +85,7 @@ class Worker:
         """Join the collective group at rank 0's ``host:port`` and build the optimizer.
 
         ``local_host`` is the address this rank's transport binds to (its node's IP);
-        ``replica_distance`` the group's (:func:`distopt.optim.redundancy.replica_distance`).
+        ``replica_distance`` the group's (:func:`distopt.ft.redundancy.replica_distance`).
         """
         c = self.config
         self.attach(TorchCommunicator(self.rank, self.world_size, host, port, c.backend, c.collective_timeout_s,
@@ -97,25 +99,21 @@ class Worker:
         self.optimizer = self._optimizer(comm, sync_params=True)
 
     def _drop_optimizer(self) -> None:
-        if self.optimizer is not None and self.optimizer.overlap is not None:
-            self.optimizer.overlap.close()  # its hooks must not fire into a dead optimizer
-        self.optimizer = None
+        if self.optimizer is not None:
+            self.optimizer.close()  # its gradient hooks must not fire into a dead optimizer
+        self.optimizer, self.ft = None, None
 
     def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
         c = self.config
         opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
-                               max_grad_norm=c.max_grad_norm, sync_params=sync_params, replicate=c.fault_tolerant,
-                               wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes,
-                               replica_distance=self.replica_distance,
-                               shared_memory=c.shared_memory, replica_log_depth=c.replica_log_depth)
-        opt.before_write = self._writer.freeze  # a checkpoint may still be reading the shard in place
+                               max_grad_norm=c.max_grad_norm, sync_params=sync_params,
+                               wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes)
+        opt.register_hooks(_RankHooks(self))
+        if c.fault_tolerant:
+            self.ft = Redundancy(opt, self.replica_distance, c.shared_memory, c.replica_log_depth)
         parts = shard_parts(opt, self.rank)
         if c.checkpoint_dir and parts is not None:
             self._writer.reserve(sum(t.numel() * t.element_size() for ts in parts.values() for t in ts), self.device)
-        if c.faults:
-            opt.on_phase = lambda phase, _: self._inject(phase)
-        if c.overlap:
-            opt.overlap_backward()
         return opt
 
     def _inject(self, phase: str) -> None:
@@ -142,15 +140,20 @@ class Worker:
         if self._offer is None or self._episode != episode:  # the first attempt of this recovery
             self._offer, self._episode = {}, episode
             if self.optimizer is not None:
-                self.optimizer.rollback(committed)
-                self._offer = recovery.packets(self.optimizer, self.rank)
+                if self.ft is None:
+                    raise recovery.RecoveryError("a rank without fault tolerance cannot roll back: train with "
+                                                 "max_failures > 0, or restore a checkpoint")
+                self.ft.rollback(committed)
+                self._offer = recovery.packets(self.optimizer, self.ft, self.rank)
         self._leave_group()
         self.rank, self.world_size = rank, world_size
         c = self.config
         comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
                                  group_name=group_name, local_host=local_host or _local_host(host))
-        names, tensors = list(self.params), list(self.params.values())
-        old_plan = build_plan(names, tensors, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
+        old_plan, arr = build_plan(list(self.params), list(self.params.values()), old_world, c.zero_stage,
+                                   c.bucket_bytes, c.last_bucket_bytes)
+        names = [list(self.params)[i] for i in arr.order]  # plan order
+        tensors = [self.params[n] for n in names]
         try:
             params, full = recovery.assemble(comm, old_plan, c.optimizer, names, [t.shape for t in tensors],
                                              holder_of, self._offer, committed, tensors[0].dtype, tensors[0].device)
@@ -173,7 +176,7 @@ class Worker:
         self.comm, self.replica_distance = comm, replica_distance
         if comm is not None:
             self.optimizer = self._optimizer(comm, sync_params=False)
-            self.optimizer.load_full_state_dict(full)
+            self._load_state(full)
 
     def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int,
                local_host: str | None = None, replica_distance: int = 1) -> None:
@@ -195,25 +198,26 @@ class Worker:
         self._offer = None  # any recovery before this step is complete
         self._writer.advance(0.5 * self._last_step_s)  # a checkpoint's next piece to the host lands meanwhile
         self._inject("data")
+        if self.ft is not None:
+            self.ft.commit(self.optimizer.step_count)  # the controller sends a step once the last one committed
         indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
-        losses, metrics, total, data_s = [], {}, None, 0.0
+        losses, metrics, data_s = [], {}, 0.0
         chunks = sampling.micro_batches(indices, c.gradient_accumulation_steps)
+        self.optimizer.zero_grad()
         for m, chunk in enumerate(chunks):
             t0 = time.perf_counter()
             batch = _to_device(fetch(c.data, chunk), self.device)
             data_s += time.perf_counter() - t0
             self._inject("compute")
-            if c.overlap:  # buckets start reducing while backward runs; the returned grads are spare
-                self.optimizer.begin_micro_batch(m == 0, m == len(chunks) - 1, 1.0 / len(chunks))
-            loss, grads, extra = self._gradients(batch)
+            # Buckets reduce while the last micro-batch's backward runs (all at step without overlap).
+            reduce_now = c.overlap and m == len(chunks) - 1
+            with contextlib.nullcontext() if reduce_now else self.optimizer.no_sync():
+                loss, extra = self._backward(batch, len(chunks))
             losses.append(loss)
             metrics = _add_metrics(metrics, extra)
-            if not c.overlap:
-                total = grads if total is None else _accumulate(total, grads)
-        if total is not None and len(losses) > 1:
-            torch._foreach_div_(list(total.values()), float(len(losses)))
         compute_s = time.perf_counter() - start - data_s
-        info = self.optimizer.step(total)
+        self.optimizer.step()
+        info = self.optimizer.info
         if c.checkpoint_dir and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
             self.checkpoint(step + 1)
         written = self._writer.drain(before=self._write_deadline(step))
@@ -224,16 +228,20 @@ class Worker:
                           data_s, compute_s, info.comm_s, info.update_s, self._last_step_s,
                           info.grad_norm, info.skipped, info.step, written)
 
-    def _gradients(self, batch: Any) -> tuple[torch.Tensor, dict, dict]:
-        # xs are the model's own parameters, so the user's loss(model, batch) is the function of xs.
+    def _backward(self, batch: Any, micro_batches: int) -> tuple[torch.Tensor, dict]:
+        # Gradients accumulate straight into the optimizer's bucket memory (no second copy);
+        # the mean over micro-batches is their sum of loss / micro_batches.
         # bf16 autocast computes in bf16 from the fp32 master weights; gradients come back fp32.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
-            out = execute_with_gradients(lambda ps: self.config.loss(self.model, batch), self.params)
-        y, grads = out[0], out[1]
-        extra = out[2] if len(out) > 2 else {}
+            out = self.config.loss(self.model, batch)
+        y, extra = (out[0], out[1] if len(out) > 1 else {}) if isinstance(out, tuple) else (out, {})
         if not isinstance(extra, dict):
             raise TypeError(f"loss returned (loss, {type(extra).__name__}): the second item must be a metrics dict")
-        return _scalar(y, "loss"), grads, {k: _scalar(v, f"metric {k!r}") for k, v in extra.items()}
+        if not isinstance(y, torch.Tensor) or not y.requires_grad:
+            raise TypeError("the loss must be a tensor computed from the model's parameters (it does not require grad)")
+        loss = _scalar(y, "loss")
+        (y.reshape(()) / micro_batches if micro_batches > 1 else y.reshape(())).backward()
+        return loss, {k: _scalar(v, f"metric {k!r}") for k, v in extra.items()}
 
     def _write_deadline(self, step: int) -> int:
         # A background write may overlap half a checkpoint interval, then the step waits for
@@ -262,7 +270,12 @@ class Worker:
         """Take weights and optimizer state from a checkpoint (any world size or stage wrote it)."""
         self._writer.freeze()
         self.model.load_state_dict(model_state)  # copies into the flat buffer's views
+        self._load_state(full_state)
+
+    def _load_state(self, full_state: dict) -> None:
         self.optimizer.load_full_state_dict(full_state)
+        if self.ft is not None:
+            self.ft.load_full(full_state)  # its copies are rebuilt from the state just loaded
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's ``state_dict()`` with every tensor copied to CPU."""
@@ -272,7 +285,7 @@ class Worker:
         """Facts the driver reports: state bytes, parameter count, process."""
         opt = self.optimizer
         numel = sum(p.numel() for p in self.params.values())
-        fields = sum(1 for f in opt.state if f) if opt else 0
+        fields = sum(1 for f in opt.shard_state if f) if opt else 0
         elem = next(iter(self.params.values())).element_size()
         return {"rank": self.rank, "pid": os.getpid(), "num_params": numel,
                 "state_bytes": opt.state_bytes() if opt else 0, "state_bytes_unsharded": numel * fields * elem}
@@ -286,6 +299,21 @@ class Worker:
         if self.comm is not None and hasattr(self.comm, "close"):  # in-process groups may not close
             self.comm.close()
         self.comm = None
+
+
+class _RankHooks(StepHooks):
+    """The worker's own watch on its optimizer: fault injection, and a checkpoint that may
+    still read the shard in place lets go before it changes."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+
+    def phase(self, name: str, step: int) -> None:
+        if self.worker.config.faults:
+            self.worker._inject(name)
+
+    def before_write(self) -> None:
+        self.worker._writer.freeze()
 
 
 def device_for(use_gpu: bool, index: int = 0) -> torch.device:
@@ -312,11 +340,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _accumulate(total: dict, grads: dict) -> dict:
-    torch._foreach_add_(list(total.values()), list(grads.values()))
-    return total
 
 
 def _add_metrics(into: dict, extra: dict) -> dict:

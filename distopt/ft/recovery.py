@@ -15,8 +15,10 @@ import torch
 
 from distopt.collectives.base import Communicator
 from distopt.optim.plan import ShardPlan
-from distopt.optim.redundancy import RecoveryError, Shard
+from distopt.ft.errors import RecoveryError
+from distopt.ft.redundancy import Redundancy, Shard
 from distopt.optim.rules import Rule
+from distopt.optim.sharded import ShardedOptimizer
 from distopt.optim.state_io import FORMAT
 
 
@@ -49,11 +51,11 @@ def holders(old_plan_ranks: int, alive: dict[int, int], replicated: bool, distan
     return out
 
 
-def packets(opt, old_rank: int) -> dict[int, torch.Tensor]:
-    """The shards a surviving optimizer can contribute, keyed by old shard index."""
-    own = 0 if opt.zero_stage == 0 else old_rank
-    out = {own: Shard(opt._p_shards, opt.state, opt.step_count).packet()}
-    red = opt.redundancy
+def packets(opt: ShardedOptimizer, red: Redundancy | None, old_rank: int) -> dict[int, torch.Tensor]:
+    """The shards a surviving optimizer (rolled back to the commit) can contribute, keyed by
+    old shard index: its own, and with ``red`` its left neighbour's replica."""
+    own = 0 if opt.plan.world_size == 1 else old_rank
+    out = {own: Shard(opt.shard_params, opt.shard_state, opt.step_count).packet()}
     if red is not None and red.sharded:
         out[red.left] = red.replica_at_commit().packet()
     return out

@@ -49,14 +49,11 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
-
 import torch
 
 from distopt.collectives.window import Window, carve, open_window
-
-if TYPE_CHECKING:
-    from distopt.optim.sharded import ShardedOptimizer
+from distopt.ft.errors import RecoveryError
+from distopt.optim.sharded import ShardedOptimizer
 
 ALIGN = 64  # elements; a multiple of every vector width, so lanes match the owner's update
 DEPTH = 4  # default chunks (and logged steps, one more)
@@ -129,10 +126,10 @@ class _Area:
 class _Layout:
     """How one rank's shard is cut: bucket sizes, state fields, chunks and a chunk slot's width."""
 
-    def __init__(self, opt: "ShardedOptimizer", depth: int) -> None:
-        self.sizes = [t.numel() for t in opt._p_shards]
-        self.dtype = opt._params.data.dtype
-        self.template = opt.rule.init([torch.zeros(1)])
+    def __init__(self, opt: ShardedOptimizer, depth: int) -> None:
+        self.sizes = [t.numel() for t in opt.shard_params]
+        self.dtype = opt.params_flat.data.dtype
+        self.template = opt.init_state([torch.zeros(1)])
         self.fields = 1 + sum(1 for f in self.template if f)  # the parameters, then each state field kept
         self.chunks = chunk_pieces(self.sizes, depth)
         self.width = max([sum(hi - lo for _, lo, hi in c) for c in self.chunks] + [1])
@@ -141,28 +138,28 @@ class _Layout:
 class ReplicaLog:
     """One rank's side of the copy-and-log redundancy (see the module docstring)."""
 
-    def __init__(self, opt: "ShardedOptimizer", lay: _Layout, window: Window, depth: int) -> None:
+    def __init__(self, opt: ShardedOptimizer, lay: _Layout, window: Window, depth: int) -> None:
         self.opt, self.depth, self.template, self.chunks = opt, depth, lay.template, lay.chunks
         self.own = _Area(window.mine, lay, depth)
         self.left = _Area(window.peer, lay, depth)  # the left neighbour's, this rank its holder
         self.bytes = _Area.nbytes(lay, depth) - sum(lay.sizes) * lay.dtype.itemsize  # (a gradient shard it had)
-        self._sources = [self._pieces_of(opt._p_shards, opt.state, j) for j in range(depth)]
+        self._sources = [self._pieces_of(opt.shard_params, opt.shard_state, j) for j in range(depth)]
         self._spare = depth
         self._refreshed: int | None = None
         self._ahead: tuple[int, Future | None] | None = None  # the background copy: its update, its job
         self._take_ahead = False  # its update has committed: settle() points the table at it
 
     @classmethod
-    def local(cls, opt: "ShardedOptimizer", depth: int) -> "ReplicaLog":
+    def local(cls, opt: ShardedOptimizer, depth: int) -> "ReplicaLog":
         """The rank as its own holder, in private memory: the same copies and log let it undo
         an update that never committed (:meth:`undo`) for ``1/depth`` of a shard copy per
         step, where a snapshot before each update copies all of it. No communication."""
         lay = _Layout(opt, depth)
-        buf = torch.zeros(_Area.nbytes(lay, depth), dtype=torch.uint8, device=opt._params.data.device)
+        buf = torch.zeros(_Area.nbytes(lay, depth), dtype=torch.uint8, device=opt.device)
         return cls(opt, lay, Window(buf, buf), depth)
 
     @classmethod
-    def open(cls, opt: "ShardedOptimizer", distance: int, depth: int) -> "ReplicaLog | None":
+    def open(cls, opt: ShardedOptimizer, distance: int, depth: int) -> "ReplicaLog | None":
         """Map this rank's window and its left neighbour's (a collective); None on every rank
         if any rank cannot."""
         lay = _Layout(opt, depth)
@@ -172,8 +169,7 @@ class ReplicaLog:
     # --- every step ----------------------------------------------------------------
     def bind(self, committed: int) -> None:
         """Point the optimizer's gradient shards at the slot of update ``committed + 1``."""
-        s = (committed + 1) % (self.depth + 1)
-        self.opt._g_flat, self.opt._g_shards = self.own.flats[s], self.own.grads[s]
+        self.opt.use_grad_shards(self.own.flats[(committed + 1) % (self.depth + 1)])
 
     def record(self, step: int, scale: float) -> None:
         """Log update ``step``'s clipping factor (its gradients are already in their slot)."""
@@ -240,20 +236,18 @@ class ReplicaLog:
 
     def replica(self, committed: int):
         """The left neighbour's shard at ``committed``, rebuilt from its window."""
-        from distopt.optim.redundancy import Shard
-        params = [torch.empty_like(t) for t in self.opt._p_shards]
-        state = self.opt.rule.init(params)
+        params = [torch.empty_like(t) for t in self.opt.shard_params]
+        state = self.opt.init_state(params)
         self._rebuild(committed, self.left, params, state, "replica of the left neighbour")
-        return Shard(params, state, committed)
+        return params, state
 
     def undo(self, committed: int) -> None:
         """Return this rank's live shard to ``committed`` from its own copies and log."""
         self.settle()
-        self._rebuild(committed, self.own, self.opt._p_shards, self.opt.state, "own shard")
+        self._rebuild(committed, self.own, self.opt.shard_params, self.opt.shard_state, "own shard")
 
     def _rebuild(self, committed: int, area: _Area, params, state, what: str) -> None:
-        from distopt.optim.redundancy import RecoveryError, clipped
-        rule, slots = self.opt.rule, self.depth + 1
+        slots = self.depth + 1
         for j in range(self.depth):
             entry = int(area.table[j])
             if entry == _TORN:
@@ -271,7 +265,7 @@ class ReplicaLog:
                     raise RecoveryError(f"{what}: the gradients of update {step} are no longer logged "
                                         f"(slot {s} holds update {int(area.steps[s])})")
                 grads = [area.grads[s][b][lo:hi] for b, lo, hi in self.chunks[j]]
-                rule.apply(p, rule.prepare(p, clipped(grads, float(area.scales[s])), step), st, step)
+                self.opt.replay(step, [b for b, _, _ in self.chunks[j]], p, grads, st, float(area.scales[s]))
 
     # --- views ----------------------------------------------------------------------
     def _pieces_of(self, params: list[torch.Tensor], state, j: int, split: bool = False):

@@ -15,7 +15,7 @@ holder keeps on one host, in its own memory (``ReplicaLog.local``: a copy of ``1
 of the shard per step); on a GPU it snapshots its shard before each update (a device copy).
 
 When a rank and its holder share a host they share memory instead
-(:mod:`distopt.optim.replica_log`): no snapshot, no shift and no replay per step. The
+(:mod:`distopt.ft.replica_log`): no snapshot, no shift and no replay per step. The
 owner copies a slice of its committed shard each step, and logs its last few gradient
 shards, where its holder can read them; the replica, or the owner's own shard at the last
 commit, is rebuilt from the copies and the log when a failure needs it.
@@ -23,40 +23,60 @@ commit, is rebuilt from the copies and the log when a failure needs it.
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
 recovery changes no bit of the result. At stage 0 every rank holds everything, so only
 the snapshot is kept. A step commits when the controller has every rank's report; the
-workers learn it from the next step's start (or from ``rollback``).
+worker then says so with :meth:`Redundancy.commit`, or undoes the step with
+:meth:`Redundancy.rollback`. The layer sees the optimizer only through its public fields
+and the step hooks (:mod:`distopt.optim.hooks`).
 """
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 
-from distopt.optim.replica_log import DEPTH, ReplicaLog
-
-if TYPE_CHECKING:
-    from distopt.optim.sharded import ShardedOptimizer
-
-
-class RecoveryError(RuntimeError):
-    """The state of the last commit cannot be rebuilt from memory (a shard and its replica
-    were both lost). Restore from a checkpoint instead."""
+from distopt.ft.errors import RecoveryError
+from distopt.ft.replica_log import DEPTH, ReplicaLog, check_depth
+from distopt.optim.hooks import StepHooks
+from distopt.optim.sharded import ShardedOptimizer
+from distopt.optim.state_io import fill_shard
 
 
-class Redundancy:
-    """The snapshot, replica and in-flight gradients of one rank (see the module docstring)."""
+class Redundancy(StepHooks):
+    """The snapshot, replica and in-flight gradients of one rank (see the module docstring).
 
-    def __init__(self, opt: "ShardedOptimizer", distance: int = 1, shared_memory: bool = True,
+    Args:
+        opt: the optimizer to watch; the redundancy registers its hooks on it.
+        distance: rank ``r + distance`` holds rank ``r``'s replica (:func:`replica_distance`).
+        shared_memory: ranks that share a host keep the redundancy in shared memory
+            (:mod:`distopt.collectives.window`) instead of sending it; the same on every rank.
+        log_depth: the steps over which each rank copies its shard (:mod:`distopt.ft.replica_log`).
+
+    Construction is a collective on one host (the windows are mapped by every rank).
+
+    Raises:
+        ValueError: a bad ``distance`` or ``log_depth``.
+        TypeError: the optimizer's parameters mix dtypes (not covered yet).
+    """
+
+    def __init__(self, opt: ShardedOptimizer, distance: int = 1, shared_memory: bool = True,
                  log_depth: int = DEPTH) -> None:
+        world = opt.comm.world_size
+        if not isinstance(distance, int) or isinstance(distance, bool) or not 1 <= distance <= max(1, world - 1):
+            raise ValueError(f"replica_distance={distance!r} must be an int in [1, world_size - 1] "
+                             f"(world_size={world}): use distopt.ft.replica_distance(nodes)")
+        check_depth(log_depth)
+        if len(opt.params_flat.segments) > 1:
+            raise TypeError("fault tolerance keeps one flat copy per shard and does not cover parameters of mixed "
+                            "dtypes yet: cast the model to one dtype, or train with max_failures=0")
         self.opt, self.distance = opt, distance
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
-        sizes = [t.numel() for t in opt._p_shards]
-        like = opt._params.data
+        sizes = [t.numel() for t in opt.shard_params]
+        like = opt.params_flat.data
         self.log = ReplicaLog.open(opt, distance, log_depth) \
             if self.sharded and shared_memory and like.device.type == "cpu" else None
         self.shared = self.log is not None
-        self.replica = Shard.like(opt._p_shards, opt.rule) if self.sharded and not self.shared else None
+        self.replica = Shard.like(opt.shard_params, opt) if self.sharded and not self.shared else None
         self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
             if self.replica is not None else None
         self.pending = list(self._pending_flat.split(sizes)) if self._pending_flat is not None else []
@@ -65,13 +85,14 @@ class Redundancy:
         # on a GPU is a device copy.
         self.own_log = ReplicaLog.local(opt, log_depth) \
             if self.sharded and not self.shared and like.device.type == "cpu" else None
-        self.snapshot = None if self.shared or self.own_log else Shard.like(opt._p_shards, opt.rule)
+        self.snapshot = None if self.shared or self.own_log else Shard.like(opt.shard_params, opt)
         self._logs = [log for log in (self.log, self.own_log) if log is not None]
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
         self.replay_s = 0.0  # seconds replaying or copying since the optimizer last reported them
         self._shift = None  # the in-flight send of this step's gradient shard
         self.reset_replica()
+        self.remove = opt.register_hooks(self)
 
     @property
     def left(self) -> int:
@@ -90,7 +111,7 @@ class Redundancy:
         if self.own_log is not None:
             self.own_log.reset(self.opt.step_count)
         ranges = self.opt.plan.ranges(self.left)
-        torch._foreach_copy_(self.replica.params, [self.opt._params.data[s:e] for s, e in ranges])
+        torch._foreach_copy_(self.replica.params, [self.opt.params_flat.range(s, e) for s, e in ranges])
         for field in self.replica.state:
             for t in field:
                 t.zero_()
@@ -98,7 +119,6 @@ class Redundancy:
 
     def load_full(self, full: dict) -> None:
         """After a full-state load: the replica is the left neighbour's slice of it, committed."""
-        from distopt.optim.state_io import fill_shard
         self.live_step = self.opt.step_count
         self.pending_step = None
         if self.shared:
@@ -106,6 +126,11 @@ class Redundancy:
         elif self.sharded:
             self.reset_replica()  # (the own log's base takes the state just loaded)
             fill_shard(self.opt, full, self.left, self.replica.state)
+
+    def grads_reduced(self, step: int) -> None:
+        """Hook: finish the background copies before the gradient-norm allreduce, so before
+        the update that changes the shard they read (see :meth:`settle`)."""
+        self.settle()
 
     def before_update(self, step: int, scale: float) -> None:
         """Snapshot the committed shard and hand this step's gradient shard (clipped by
@@ -115,11 +140,17 @@ class Redundancy:
         elif self.sharded:
             if self.own_log is not None:
                 self.own_log.record(step, scale)
-            self._shift = self.opt.comm.shift(self.opt._g_flat, out=self._pending_flat, async_op=True,
+            self._shift = self.opt.comm.shift(self.opt.grad_flat, out=self._pending_flat, async_op=True,
                                               distance=self.distance)
             self.pending_step, self.pending_scale = step, scale
         if self.snapshot is not None:
-            self.snapshot.copy_from(self.opt._p_shards, self.opt.state, step - 1)
+            self.snapshot.copy_from(self.opt.shard_params, self.opt.shard_state, step - 1)
+
+    def after_gather(self, step: int) -> None:
+        """Hook: the step is not done before the neighbour has our gradients; then start
+        this rank's copies of update ``step``."""
+        self.shipped()
+        self.gathered(step)
 
     def shipped(self) -> None:
         """Wait until the replica's holder has this step's gradient shard (across hosts)."""
@@ -161,14 +192,20 @@ class Redundancy:
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
-            rule, step, rep = self.opt.rule, self.pending_step, self.replica
-            grads = clipped(self.pending, self.pending_scale)
-            rule.apply(rep.params, rule.prepare(rep.params, grads, step), rep.state, step)
+            step, rep = self.pending_step, self.replica
+            self.opt.replay(step, range(len(rep.params)), rep.params, self.pending, rep.state, self.pending_scale)
             self.replica.step, self.pending_step = step, None
             self.replay_s += time.perf_counter() - t0
 
     def rollback(self, committed: int) -> None:
-        """Return the live shard and the replica to update ``committed`` (a failed step is undone)."""
+        """Return the live shard and the replica to update ``committed`` (a failed step is
+        undone); local, no communication. The other ranks' parameter shards are restored by
+        the recovery's gather.
+
+        Raises:
+            RecoveryError: this rank cannot return to ``committed``.
+        """
+        self.opt.notify_write()
         self._shift = None  # its group is gone; a half-received gradient is never replayed
         self.settle()
         if self.live_step == committed + 1:
@@ -177,7 +214,7 @@ class Redundancy:
                 log.undo(committed)
                 self.live_step = committed
             elif self.snapshot.step == committed:
-                self.snapshot.copy_to(self.opt._p_shards, self.opt.state)
+                self.snapshot.copy_to(self.opt.shard_params, self.opt.shard_state)
                 self.live_step = committed
         if self.live_step != committed:
             raise RecoveryError(f"rank {self.opt.comm.rank} holds update {self.live_step} and cannot return to "
@@ -192,7 +229,7 @@ class Redundancy:
     def replica_at_commit(self) -> "Shard":
         """The left neighbour's shard as of the last commit (rebuilt, on one host)."""
         if self.shared:
-            return self.log.replica(self.opt.step_count)
+            return Shard(*self.log.replica(self.opt.step_count), self.opt.step_count)
         self.commit(self.opt.step_count)
         return self.replica
 
@@ -204,12 +241,6 @@ class Redundancy:
             + (self.own_log.nbytes() if self.own_log else 0)
         return total + (self._pending_flat.numel() * self._pending_flat.element_size()
                         if self._pending_flat is not None else 0)
-
-
-def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
-    """``grads`` times the clipping factor, as new tensors (the owner's buffer stays as
-    reduced: its holder replays from it)."""
-    return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
 
 
 def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
@@ -238,8 +269,8 @@ class Shard:
         self.params, self.state, self.step = params, state, step
 
     @classmethod
-    def like(cls, params: list[torch.Tensor], rule) -> "Shard":
-        return cls([torch.empty_like(p) for p in params], rule.init(params), -1)
+    def like(cls, params: list[torch.Tensor], opt: ShardedOptimizer) -> "Shard":
+        return cls([torch.empty_like(p) for p in params], opt.init_state(params), -1)
 
     def copy_from(self, params: list[torch.Tensor], state, step: int) -> None:
         torch._foreach_copy_(self.params, params)

@@ -1,0 +1,61 @@
+"""Flat buffers laid out by a plan: one tensor per dtype, each bucket a slice of its dtype's.
+
+The plan puts every dtype's buckets back to back (:func:`distopt.optim.plan.arrange`), so a
+dtype's buckets cover one contiguous range of the plan and live in one tensor.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from distopt.optim.plan import Arrangement, ShardPlan
+
+
+class Flat:
+    """Per-dtype flat tensors holding every bucket, and a shaped view per tensor of the plan."""
+
+    def __init__(self, plan: ShardPlan, arr: Arrangement, shapes: Sequence[torch.Size], device: torch.device,
+                 zero: bool = True) -> None:
+        lay = plan.layout
+        self.segments: list[tuple[torch.dtype, int, torch.Tensor]] = []  # dtype, plan start, tensor
+        self._buckets: list[torch.Tensor] = []
+        for b, (start, end) in enumerate(lay.buckets):
+            dtype = arr.bucket_dtype[b]
+            if not self.segments or self.segments[-1][0] != dtype:
+                stop = max(e for (s, e), d in zip(lay.buckets, arr.bucket_dtype) if d == dtype)
+                alloc = torch.zeros if zero else torch.empty
+                self.segments.append((dtype, start, alloc(stop - start, dtype=dtype, device=device)))
+            _, base, flat = self.segments[-1]
+            self._buckets.append(flat[start - base:end - base])
+        self.views = [self._at(o, n).view(s) for o, n, s in zip(lay.offsets, lay.numels, shapes)]
+
+    def _at(self, offset: int, numel: int) -> torch.Tensor:
+        for _, base, flat in reversed(self.segments):
+            if offset >= base:
+                return flat[offset - base:offset - base + numel]
+        raise IndexError(offset)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The one flat tensor, where every parameter has one dtype.
+
+        Raises:
+            TypeError: the parameters mix dtypes (use :attr:`segments`).
+        """
+        if len(self.segments) != 1:
+            raise TypeError(f"the parameters mix dtypes {[str(d) for d, _, _ in self.segments]}: there is one flat "
+                            f"buffer per dtype")
+        return self.segments[0][2]
+
+    def bucket(self, b: int) -> torch.Tensor:
+        """Bucket ``b`` as a 1-D view."""
+        return self._buckets[b]
+
+    def range(self, start: int, end: int) -> torch.Tensor:
+        """Plan positions ``[start, end)`` (within one dtype) as a 1-D view."""
+        return self._at(start, end - start)
+
+    def flats(self) -> list[torch.Tensor]:
+        """Each dtype's flat tensor."""
+        return [flat for _, _, flat in self.segments]

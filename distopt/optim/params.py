@@ -1,0 +1,124 @@
+"""What a :class:`~distopt.optim.ShardedOptimizer` is given to train, checked and put in order.
+
+``params`` takes the shapes torch optimizers take: an iterable of tensors, ``(name, tensor)``
+pairs (``model.named_parameters()``), a ``name -> tensor`` dict, or parameter groups (dicts
+with ``"params"`` holding any of those, plus overrides of the rule's hyperparameters). A
+pure function of its input: every rank derives the same groups and names.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import torch
+
+
+class Managed(NamedTuple):
+    """The trainable tensors, each once, with its name and group (in the order given)."""
+
+    names: list[str]
+    tensors: list[torch.Tensor]
+    group_of: list[int]  # index into the groups
+
+
+def normalize(params: Any, hyper: Sequence[str]) -> tuple[list[dict], Managed]:
+    """Torch-style groups (``"params"``, ``"param_names"``, overrides) and the tensors to manage.
+
+    A tensor listed twice in one group (tied weights under two names) is one parameter, kept
+    under its first name; ``requires_grad=False`` tensors stay in their group but get no
+    state and no traffic.
+
+    Raises:
+        TypeError: ``params`` has an unknown shape, or a parameter is not a floating-point tensor.
+        ValueError: an empty group, a group key that is neither ``params`` nor one of
+            ``hyper``, a tensor in two groups, or nothing trainable.
+    """
+    raw = _as_groups(params)
+    groups, seen = [], {}
+    names, tensors, group_of = [], [], []
+    for g, group in enumerate(raw):
+        where = f"param group {g}" if len(raw) > 1 else "params"
+        unknown = sorted(set(group) - {"params", "param_names"} - set(hyper))
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {unknown}: a group takes 'params' and overrides of "
+                             f"the rule's hyperparameters {sorted(hyper)}")
+        pairs = _pairs(group["params"], group.get("param_names"), start=len(names), where=where)
+        if not pairs:
+            raise ValueError(f"{where} is empty: drop the group or give it parameters")
+        kept: list[tuple[str, torch.Tensor]] = []
+        for name, t in pairs:
+            _check_tensor(name, t)
+            if id(t) in seen:
+                first_group, first_name = seen[id(t)]
+                if first_group != g:
+                    raise ValueError(f"parameter {name!r} is in param group {first_group} (as {first_name!r}) and "
+                                     f"in param group {g}: put each parameter in one group")
+                continue  # tied: one tensor under a second name
+            seen[id(t)] = (g, name)
+            kept.append((name, t))
+            if t.requires_grad:
+                names.append(name)
+                tensors.append(t)
+                group_of.append(g)
+        groups.append({**{k: v for k, v in group.items() if k not in ("params", "param_names")},
+                       "params": [t for _, t in kept], "param_names": [n for n, _ in kept]})
+    if not tensors:
+        raise ValueError("no parameter requires grad (requires_grad=False tensors are frozen): pass the trainable "
+                         "parameters, or call .requires_grad_() on plain tensors")
+    return groups, Managed(names, tensors, group_of)
+
+
+def _as_groups(params: Any) -> list[dict]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params is a single tensor: pass a list of tensors, a name -> tensor dict "
+                        "or model.named_parameters()")
+    if isinstance(params, Mapping):
+        return [{"params": params}]
+    if not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of tensors, a name -> tensor dict or a list of parameter "
+                        f"groups, got {type(params).__name__}: pass model.parameters() or model.named_parameters()")
+    items = list(params)
+    if items and all(isinstance(x, Mapping) for x in items):
+        for g, group in enumerate(items):
+            if "params" not in group:
+                raise ValueError(f"param group {g} has no 'params' key: give each group {{'params': [...], ...}}")
+        return [dict(x) for x in items]
+    if any(isinstance(x, Mapping) for x in items):
+        raise TypeError("params mixes parameter groups (dicts) with tensors: make every entry a group")
+    return [{"params": items}]
+
+
+def _pairs(params: Any, names: Sequence[str] | None, start: int, where: str) -> list[tuple[str, Any]]:
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    if isinstance(params, Mapping):
+        return [(str(k), v) for k, v in params.items()]
+    items = list(params)
+    if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        return [(n, t) for n, t in items]
+    if names is not None:
+        if len(names) != len(items):
+            raise ValueError(f"{where}: param_names has {len(names)} names for {len(items)} parameters")
+        return list(zip(map(str, names), items))
+    return [(str(start + i), t) for i, t in enumerate(items)]
+
+
+def _check_tensor(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"parameter {name!r} must be a floating-point tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}: cast it with .float() or leave it out")
+    if not t.is_leaf:
+        raise ValueError(f"parameter {name!r} is not a leaf tensor (it was computed from others): pass the "
+                         f"model's parameters, or .detach().requires_grad_() it")
+
+
+def check_devices(tensors: Sequence[torch.Tensor]) -> torch.device:
+    """The one device every managed tensor lives on.
+
+    Raises:
+        TypeError: tensors on several devices.
+    """
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise TypeError(f"parameters live on several devices {sorted(map(str, devices))}: move the model with "
+                        f".to(device) first")
+    return next(iter(devices))

@@ -1,0 +1,150 @@
+"""Gradients into buckets, and bucket reductions started while backward still runs.
+
+A hook after each parameter's gradient accumulation counts its bucket down; a full bucket
+starts its reduction at once (asynchronously) if every bucket before it in the launch
+order has started, so every rank issues the same collectives in the same order. A bucket
+holding a parameter that got no gradient holds back itself and every bucket after it until
+``step`` (as DDP without ``find_unused_parameters``): correct, not overlapped.
+
+Where gradients live:
+
+* kept (zero_stage 0 and 1): ``.grad`` is a view of the gradient bucket, so autograd
+  accumulates straight into bucket memory (DDP's ``gradient_as_bucket_view``); a ``.grad``
+  replaced by the user (set to None, or a new tensor) is copied back once, at its hook.
+* not kept (zero_stage 2): autograd accumulates into ``.grad`` per parameter as usual; a full
+  bucket is packed into one of ``POOL`` bucket-sized buffers, its ``.grad`` tensors dropped,
+  and reduce-scattered into this rank's shard. So at most the gradients of the buckets
+  backward is filling plus ``POOL`` packed buckets exist at once.
+
+Under :meth:`no_sync` (gradient accumulation) the hooks only let gradients accumulate;
+the backward after it reduces. Called by :class:`~distopt.optim.ShardedOptimizer` only.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from distopt.optim.flat import Flat
+
+POOL = 2  # packed gradient buckets that may be in flight at zero_stage 2
+
+
+class Reducer:
+    """One step's bookkeeping: which buckets are full, started, and which buffers they use."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+        lay = opt.plan.layout
+        self.members = [lay.members(b) for b in range(len(lay.buckets))]
+        self.order = opt.arrangement.launch
+        self.sync = True
+        self.narrow_blocks = False  # set by the optimizer: a narrowed stage-0 allreduce blocks
+        self._pool: dict[torch.dtype, list[list]] = {}  # per dtype: [buffer, its reduction in flight]
+        self._turn: dict[torch.dtype, int] = {}
+        self._reset()
+        self.handles = [t.register_post_accumulate_grad_hook(self._hook(i)) for i, t in enumerate(opt.tensors)]
+
+    def _reset(self) -> None:
+        self.left = [len(m) for m in self.members]
+        self.ready: set[int] = set()
+        self.started = [False] * len(self.members)
+        self.next = 0
+        self.pending: list = []
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients without reducing them."""
+        before, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = before
+
+    def _hook(self, i: int):
+        def on_grad(t: torch.Tensor) -> None:
+            if self.sync:
+                self._ready(i)
+        return on_grad
+
+    def _ready(self, i: int) -> None:
+        b = self.opt.plan.layout.bucket_of[i]
+        if self.started[b]:
+            raise RuntimeError(f"the gradient of {self.opt.names[i]!r} arrived after its bucket was reduced: run "
+                               f"every backward but the last of a step under `with opt.no_sync():`, then step()")
+        self.left[b] -= 1
+        if self.left[b] == 0:
+            self.ready.add(b)
+            if not self.narrow_blocks:
+                self._launch_ready(None)
+
+    def _launch_ready(self, given: Sequence[torch.Tensor] | None) -> None:
+        while self.next < len(self.order) and self.order[self.next] in self.ready:
+            self._launch(self.order[self.next], given)
+            self.next += 1
+
+    def finish(self, given: Sequence[torch.Tensor] | None = None) -> None:
+        """In ``step``: start what backward left (unused parameters, gradients set by hand,
+        ``given`` gradients in plan order), then wait for every reduction."""
+        if given is not None and self.next > 0:
+            raise RuntimeError("step(grads=...) after a backward that already reduced gradients: use one or the other")
+        self.ready = set(range(len(self.members)))
+        self._launch_ready(given)
+        for p in self.pending:
+            p.wait()
+        self._reset()
+
+    def _launch(self, b: int, given: Sequence[torch.Tensor] | None) -> None:
+        opt = self.opt
+        grads: Flat | None = opt.grad_buckets
+        if grads is not None:
+            views = [grads.views[i] for i in self.members[b]]
+            flat = grads.bucket(b)
+        else:
+            flat = self._buffer(b)
+            views = _member_views(flat, opt.plan.layout, b, self.members[b], opt.tensors)
+            flat[sum(v.numel() for v in views):].zero_()  # padding
+        for i, view in zip(self.members[b], views):
+            t = opt.tensors[i]
+            g = given[i] if given is not None else t.grad
+            if g is None:
+                view.zero_()  # no gradient reached it this step
+            elif g.data_ptr() != view.data_ptr() or g.shape != view.shape:
+                view.copy_(g)
+            if grads is not None:
+                t.grad = view
+            else:
+                t.grad = None  # packed: the per-parameter gradient goes
+        self.started[b] = True
+        work = opt.reduce_bucket(b, flat)
+        self.pending.append(work)
+        if grads is None:
+            self._slot[1] = work
+
+    def _buffer(self, b: int) -> torch.Tensor:
+        """A free packing buffer for bucket ``b``, waiting for the oldest reduction on it."""
+        dtype = self.opt.arrangement.bucket_dtype[b]
+        start, end = self.opt.plan.layout.buckets[b]
+        slots = self._pool.setdefault(dtype, [])
+        if len(slots) < POOL:
+            need = max(e - s for (s, e), d in zip(self.opt.plan.layout.buckets, self.opt.arrangement.bucket_dtype)
+                       if d == dtype)
+            slots.append([torch.empty(need, dtype=dtype, device=self.opt.device), None])
+        self._turn[dtype] = turn = self._turn.get(dtype, -1) + 1
+        self._slot = slots[turn % len(slots)]
+        if self._slot[1] is not None:
+            self._slot[1].wait()
+        return self._slot[0][: end - start]
+
+    def close(self) -> None:
+        """Remove the hooks (the optimizer is being replaced)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _member_views(flat: torch.Tensor, lay, b: int, members: list[int], tensors) -> list[torch.Tensor]:
+    start = lay.buckets[b][0]
+    return [flat[lay.offsets[i] - start: lay.offsets[i] - start + lay.numels[i]].view(tensors[i].shape)
+            for i in members]
