@@ -16,11 +16,16 @@ STEPS = 12
 
 
 
+def _step(opt, grads):
+    opt.step(grads=grads)
+    return opt.info
+
+
 def _train(comms, stage, make_rule, steps=STEPS, bucket_bytes=25 * 2**20, **kw):
     def body(comm):
         params = _init()
         opt = ShardedOptimizer(params, make_rule(), comm, zero_stage=stage, bucket_bytes=bucket_bytes, **kw)
-        infos = [opt.step(_grads(k, comm.rank)) for k in range(steps)]
+        infos = [_step(opt, _grads(k, comm.rank)) for k in range(steps)]
         return params, opt, infos
     return run_ranks(comms, body)
 
@@ -98,14 +103,14 @@ def test_non_finite_gradient_on_one_rank_skips_the_step_everywhere(groups, stage
     def body(comm):
         params = _init()
         opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=stage)
-        opt.step(_grads(0, comm.rank))
-        before = {k: v.clone() for k, v in params.items()}
+        _step(opt, _grads(0, comm.rank))
+        before = {k: v.detach().clone() for k, v in params.items()}
         bad = _grads(1, comm.rank)
         if comm.rank == 2:
             bad["p3"][1, 1, 1] = float("inf")
-        info = opt.step(bad)
+        info = _step(opt, bad)
         assert all(torch.equal(before[k], params[k]) for k in params)
-        return info, opt.step(_grads(2, comm.rank))
+        return info, _step(opt, _grads(2, comm.rank))
 
     for skipped, after in run_ranks(groups(3), body):
         assert skipped.skipped and skipped.step == 1 and not math.isfinite(skipped.grad_norm)
@@ -126,7 +131,7 @@ def test_dot_grad_path_and_model_sees_updates(groups, stage):
             opt.zero_grad()
             model(x).pow(2).mean().backward()
             if stage < 2:  # backward accumulated straight into the gradient bucket
-                assert model[0].weight.grad.data_ptr() == opt._grads.views[0].data_ptr()
+                assert model[0].weight.grad.data_ptr() == opt.grad_buckets.views[0].data_ptr()
             opt.step()
             ref.zero_grad()
             ref_model(x).pow(2).mean().backward()
@@ -153,12 +158,12 @@ def test_state_dict_round_trip_and_full_state_reshards(groups):
         torch.testing.assert_close(fulls[1]["state"][name]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-5, atol=1e-9)
 
     def resume(comm):  # 2 -> 3 ranks at stage 1, then 4 more steps
-        params = {k: v.clone() for k, v in two[0][0].items()}
+        params = {k: v.detach().clone().requires_grad_() for k, v in two[0][0].items()}
         opt = ShardedOptimizer(params, make_rule(), comm, zero_stage=1)
         opt.load_full_state_dict(fulls[0])
         for k in range(6, 10):
-            opt.step(_grads(k, comm.rank % 2) if comm.rank < 2 else {n: torch.zeros(s) for n, s in
-                                                                      zip(params, map(lambda t: t.shape, params.values()))})
+            opt.step(grads=_grads(k, comm.rank % 2) if comm.rank < 2 else {n: torch.zeros(t.shape) for n, t in
+                                                                            params.items()})
         return params
 
     # rank 2 contributes zeros, so feed ranks 0/1 scaled grads: mean over 3 = 2/3 of the 2-rank mean
@@ -191,18 +196,27 @@ def test_state_dict_round_trip_and_full_state_reshards(groups):
 
 def test_bad_arguments_fail_before_any_communication(groups):
     comm = groups(2)[0]
-    p = [torch.zeros(3)]
+    p = [torch.zeros(3, requires_grad=True)]
+    q = torch.zeros(2, requires_grad=True)
     cases = [
         (lambda: ShardedOptimizer(p, adam(1e-3), comm, zero_stage=3), ValueError, "zero_stage=3 must be 0, 1 or 2"),
         (lambda: ShardedOptimizer([torch.zeros(3, dtype=torch.int64)], adam(1e-3), comm), TypeError,
-         r"params\[0\] must be a floating-point tensor"),
-        (lambda: ShardedOptimizer([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], adam(1e-3), comm),
-         TypeError, "params mix dtypes"),
+         r"parameter '0' must be a floating-point tensor"),
         (lambda: ShardedOptimizer([], adam(1e-3), comm), ValueError, "params is empty"),
+        (lambda: ShardedOptimizer([torch.zeros(3)], adam(1e-3), comm), ValueError, "no parameter requires grad"),
         (lambda: ShardedOptimizer(p, torch.optim.SGD, comm), TypeError, "is not an update rule"),
         (lambda: ShardedOptimizer(p, adam(1e-3), comm, max_grad_norm=0), ValueError, "max_grad_norm=0 must be > 0"),
         (lambda: ShardedOptimizer(p, adam(1e-3), comm, bucket_bytes=0), ValueError, "bucket_bytes=0"),
-        (lambda: ShardedOptimizer(p + p, adam(1e-3), comm), ValueError, "same tensor twice"),
+        (lambda: ShardedOptimizer([{"params": p}, {"params": [q] + p}], adam(1e-3), comm), ValueError,
+         r"parameter '2' is in param group 0 \(as '0'\) and in param group 1"),
+        (lambda: ShardedOptimizer([{"params": p}, {"params": []}], adam(1e-3), comm), ValueError,
+         "param group 1 is empty"),
+        (lambda: ShardedOptimizer([{"params": p, "lr": 1e-2, "momentum": 0.9}], adam(1e-3), comm), ValueError,
+         r"unknown key\(s\) \['momentum'\]"),
+        (lambda: ShardedOptimizer([{"params": p, "weight_decay": -1.0}], adam(1e-3), comm), ValueError,
+         "param group 0: weight_decay=-1.0 must be >= 0"),
+        (lambda: ShardedOptimizer([{"lr": 1.0}], adam(1e-3), comm), ValueError, "param group 0 has no 'params'"),
+        (lambda: ShardedOptimizer(p, adam(1e-3), None), RuntimeError, "torch.distributed.init_process_group"),
     ]
     for call, exc, message in cases:
         with pytest.raises(exc, match=message):
@@ -211,11 +225,11 @@ def test_bad_arguments_fail_before_any_communication(groups):
 
 
 def test_mismatched_grads_are_named(groups):
-    opt = ShardedOptimizer({"a": torch.zeros(3)}, adam(1e-3), groups(1)[0])
+    opt = ShardedOptimizer({"a": torch.zeros(3, requires_grad=True)}, adam(1e-3), groups(1)[0])
     with pytest.raises(ValueError, match=r"missing \['a'\], unexpected \['b'\]"):
-        opt.step({"b": torch.zeros(3)})
+        opt.step(grads={"b": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"grads\['a'\] has shape \(4,\), param has \(3,\)"):
-        opt.step({"a": torch.zeros(4)})
+        opt.step(grads={"a": torch.zeros(4)})
 
 
 def test_bf16_wire_stays_close(groups):
@@ -247,45 +261,45 @@ def _forward(model, x):
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("w", [1, 3])
-def test_overlapped_backward_gives_the_bits_of_explicit_gradients(groups, w, stage):
-    from distopt import execute_with_gradients
-
-    def body(comm, overlap):
+def test_plain_loop_gives_the_bits_of_explicit_gradients(groups, w, stage):
+    def body(comm, plain_loop):
         model = _mlp()
         params = dict(model.named_parameters())
         opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=stage, bucket_bytes=200)
-        if overlap:
-            opt.overlap_backward()
         for k in range(4):
             x = torch.randn(5, 6, generator=torch.Generator().manual_seed(100 * k + comm.rank))
-            if overlap:
-                opt.begin_micro_batch()
-            _, grads = execute_with_gradients(lambda ps: _forward(model, x), params)
-            opt.step() if overlap else opt.step(grads)
+            if plain_loop:  # buckets reduced by the hooks while backward runs
+                _forward(model, x).backward()
+                opt.step()
+                opt.zero_grad()
+            else:
+                grads = torch.autograd.grad(_forward(model, x), list(params.values()), allow_unused=True)
+                opt.step(grads=[g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params.values())])
         return {k: v.detach().clone() for k, v in params.items()}
 
     comms = groups(w)
-    plain = run_ranks(comms, lambda c: body(c, False))
-    overlapped = run_ranks(comms, lambda c: body(c, True))
-    for a, b in zip(plain, overlapped):
+    explicit = run_ranks(comms, lambda c: body(c, False))
+    plain = run_ranks(comms, lambda c: body(c, True))
+    for a, b in zip(explicit, plain):
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_overlapped_accumulation_matches_torch(groups):
-    from distopt import execute_with_gradients
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_accumulation_under_no_sync_matches_torch(groups, stage):
     xs = [torch.randn(4, 6, generator=torch.Generator().manual_seed(i)) for i in range(2 * 2 * 3)]
 
     def body(comm):
         model = _mlp()
-        params = dict(model.named_parameters())
-        opt = ShardedOptimizer(params, sgd(0.1, momentum=0.9), comm, zero_stage=2, bucket_bytes=200)
-        opt.overlap_backward()
+        opt = ShardedOptimizer(dict(model.named_parameters()), sgd(0.1, momentum=0.9), comm, zero_stage=stage,
+                               bucket_bytes=200)
         for k in range(3):
-            for m in range(2):
-                opt.begin_micro_batch(first=m == 0, last=m == 1, scale=0.5)
-                execute_with_gradients(lambda ps: _forward(model, xs[(k * 2 + comm.rank) * 2 + m]), params)
+            with opt.no_sync():
+                (_forward(model, xs[(k * 2 + comm.rank) * 2]) / 2).backward()
+            assert not opt.reducer.pending  # nothing reduced during the first micro-batch
+            (_forward(model, xs[(k * 2 + comm.rank) * 2 + 1]) / 2).backward()
             opt.step()
-        return {k: v.detach().clone() for k, v in params.items()}
+            opt.zero_grad()
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
 
     got = run_ranks(groups(2), body)[0]
     model = _mlp()
@@ -299,19 +313,26 @@ def test_overlapped_accumulation_matches_torch(groups):
         torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_last_layers_are_on_the_wire_before_backward_ends(groups):
-    from distopt import execute_with_gradients
+def test_a_second_backward_without_no_sync_is_refused(groups):
+    model = _mlp()
+    opt = ShardedOptimizer(dict(model.named_parameters()), sgd(0.1), groups(1)[0], bucket_bytes=200)
+    _forward(model, torch.ones(2, 6)).backward()
+    with pytest.raises(RuntimeError, match="no_sync"):
+        _forward(model, torch.ones(2, 6)).backward()
 
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_last_layers_are_on_the_wire_before_backward_ends(groups, stage):
     def body(comm):
         model = _build_mlp()[:5]
-        params = dict(model.named_parameters())
-        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=200, last_bucket_bytes=None)
-        opt.overlap_backward()
-        opt.begin_micro_batch()
-        execute_with_gradients(lambda ps: _forward(model, torch.ones(2, 6)), params)
-        launched = len(opt.overlap.pending)
+        opt = ShardedOptimizer(dict(model.named_parameters()), adam(1e-2), comm, zero_stage=stage, bucket_bytes=200,
+                               last_bucket_bytes=None)
+        _forward(model, torch.ones(2, 6)).backward()
+        launched = len(opt.reducer.pending)
+        dropped = all(p.grad is None for p in model.parameters())
         opt.step()
-        return launched, len(opt.plan.layout.buckets)
+        return launched, len(opt.plan.layout.buckets), dropped
 
-    for launched, buckets in run_ranks(groups(2), body):
+    for launched, buckets, dropped in run_ranks(groups(2), body):
         assert buckets >= 3 and launched == buckets  # every bucket launched by its last gradient's hook
+        assert dropped == (stage == 2)  # stage 2 packed each bucket and let go of .grad

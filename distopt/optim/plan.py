@@ -106,6 +106,7 @@ def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Seq
     whose first tensor comes latest in the given order first.
     """
     dtypes = list(dict.fromkeys(t.dtype for t in tensors))
+    last_bucket_bytes = min(last_bucket_bytes, bucket_bytes) if last_bucket_bytes else None
     order = sorted(range(len(tensors)), key=lambda i: (dtypes.index(tensors[i].dtype), group_of[i], i))
     runs: dict[tuple, list[int]] = {}
     for i in order:

@@ -137,6 +137,10 @@ class Reducer:
             self._slot[1].wait()
         return self._slot[0][: end - start]
 
+    def packing_bytes(self) -> int:
+        """Bytes of the packing buffers (zero_stage 2), at most ``POOL`` buckets per dtype."""
+        return sum(buf.numel() * buf.element_size() for slots in self._pool.values() for buf, _ in slots)
+
     def close(self) -> None:
         """Remove the hooks (the optimizer is being replaced)."""
         for h in self.handles:

@@ -79,9 +79,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True,
                  last_bucket_bytes: int | None = 2**20) -> None:
+        _check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
         hyper = hyperparameters(rule)
         groups, managed = normalize(params, list(hyper))
-        _check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
         for dtype in {t.dtype for t in managed.tensors}:
             check_wire_dtype(wire_dtype, dtype)
         self.device = check_devices(managed.tensors)
@@ -90,6 +90,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             comm = TorchCommunicator.from_process_group(None)
         _check_comm(comm)
         super().__init__(groups, hyper)
+        # A group may turn on state the defaults lack (SGD momentum): the rule that keeps the most makes it.
+        first = [with_hyperparameters(rule, g, f"param group {i}") for i, g in enumerate(self.param_groups)]
+        self._init_rule = max(first, key=_fields_kept)
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
         self.plan, self.arrangement = arrange(managed.names, managed.tensors, managed.group_of,
@@ -107,9 +110,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.shard_params = [self.params_flat.range(s, e) for s, e in ranges]
         self.grad_buckets = self._grad_buffer() if zero_stage <= 1 else None
         self.grad_flat, self.grad_shards = self._grad_shards(ranges)
-        # A group may turn on state the defaults lack (SGD momentum): the rule that keeps the most makes it.
-        first = [with_hyperparameters(rule, g, f"param group {i}") for i, g in enumerate(self.param_groups)]
-        self._init_rule = max(first, key=_fields_kept)
         self.shard_state = self.init_state(self.shard_params)
         self._units = self._update_units()
         self.step_count = 0
@@ -342,6 +342,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (moments, momentum buffers)."""
         return sum(t.numel() * t.element_size() for field in self.shard_state for t in field)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this optimizer holds, by what they are: the parameters' flat buffers, the
+        full-size gradient buckets (stage 0/1), this rank's gradient shards (stage >= 1),
+        the state shard, and the stage-2 packing buffers. ``.grad`` tensors autograd
+        allocates outside bucket memory (stage 2, between hooks) are not counted."""
+        def size(ts) -> int:
+            return sum(t.numel() * t.element_size() for t in ts)
+        return {"params": size(self.params_flat.flats()),
+                "grads": size(self.grad_buckets.flats()) if self.grad_buckets is not None else 0,
+                "grad_shards": 0 if self.zero_stage == 0 else size(self.grad_shards),
+                "state": self.state_bytes(), "packing": self.reducer.packing_bytes()}
 
     def state_dict(self) -> dict:
         """This rank's state shard, the step, the groups' hyperparameters and the plan (copies)."""
