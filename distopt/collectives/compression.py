@@ -9,15 +9,10 @@ dtype.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from distopt.collectives.base import chunk_numel, chunk_range
+from distopt.collectives.base import Communicator, chunk_numel, chunk_range
 from distopt.collectives.pending import then
-
-if TYPE_CHECKING:
-    from distopt.collectives.base import Communicator
 
 
 def reduce_scatter(comm: "Communicator", flat: torch.Tensor, op: str, wire_dtype: torch.dtype,

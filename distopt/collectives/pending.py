@@ -1,10 +1,16 @@
 """An asynchronous collective's handle: started now, completed (and checked) on ``wait``."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
-if TYPE_CHECKING:
-    from distopt.collectives.torch_dist import TorchCommunicator
+
+class Waiter(Protocol):
+    """What a handle needs of its communicator: how long a work may take, and how a failure
+    is reported (``TorchCommunicator`` is one)."""
+
+    _wait_timeout: object
+
+    def _failed(self, name: str, e: BaseException) -> Exception: ...
 
 
 class Pending:
@@ -13,7 +19,7 @@ class Pending:
     Raises (from ``wait``): CollectiveError within the communicator's timeout.
     """
 
-    def __init__(self, comm: "TorchCommunicator | None", name: str, works: list,
+    def __init__(self, comm: Waiter | None, name: str, works: list,
                  finish: Callable[[], object]) -> None:
         self.comm, self.name, self._works, self._finish = comm, name, works, finish
         self._done, self._result = False, None

@@ -5,43 +5,42 @@ keyed by parameter name and can be loaded by any world size or stage (the reshar
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from distopt.optim.sharded import ShardedOptimizer
+ShardedOptimizer = Any  # (the optimizer imports this module; naming its class here would be a cycle)
 
 FORMAT = "distopt.sharded_state.v1"
 
 
-def shard_state_dict(opt: "ShardedOptimizer") -> dict:
+def shard_state_dict(opt: ShardedOptimizer) -> dict:
     """This rank's state as one flat tensor per state field and dtype (new copies), plus what
     it belongs to."""
     return {**shard_header(opt), "param_groups": group_hyperparameters(opt),
             "state": {field: _cat(ts) for field, ts in state_fields(opt).items()}}
 
 
-def shard_header(opt: "ShardedOptimizer") -> dict:
+def shard_header(opt: ShardedOptimizer) -> dict:
     """What :func:`shard_state_dict` says besides the tensors: format, rank, stage, step, rule, plan."""
     return {"format": FORMAT, "rank": opt.comm.rank, "world_size": opt.comm.world_size,
             "zero_stage": opt.zero_stage, "step": opt.step_count, "rule": opt.rule.config(),
             "plan": opt.plan.to_dict()}
 
 
-def group_hyperparameters(opt: "ShardedOptimizer") -> list[dict]:
+def group_hyperparameters(opt: ShardedOptimizer) -> list[dict]:
     """Each group's hyperparameters now, as plain data (a schedule is kept by the rule, not here)."""
     names = list(opt.defaults)
     return [{k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in names if not callable(g[k])}
             for g in opt.param_groups]
 
 
-def state_fields(opt: "ShardedOptimizer") -> dict[str, list[torch.Tensor]]:
+def state_fields(opt: ShardedOptimizer) -> dict[str, list[torch.Tensor]]:
     """The live state this rank holds: field -> its per-bucket tensors (fields the rule keeps)."""
     return {field: ts for field, ts in opt.shard_state._asdict().items() if ts}
 
 
-def shard_params(opt: "ShardedOptimizer") -> torch.Tensor:
+def shard_params(opt: ShardedOptimizer) -> torch.Tensor:
     """A copy of the parameters this rank updates, flat and laid out as its state shard
     (its range of every bucket, in bucket order; at zero_stage 0 every bucket whole)."""
     return _cat(opt.shard_params)
@@ -62,7 +61,7 @@ def _split(flat, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [next(by_dtype[t.dtype]) for t in like]
 
 
-def check_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
+def check_shard_state_dict(opt: ShardedOptimizer, sd: dict) -> None:
     """Raise ValueError unless ``sd`` is this rank's shard of this plan and rule, and loading
     it alone leaves the in-memory redundancy right (it cannot where the state is sharded
     and replicated: the neighbours' copies of the shard would stay stale)."""
@@ -81,7 +80,7 @@ def check_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
         raise ValueError(f"state fields {sorted(sd['state'])} do not match this rule's {sorted(fields)}")
 
 
-def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
+def load_shard_state_dict(opt: ShardedOptimizer, sd: dict) -> None:
     """Copy a shard state dict checked by :func:`check_shard_state_dict` back in."""
     fields = opt.shard_state._asdict()
     for field, flat in sd["state"].items():
@@ -90,7 +89,7 @@ def load_shard_state_dict(opt: "ShardedOptimizer", sd: dict) -> None:
     set_group_hyperparameters(opt, sd.get("param_groups"))
 
 
-def full_state_dict(opt: "ShardedOptimizer") -> dict:
+def full_state_dict(opt: ShardedOptimizer) -> dict:
     """Gather every field bucket by bucket into ``{name: {field: tensor shaped like the param}}``.
 
     Every rank must call it (one allgather per bucket and field at stage >= 1); extra memory
@@ -109,7 +108,7 @@ def full_state_dict(opt: "ShardedOptimizer") -> dict:
             "param_groups": group_hyperparameters(opt), "state": per_param}
 
 
-def load_full_state_dict(opt: "ShardedOptimizer", full: dict) -> None:
+def load_full_state_dict(opt: ShardedOptimizer, full: dict) -> None:
     """Cut this rank's shard (and, with redundancy, its neighbour's replica) out of a full state dict."""
     if not isinstance(full, dict) or full.get("format") != FORMAT + ".full":
         raise ValueError("not a distopt full state dict: pass the output of full_state_dict()")
@@ -123,7 +122,7 @@ def load_full_state_dict(opt: "ShardedOptimizer", full: dict) -> None:
     set_group_hyperparameters(opt, full.get("param_groups"))
 
 
-def fill_shard(opt: "ShardedOptimizer", full: dict, shard_rank: int, state) -> None:
+def fill_shard(opt: ShardedOptimizer, full: dict, shard_rank: int, state) -> None:
     """Copy rank ``shard_rank``'s slice of every field of ``full`` into ``state`` (per-bucket lists)."""
     lay = opt.plan.layout
     for field, shards in state._asdict().items():
@@ -140,19 +139,19 @@ def fill_shard(opt: "ShardedOptimizer", full: dict, shard_rank: int, state) -> N
             shards[b].copy_(bucket[s - start: e - start])
 
 
-def _check_groups(opt: "ShardedOptimizer", saved: list | None) -> None:
+def _check_groups(opt: ShardedOptimizer, saved: list | None) -> None:
     if saved is not None and len(saved) != len(opt.param_groups):
         raise ValueError(f"state was saved with {len(saved)} parameter groups, this optimizer has "
                          f"{len(opt.param_groups)}: build it with the same groups")
 
 
-def set_group_hyperparameters(opt: "ShardedOptimizer", saved: list | None) -> None:
+def set_group_hyperparameters(opt: ShardedOptimizer, saved: list | None) -> None:
     """Put saved hyperparameter values (a scheduler's lr, say) back into the live groups."""
     for group, values in zip(opt.param_groups, saved or []):
         group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
 
 
-def _check_rule(opt: "ShardedOptimizer", saved: dict) -> None:
+def _check_rule(opt: ShardedOptimizer, saved: dict) -> None:
     if saved.get("rule") != opt.rule.name:
         raise ValueError(f"state was saved for rule {saved.get('rule')!r}, this optimizer runs {opt.rule.name!r}")
 
