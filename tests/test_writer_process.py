@@ -148,12 +148,12 @@ def test_a_snapshots_fields_reach_the_shared_memory_in_one_copy():
     so the copies join into one, whose bytes put every field where the message says; tensors
     of their own, or offsets that do not match, stay apart."""
     from distopt.runtime.snapshots import Buffers
-    from distopt.runtime.host_snapshot import Layout, bytes_of, join_runs
+    from distopt.runtime.host_snapshot import Placement, bytes_of, join_runs
     g = torch.Generator().manual_seed(3)
     parts = {"a": [torch.randn(5, generator=g), torch.randn(2, 3, generator=g)], "b": [torch.randn(17, generator=g)],
              "c": [torch.randn(1, generator=g)]}
     flats = Buffers().copy(parts, torch.float32, torch.device("cpu"))
-    layout = Layout(flats, None)
+    layout = Placement(flats, None)
     runs = join_runs([(bytes_of(t), off) for t, off in zip(flats.values(), layout.offsets)])
     assert len(runs) == 1 and runs[0][1] == 0
     memory = torch.zeros(layout.size, dtype=torch.uint8)

@@ -193,7 +193,7 @@ class Redundancy(StepHooks):
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
             step, rep = self.pending_step, self.replica
-            self.opt.replay(step, range(len(rep.params)), rep.params, self.pending, rep.state, self.pending_scale)
+            self.opt.rules.apply(step, range(len(rep.params)), rep.params, self.pending, rep.state, self.pending_scale)
             self.replica.step, self.pending_step = step, None
             self.replay_s += time.perf_counter() - t0
 

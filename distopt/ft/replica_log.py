@@ -105,7 +105,7 @@ class _Area:
     """One rank's window: the chunk table, the logged steps and clipping factors, ``depth + 1``
     gradient slots and ``depth + 1`` chunk slots (parameters, then each state field)."""
 
-    def __init__(self, buf: torch.Tensor, lay: "_Layout", depth: int) -> None:
+    def __init__(self, buf: torch.Tensor, lay: "_Chunking", depth: int) -> None:
         n, item, slots = sum(lay.sizes), lay.dtype.itemsize, depth + 1
         self.table = buf[: 8 * depth].view(torch.int64)
         self.steps = buf[8 * depth: 8 * (depth + slots)].view(torch.int64)
@@ -118,12 +118,12 @@ class _Area:
                        for s in range(slots)]
 
     @staticmethod
-    def nbytes(lay: "_Layout", depth: int) -> int:
+    def nbytes(lay: "_Chunking", depth: int) -> int:
         item = lay.dtype.itemsize
         return _header(8 * (3 * depth + 2)) + (depth + 1) * (sum(lay.sizes) + lay.width * lay.fields) * item
 
 
-class _Layout:
+class _Chunking:
     """How one rank's shard is cut: bucket sizes, state fields, chunks and a chunk slot's width."""
 
     def __init__(self, opt: ShardedOptimizer, depth: int) -> None:
@@ -138,7 +138,7 @@ class _Layout:
 class ReplicaLog:
     """One rank's side of the copy-and-log redundancy (see the module docstring)."""
 
-    def __init__(self, opt: ShardedOptimizer, lay: _Layout, window: Window, depth: int) -> None:
+    def __init__(self, opt: ShardedOptimizer, lay: _Chunking, window: Window, depth: int) -> None:
         self.opt, self.depth, self.template, self.chunks = opt, depth, lay.template, lay.chunks
         self.own = _Area(window.mine, lay, depth)
         self.left = _Area(window.peer, lay, depth)  # the left neighbour's, this rank its holder
@@ -154,7 +154,7 @@ class ReplicaLog:
         """The rank as its own holder, in private memory: the same copies and log let it undo
         an update that never committed (:meth:`undo`) for ``1/depth`` of a shard copy per
         step, where a snapshot before each update copies all of it. No communication."""
-        lay = _Layout(opt, depth)
+        lay = _Chunking(opt, depth)
         buf = torch.zeros(_Area.nbytes(lay, depth), dtype=torch.uint8, device=opt.device)
         return cls(opt, lay, Window(buf, buf), depth)
 
@@ -162,7 +162,7 @@ class ReplicaLog:
     def open(cls, opt: ShardedOptimizer, distance: int, depth: int) -> "ReplicaLog | None":
         """Map this rank's window and its left neighbour's (a collective); None on every rank
         if any rank cannot."""
-        lay = _Layout(opt, depth)
+        lay = _Chunking(opt, depth)
         window = open_window(opt.comm, _Area.nbytes(lay, depth), -distance)
         return cls(opt, lay, window, depth) if window is not None else None
 
@@ -265,7 +265,7 @@ class ReplicaLog:
                     raise RecoveryError(f"{what}: the gradients of update {step} are no longer logged "
                                         f"(slot {s} holds update {int(area.steps[s])})")
                 grads = [area.grads[s][b][lo:hi] for b, lo, hi in self.chunks[j]]
-                self.opt.replay(step, [b for b, _, _ in self.chunks[j]], p, grads, st, float(area.scales[s]))
+                self.opt.rules.apply(step, [b for b, _, _ in self.chunks[j]], p, grads, st, float(area.scales[s]))
 
     # --- views ----------------------------------------------------------------------
     def _pieces_of(self, params: list[torch.Tensor], state, j: int, split: bool = False):

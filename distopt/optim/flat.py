@@ -59,3 +59,16 @@ class Flat:
     def flats(self) -> list[torch.Tensor]:
         """Each dtype's flat tensor."""
         return [flat for _, _, flat in self.segments]
+
+
+def shard_views(ranges: Sequence[tuple[int, int]], dtypes: Sequence[torch.dtype],
+                device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Zeroed per-bucket shards of the sizes of ``ranges``, packed in one flat tensor per
+    dtype; that flat tensor too where there is one dtype (else None)."""
+    flats = {d: torch.zeros(sum(e - s for (s, e), x in zip(ranges, dtypes) if x == d), dtype=d, device=device)
+             for d in dict.fromkeys(dtypes)}
+    shards, used = [], {d: 0 for d in flats}
+    for (s, e), d in zip(ranges, dtypes):
+        shards.append(flats[d][used[d]:used[d] + e - s])
+        used[d] += e - s
+    return (next(iter(flats.values())) if len(flats) == 1 else None), shards

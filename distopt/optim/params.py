@@ -122,3 +122,41 @@ def check_devices(tensors: Sequence[torch.Tensor]) -> torch.device:
         raise TypeError(f"parameters live on several devices {sorted(map(str, devices))}: move the model with "
                         f".to(device) first")
     return next(iter(devices))
+
+
+def check_args(rule, zero_stage, bucket_bytes, max_grad_norm) -> None:
+    if not all(hasattr(rule, m) for m in ("init", "update", "config")):
+        raise TypeError(f"rule={rule!r} is not an update rule: use distopt.optim.sgd(...) or distopt.optim.adam(...)")
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage={zero_stage!r} must be 0, 1 or 2")
+    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes={bucket_bytes!r} must be a positive int (default 25 MiB)")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0, or None for no clipping")
+
+
+def check_comm(comm: Any) -> None:
+    if not all(hasattr(comm, m) for m in ("rank", "world_size", "allreduce", "reduce_scatter", "allgather")):
+        raise TypeError(f"comm={comm!r} is not a Communicator: use distopt.collectives.TorchCommunicator, "
+                        f"in_process, or None for torch.distributed's default group")
+
+
+def match_grads(grads: Any, names: list[str], tensors: list[torch.Tensor],
+                 order: Sequence[int]) -> list[torch.Tensor]:
+    """``grads`` (a name -> tensor dict, or a sequence in the order the parameters were
+    given) in plan order, checked."""
+    if isinstance(grads, dict):
+        missing, extra = sorted(set(names) - set(grads)), sorted(set(grads) - set(names))
+        if missing or extra:
+            raise ValueError(f"grads do not match params (missing {missing}, unexpected {extra}): pass a dict with "
+                             f"the parameters' names")
+        gs = [grads[n] for n in names]
+    else:
+        given = list(grads)
+        if len(given) != len(names):
+            raise ValueError(f"grads has {len(given)} tensors for {len(names)} parameters: pass one per parameter")
+        gs = [given[i] for i in order]
+    for n, g, t in zip(names, gs, tensors):
+        if not isinstance(g, torch.Tensor) or g.shape != t.shape:
+            raise ValueError(f"grads[{n!r}] has shape {tuple(getattr(g, 'shape', ()))}, param has {tuple(t.shape)}")
+    return gs

@@ -125,3 +125,12 @@ def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Seq
     launch = sorted(range(len(lay.buckets)), key=lambda b: (-first[b], -b))
     return ShardPlan(world_size, ALIGN, lay), Arrangement(tuple(order), tuple(bucket_group), tuple(bucket_dtype),
                                                           tuple(launch))
+
+
+def build_plan(names: Sequence[str], tensors: Sequence[torch.Tensor], world_size: int, zero_stage: int,
+               bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20,
+               group_of: Sequence[int] | None = None) -> tuple[ShardPlan, Arrangement]:
+    """The plan and arrangement a ShardedOptimizer with these arguments uses (pure). Stage 0
+    is the plan with one shard: every rank holds and updates all of it."""
+    return arrange(names, tensors, group_of or [0] * len(tensors), world_size if zero_stage >= 1 else 1,
+                   bucket_bytes, last_bucket_bytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import torch
 
@@ -211,3 +211,19 @@ def _config(rule: Rule) -> dict:
     if "betas" in out:
         out["betas"] = list(out["betas"])
     return out
+
+
+def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """``grads`` times the clipping factor, as new tensors (the reduced shard stays as it
+    is: a replica's holder may replay from it)."""
+    return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
+
+
+def fields_kept(rule: Rule) -> int:
+    """How many state fields the rule keeps (SGD without momentum: none)."""
+    return sum(1 for field in rule.init([torch.zeros(1)]) if field)
+
+
+def state_of(state: Any, idx: Sequence[int]) -> Any:
+    """The state of buckets ``idx`` only: each field's entries at ``idx``, same NamedTuple."""
+    return type(state)(*[[field[i] for i in idx] if field else [] for field in state])

@@ -17,7 +17,6 @@ runs the same code; the communicator skips the wire.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -29,15 +28,15 @@ import torch
 from distopt.collectives.base import Communicator, check_wire_dtype
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES
 from distopt.optim import state_io
-from distopt.optim.flat import Flat
+from distopt.optim.flat import Flat, shard_views
+from distopt.optim.group_rules import GroupRules
 from distopt.optim.hooks import StepHooks
-from distopt.optim.params import check_devices, normalize
-from distopt.optim.plan import Arrangement, ShardPlan, arrange
+from distopt.optim.params import check_args, check_comm, check_devices, match_grads, normalize
+from distopt.optim.plan import build_plan
 from distopt.optim.reducer import Reducer
-from distopt.optim.rules import Rule, hyperparameters, with_hyperparameters
+from distopt.optim.rules import Rule, hyperparameters
 
 log = logging.getLogger("distopt")
-HISTORY = 128  # steps whose hyperparameters are kept, for a replica's replay
 
 
 class StepInfo(NamedTuple):
@@ -79,7 +78,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, max_grad_norm: float | None = None,
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True,
                  last_bucket_bytes: int | None = 2**20) -> None:
-        _check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
+        check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
         hyper = hyperparameters(rule)
         groups, managed = normalize(params, list(hyper))
         for dtype in {t.dtype for t in managed.tensors}:
@@ -88,16 +87,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if comm is None:
             from distopt.collectives.torch_dist import TorchCommunicator
             comm = TorchCommunicator.from_process_group(None)
-        _check_comm(comm)
+        check_comm(comm)
         super().__init__(groups, hyper)
-        # A group may turn on state the defaults lack (SGD momentum): the rule that keeps the most makes it.
-        first = [with_hyperparameters(rule, g, f"param group {i}") for i, g in enumerate(self.param_groups)]
-        self._init_rule = max(first, key=_fields_kept)
         self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
-        self.plan, self.arrangement = arrange(managed.names, managed.tensors, managed.group_of,
-                                              comm.world_size if zero_stage >= 1 else 1, bucket_bytes,
-                                              last_bucket_bytes)
+        self.plan, self.arrangement = build_plan(managed.names, managed.tensors, comm.world_size, zero_stage,
+                                                 bucket_bytes, last_bucket_bytes, managed.group_of)
+        self.rules = GroupRules(rule, self.param_groups, self.arrangement.bucket_group,
+                                self.arrangement.bucket_dtype)
         order = self.arrangement.order
         self.names = [managed.names[i] for i in order]  # plan order
         self.tensors = [managed.tensors[i] for i in order]
@@ -109,13 +106,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ranges = self.plan.ranges(comm.rank if self.plan.world_size > 1 else 0)
         self.shard_params = [self.params_flat.range(s, e) for s, e in ranges]
         self.grad_buckets = self._grad_buffer() if zero_stage <= 1 else None
-        self.grad_flat, self.grad_shards = self._grad_shards(ranges)
+        self.grad_flat, self.grad_shards = (None, [self.grad_buckets.bucket(b) for b in range(len(ranges))]) \
+            if zero_stage == 0 else shard_views(ranges, self.arrangement.bucket_dtype, self.device)
         self.shard_state = self.init_state(self.shard_params)
-        self._units = self._update_units()
         self.step_count = 0
         self.info: StepInfo | None = None  # the last step's
         self._hooks: list[StepHooks] = []
-        self._rules_at: dict[int, list[Rule]] = {}
         self.reducer = Reducer(self)
         self.reducer.narrow_blocks = zero_stage == 0 and wire_dtype is not None
 
@@ -135,26 +131,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 view.copy_(t.grad)
             t.grad = view  # backward accumulates straight into the bucket
         return buf
-
-    def _grad_shards(self, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        if self.zero_stage == 0:
-            return None, [self.grad_buckets.bucket(b) for b in range(len(ranges))]
-        dtypes = self.arrangement.bucket_dtype
-        flats = {d: torch.zeros(sum(e - s for (s, e), x in zip(ranges, dtypes) if x == d), dtype=d,
-                                device=self.device) for d in dict.fromkeys(dtypes)}
-        shards, used = [], {d: 0 for d in flats}
-        for (s, e), d in zip(ranges, dtypes):
-            shards.append(flats[d][used[d]:used[d] + e - s])
-            used[d] += e - s
-        return (next(iter(flats.values())) if len(flats) == 1 else None), shards
-
-    def _update_units(self) -> list[tuple[int, list[int], Any]]:
-        """(group, its buckets of one dtype, their state) for each rule call of a step."""
-        arr, out = self.arrangement, []
-        for key in dict.fromkeys(zip(arr.bucket_group, arr.bucket_dtype)):
-            idx = [b for b, k in enumerate(zip(arr.bucket_group, arr.bucket_dtype)) if k == key]
-            out.append((key[0], idx, _state_of(self.shard_state, idx)))
-        return out
 
     def add_param_group(self, param_group: dict) -> None:
         """Groups are fixed once the plan is made; torch calls this while constructing."""
@@ -178,7 +154,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def init_state(self, params: list[torch.Tensor]) -> Any:
         """Fresh (zero) optimizer state for pieces shaped like ``params``, with the fields
         this optimizer keeps: what a copy of a shard's state needs."""
-        return self._init_rule.init(params)
+        return self.rules.state_rule.init(params)
 
     def use_grad_shards(self, flat: torch.Tensor) -> None:
         """Reduce the next step's gradients into ``flat`` (this rank's shard size, one
@@ -222,7 +198,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        given = None if grads is None else _match_grads(grads, self.names, self.tensors, self.arrangement.order)
+        given = None if grads is None else match_grads(grads, self.names, self.tensors, self.arrangement.order)
         step = self.step_count + 1
         t0 = time.perf_counter()
         self._call("phase", "grad_collective", step)
@@ -257,17 +233,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self.comm.reduce_scatter(flat, "mean", self.wire_dtype, out=self.grad_shards[b], async_op=True)
 
     def _update(self, step: int, scale: float) -> None:
-        rules = self.rules_at(step)
-        if any(_fields_kept(r) > sum(1 for f in self.shard_state if f) for r in rules):
-            raise ValueError("a parameter group's hyperparameters now need optimizer state it was built without "
-                             "(e.g. SGD momentum turned on from 0): give the rule or the group a nonzero value "
-                             "at construction")
+        self.rules.at(step)  # (a bad hyperparameter raises here, before anything changes)
         self._call("before_update", step, scale)
         self._call("phase", "shard_update", step)
         self._call("before_write")
-        grads = clipped(self.grad_shards, scale)
-        for group, idx, state in self._units:
-            rules[group].update([self.shard_params[b] for b in idx], [grads[b] for b in idx], state, step)
+        self.rules.apply(step, range(len(self.shard_params)), self.shard_params, self.grad_shards, self.shard_state,
+                         scale)
         self._call("after_update", step)
 
     def _gather(self) -> None:
@@ -292,34 +263,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.comm.allreduce(total, "sum")
         sumsq = float(total[0])
         return math.sqrt(sumsq) if sumsq >= 0 else float("nan")
-
-    def rules_at(self, step: int) -> list[Rule]:
-        """Each group's rule with the hyperparameters of update ``step``: the groups' values
-        when it is made, kept for :data:`HISTORY` steps so a replica replays it exactly.
-
-        Raises:
-            ValueError: a group's hyperparameter is not valid for the rule.
-            KeyError: ``step`` is older than the history.
-        """
-        if step not in self._rules_at:
-            if step <= self.step_count and self._rules_at:
-                raise KeyError(f"update {step} is older than the {HISTORY} steps whose hyperparameters are kept")
-            self._rules_at[step] = [with_hyperparameters(self.rule, g, f"param group {i}")
-                                    for i, g in enumerate(self.param_groups)]
-            for old in [s for s in self._rules_at if s <= step - HISTORY]:
-                del self._rules_at[old]
-        return self._rules_at[step]
-
-    def replay(self, step: int, buckets: Sequence[int], params: list[torch.Tensor], grads: list[torch.Tensor],
-               state: Any, scale: float) -> None:
-        """Apply update ``step`` as this optimizer made it, to pieces of a shard (a replica's,
-        or a copy being rolled forward): ``params[i]``, ``grads[i]`` and each state field's
-        ``[i]`` are a piece of bucket ``buckets[i]``; local, no communication."""
-        rules, group_of, dtypes = self.rules_at(step), self.arrangement.bucket_group, self.arrangement.bucket_dtype
-        grads = clipped(grads, scale)
-        for key in dict.fromkeys((group_of[b], dtypes[b]) for b in buckets):
-            idx = [i for i, b in enumerate(buckets) if (group_of[b], dtypes[b]) == key]
-            rules[key[0]].update([params[i] for i in idx], [grads[i] for i in idx], _state_of(state, idx), step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients. At zero_stage 0/1 ``.grad`` stays a view of the gradient
@@ -380,63 +323,3 @@ class ShardedOptimizer(torch.optim.Optimizer):
         (``distopt.ft.Redundancy.load_full``)."""
         self._call("before_write")
         state_io.load_full_state_dict(self, full)
-
-
-def build_plan(names: Sequence[str], tensors: Sequence[torch.Tensor], world_size: int, zero_stage: int,
-               bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20,
-               group_of: Sequence[int] | None = None) -> tuple[ShardPlan, Arrangement]:
-    """The plan and arrangement a ShardedOptimizer with these arguments uses (pure)."""
-    return arrange(names, tensors, group_of or [0] * len(tensors), world_size if zero_stage >= 1 else 1,
-                   bucket_bytes, last_bucket_bytes)
-
-
-def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
-    """``grads`` times the clipping factor, as new tensors (the reduced shard stays as it
-    is: a replica's holder may replay from it)."""
-    return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
-
-
-def _fields_kept(rule: Rule) -> int:
-    return sum(1 for field in rule.init([torch.zeros(1)]) if field)
-
-
-def _state_of(state: Any, idx: Sequence[int]) -> Any:
-    return type(state)(*[[field[i] for i in idx] if field else [] for field in state])
-
-
-def _check_args(rule, zero_stage, bucket_bytes, max_grad_norm) -> None:
-    if not all(hasattr(rule, m) for m in ("init", "update", "config")):
-        raise TypeError(f"rule={rule!r} is not an update rule: use distopt.optim.sgd(...) or distopt.optim.adam(...)")
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage={zero_stage!r} must be 0, 1 or 2")
-    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes={bucket_bytes!r} must be a positive int (default 25 MiB)")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0, or None for no clipping")
-
-
-def _check_comm(comm: Any) -> None:
-    if not all(hasattr(comm, m) for m in ("rank", "world_size", "allreduce", "reduce_scatter", "allgather")):
-        raise TypeError(f"comm={comm!r} is not a Communicator: use distopt.collectives.TorchCommunicator, "
-                        f"in_process, or None for torch.distributed's default group")
-
-
-def _match_grads(grads: Any, names: list[str], tensors: list[torch.Tensor],
-                 order: Sequence[int]) -> list[torch.Tensor]:
-    """``grads`` (a name -> tensor dict, or a sequence in the order the parameters were
-    given) in plan order, checked."""
-    if isinstance(grads, dict):
-        missing, extra = sorted(set(names) - set(grads)), sorted(set(grads) - set(names))
-        if missing or extra:
-            raise ValueError(f"grads do not match params (missing {missing}, unexpected {extra}): pass a dict with "
-                             f"the parameters' names")
-        gs = [grads[n] for n in names]
-    else:
-        given = list(grads)
-        if len(given) != len(names):
-            raise ValueError(f"grads has {len(given)} tensors for {len(names)} parameters: pass one per parameter")
-        gs = [given[i] for i in order]
-    for n, g, t in zip(names, gs, tensors):
-        if not isinstance(g, torch.Tensor) or g.shape != t.shape:
-            raise ValueError(f"grads[{n!r}] has shape {tuple(getattr(g, 'shape', ()))}, param has {tuple(t.shape)}")
-    return gs

@@ -76,7 +76,7 @@ def join_runs(todo: list[tuple[torch.Tensor, int]]) -> list[tuple[torch.Tensor, 
     return runs
 
 
-class Layout:
+class Placement:
     """Where a snapshot's tensors go in the shared memory, and the message fields that say so.
 
     Kept from one checkpoint to the next: the snapshot is the same kept tensors every time,

@@ -18,7 +18,8 @@ from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.ft import Redundancy, recovery
 from distopt.optim.hooks import StepHooks
-from distopt.optim.sharded import ShardedOptimizer, build_plan
+from distopt.optim.plan import build_plan
+from distopt.optim.sharded import ShardedOptimizer
 from distopt.runtime import sampling
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire

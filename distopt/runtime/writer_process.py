@@ -32,7 +32,7 @@ import msgpack
 import torch
 
 from distopt.runtime.checkpointing import ShardWriter
-from distopt.runtime.host_snapshot import Layout, SharedMemory, bytes_of, join_runs
+from distopt.runtime.host_snapshot import Placement, SharedMemory, bytes_of, join_runs
 from distopt.runtime.writer_main import MESSAGE_BYTES
 
 FIRST_PIECE = 8 * 2**20  # before any piece has measured the rate
@@ -92,7 +92,7 @@ class ProcessWriter:
         self._rate: float | None = None  # bytes per second the last piece reached
         self._writing: list[_Job] = []  # sent; record not back yet
         self._done: list[dict] = []
-        self._layout: Layout | None = None  # the last snapshot's, which the next one is like
+        self._layout: Placement | None = None  # the last snapshot's, which the next one is like
         self._inbox = bytearray(MESSAGE_BYTES)
         self._spawn()
 
@@ -143,10 +143,10 @@ class ProcessWriter:
         self._copying.append(job)
         self._pump()
 
-    def _layout_of(self, shard: dict | None, model: dict | None) -> "Layout":
+    def _layout_of(self, shard: dict | None, model: dict | None) -> "Placement":
         layout = self._layout
         if layout is None or not layout.fits(shard, model):
-            layout = self._layout = Layout(shard, model)
+            layout = self._layout = Placement(shard, model)
         return layout
 
     def reserve(self, nbytes: int, device: torch.device) -> None:
