@@ -70,7 +70,7 @@ class Redundancy(StepHooks):
                             "dtypes yet: cast the model to one dtype, or train with max_failures=0")
         self.opt, self.distance = opt, distance
         self.live_step = opt.step_count  # updates applied to the live shard
-        self.sharded = opt.zero_stage >= 1 and opt.comm.world_size > 1
+        self.sharded = opt.plan.world_size > 1
         sizes = [t.numel() for t in opt.shard_params]
         like = opt.params_flat.data
         self.log = ReplicaLog.open(opt, distance, log_depth) \

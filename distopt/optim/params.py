@@ -11,6 +11,9 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from distopt.optim.plan import shard_count
+from distopt.optim.rules import check_rule
+
 
 class Managed(NamedTuple):
     """The trainable tensors, each once, with its name and group (in the order given)."""
@@ -125,10 +128,8 @@ def check_devices(tensors: Sequence[torch.Tensor]) -> torch.device:
 
 
 def check_args(rule, zero_stage, bucket_bytes, max_grad_norm) -> None:
-    if not all(hasattr(rule, m) for m in ("init", "update", "config")):
-        raise TypeError(f"rule={rule!r} is not an update rule: use distopt.optim.sgd(...) or distopt.optim.adam(...)")
-    if zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage={zero_stage!r} must be 0, 1 or 2")
+    check_rule(rule, "rule")
+    shard_count(1, zero_stage)
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes={bucket_bytes!r} must be a positive int (default 25 MiB)")
     if max_grad_norm is not None and not max_grad_norm > 0:

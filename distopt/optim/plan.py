@@ -127,10 +127,21 @@ def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Seq
                                                           tuple(launch))
 
 
+def shard_count(world_size: int, zero_stage: int) -> int:
+    """How many shards the plan of ``world_size`` ranks has: stage 0 is the plan with one
+    shard (every rank holds and updates all of it), stages 1 and 2 cut it in ``world_size``.
+
+    Raises:
+        ValueError: ``zero_stage`` is not 0, 1 or 2.
+    """
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage={zero_stage!r} must be 0, 1 or 2")
+    return world_size if zero_stage >= 1 else 1
+
+
 def build_plan(names: Sequence[str], tensors: Sequence[torch.Tensor], world_size: int, zero_stage: int,
                bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20,
                group_of: Sequence[int] | None = None) -> tuple[ShardPlan, Arrangement]:
-    """The plan and arrangement a ShardedOptimizer with these arguments uses (pure). Stage 0
-    is the plan with one shard: every rank holds and updates all of it."""
-    return arrange(names, tensors, group_of or [0] * len(tensors), world_size if zero_stage >= 1 else 1,
+    """The plan and arrangement a ShardedOptimizer with these arguments uses (pure)."""
+    return arrange(names, tensors, group_of or [0] * len(tensors), shard_count(world_size, zero_stage),
                    bucket_bytes, last_bucket_bytes)

@@ -191,6 +191,13 @@ def _fusable(*lists: list[torch.Tensor]) -> bool:
             and tensors[0].device.type in ("cpu", "cuda") and tensors[0].dtype in (torch.float32, torch.float64))
 
 
+def check_rule(rule: object, name: str = "optimizer") -> None:
+    """Raise TypeError unless ``rule`` is an update rule (the argument is called ``name``)."""
+    if not all(hasattr(rule, m) for m in ("init", "update", "config")):
+        raise TypeError(f"{name}={rule!r} is not an update rule: use distopt.optim.adam(lr=...) or "
+                        f"distopt.optim.sgd(lr=...)")
+
+
 def _check_lr(lr: LR) -> None:
     if callable(lr):
         return

@@ -7,7 +7,8 @@ from typing import Any, Callable
 import torch
 
 from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
-from distopt.optim.rules import Rule
+from distopt.optim.plan import shard_count
+from distopt.optim.rules import Rule, check_rule
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -78,9 +79,7 @@ def _check_callables(c: TrainConfig) -> None:
         raise TypeError("loss must be a callable (model, batch) -> scalar tensor or (loss, metrics)")
     if not (hasattr(c.data, "__len__") and hasattr(c.data, "__getitem__")):
         raise TypeError(f"data must be a map-style dataset (__len__ and __getitem__), got {type(c.data).__name__}")
-    if not all(hasattr(c.optimizer, m) for m in ("init", "update", "config")):
-        raise TypeError(f"optimizer={c.optimizer!r} is not an update rule: use distopt.optim.adam(lr=...) "
-                        f"or distopt.optim.sgd(lr=...)")
+    check_rule(c.optimizer)
 
 
 def _check_counts(c: TrainConfig) -> None:
@@ -88,8 +87,7 @@ def _check_counts(c: TrainConfig) -> None:
         value = getattr(c, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
-    if c.zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage={c.zero_stage!r} must be 0, 1 or 2")
+    shard_count(c.num_workers, c.zero_stage)
     if not isinstance(c.seed, int):
         raise ValueError(f"seed={c.seed!r} must be an int")
     if c.max_grad_norm is not None and not c.max_grad_norm > 0:

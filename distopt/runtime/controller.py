@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from distopt.ft.recovery import RecoveryError, holders
+from distopt.optim.plan import shard_count
 from distopt.runtime import policy
 from distopt.runtime.checkpointing import Coordinator
 from distopt.runtime.config import TrainConfig
@@ -50,7 +51,7 @@ class Controller:
         self.checkpoints = Coordinator(config.checkpoint_dir, config.keep_last) if config.checkpoint_dir else None
 
     def _shard_ranks(self) -> int:
-        return self.world_size if self.config.zero_stage >= 1 else 1
+        return shard_count(self.world_size, self.config.zero_stage)
 
     def finish(self, steps: int) -> list[int]:
         """After the last step: wait for checkpoint writes, write the final one; steps checkpointed."""
@@ -133,7 +134,7 @@ class Controller:
         """
         origin = list(range(len(outcomes))) if origin is None else list(origin)
         old_world = sum(o is not None for o in origin)
-        shards = old_world if self.config.zero_stage >= 1 else 1
+        shards = shard_count(old_world, self.config.zero_stage)
         distance = getattr(self.group, "replica_distance", 1)  # the commit's group: a failed attempt keeps it
         if phase != "grow back":  # a failed growth recovers within the growth's episode
             self.episodes += 1

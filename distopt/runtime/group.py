@@ -16,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distopt.ft.redundancy import replica_distance
+from distopt.optim.plan import shard_count
 from distopt.runtime.actor import WorkerActor
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import PlacementError, WorkerLost
@@ -236,7 +237,7 @@ class RayWorkerGroup:
             self.bundles.append(bundle)
             self.free_bundles.remove(bundle)
         self.joining = [j for j in self.joining if j not in taken]
-        shards = old_world if self.config.zero_stage >= 1 else 1
+        shards = shard_count(old_world, self.config.zero_stage)
         holder_of = list(range(shards))
         world = len(self.actors)
         return self._reform(lambda r, a, host, port, name, d: a.recover.remote(

@@ -103,7 +103,7 @@ class RunFields:
 def shard_parts(opt, rank: int) -> dict[str, list[torch.Tensor]] | None:
     """The tensors of this rank's checkpoint shard, by field: its state and its slice of the
     parameters; None on a rank that writes no shard (zero_stage 0, rank > 0)."""
-    if opt.zero_stage < 1 and rank != 0:
+    if opt.plan.world_size == 1 and rank != 0:
         return None
     return {**state_io.state_fields(opt), PARAM_FIELD: opt.shard_params}
 
