@@ -125,3 +125,13 @@ def test_nothing_below_the_runtime_imports_ray():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path} imports ray"
+
+
+def test_nothing_outside_the_optimizer_reads_its_private_fields():
+    import re
+    reach_in = re.compile(r"\b(?:opt|optimizer|self\.opt|self\.optimizer)\._[a-z]\w*")
+    for path in ROOT.rglob("*.py"):
+        if "optim" in path.relative_to(ROOT).parts[:1]:
+            continue
+        hits = reach_in.findall(path.read_text())
+        assert not hits, f"{path.relative_to(ROOT.parent)} reads the optimizer's private fields: {sorted(set(hits))}"
