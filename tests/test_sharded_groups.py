@@ -259,3 +259,21 @@ def test_bytes_held_are_zero_formulas(groups, w):
         assert held["params"] == 4 * total and held["grads"] == 0
         assert held["grad_shards"] == 4 * total // w and held["state"] == 8 * total // w
         assert 0 < held["packing"] <= POOL * bucket_bytes
+
+
+def test_a_fresh_process_builds_and_steps_without_importing_dynamo():
+    """torch's own add_param_group imports torch._dynamo (seconds in a fresh process: a
+    replacement worker's recovery would wait for it)."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "from distopt.collectives import in_process\n"
+            "from distopt.optim import ShardedOptimizer, adam\n"
+            "p = [torch.zeros(3, requires_grad=True)]\n"
+            "opt = ShardedOptimizer(p, adam(1e-3), in_process(1)[0])\n"
+            "sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)\n"
+            "p[0].sum().backward(); opt.step(); opt.zero_grad(); sched.step(); opt.state_dict()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -137,7 +137,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if getattr(self, "plan", None) is not None:
             raise RuntimeError("ShardedOptimizer cannot add a parameter group after construction (the sharding "
                                "plan is made from all groups): pass every group to the constructor")
-        super().add_param_group(param_group)
+        # Not torch's own: it is wrapped to disable dynamo, which imports torch._dynamo (seconds
+        # in a fresh process, a replacement's recovery among them). normalize() checked the group.
+        self.param_groups.append({**self.defaults, **param_group})
 
     # --- hooks ----------------------------------------------------------------------
     def register_hooks(self, hooks: StepHooks) -> Callable[[], None]:
