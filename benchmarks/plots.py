@@ -1,4 +1,4 @@
-"""The pictures RESULTS.md links: bus bandwidth, step time, state memory, predicted scaling.
+"""The pictures RESULTS.md links: bus bandwidth, step time, state and peak memory, predicted scaling.
 
 Each function takes a benchmark's result dict, writes one PNG into ``out_dir`` and returns
 its file name; none of them measures anything.
@@ -80,6 +80,7 @@ def step_bars(result: dict, out_dir: str) -> str:
 def _short(text: str) -> str:
     return (text.replace("DDP + ZeroRedundancyOptimizer(Adam)", "ZeRO (torch)").replace("DDP + torch.optim.Adam", "DDP")
             .replace("distopt runtime, no Ray, ", "runtime ").replace("distopt Trainer on Ray, ", "Trainer ")
+            .replace("distopt Worker, ", "distopt ").replace("reshard_after_forward=", "reshard=")
             .replace("max_failures=", "mf="))
 
 
@@ -107,6 +108,28 @@ def memory(result: dict, out_dir: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "state_memory.png")
+
+
+def peak_memory(result: dict, out_dir: str) -> str:
+    """Peak resident memory per worker over the bare worker, per configuration, with ZeRO's formulas."""
+    from benchmarks.bench_peak_memory import label
+    names = list(result["rows"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 2.2))
+    colors = ["C0" if n.endswith("-f0") else "C1" if n.startswith("distopt") else "0.55" for n in names]
+    ax.barh(range(len(names)), [result["rows"][n]["peak_mb"] for n in names], color=colors)
+    ax.set_yticks(range(len(names)), [_short(label(n)) for n in names], fontsize=8)
+    ax.invert_yaxis()
+    absolute = [f for f in result["formulas"] if f.get("goal") != "ft"]  # the redundancy's bound is a difference
+    for f, color, ls in zip(absolute, ("k", "C2", "C4", "C2", "C4"), (":", "-", "-", "--", "--")):
+        ax.axvline(f["bytes"] / 1e6, color=color, ls=ls, lw=1, label=f["name"])
+    ax.set_xlabel("peak resident MB per worker over the bare worker (max over ranks)")
+    steps = result["steps"]
+    ax.set_title(f"Peak memory per worker, P = {result['num_params']:,}, N = {result['world']}, Adam, "
+                 f"{steps['torch']} (torch) or {steps['distopt']} (distopt) steps\n"
+                 f"(grey: torch peers; blue: distopt max_failures=0, orange: =3)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, out_dir, "peak_memory.png")
 
 
 def scaling(rows: list[dict], out_dir: str) -> str:

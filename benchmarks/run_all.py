@@ -1,6 +1,6 @@
 """Run every benchmark and write ``benchmarks/RESULTS.md`` with its pictures.
 
-    python -m benchmarks.run_all            # everything (make bench), ~12 minutes on 2 cores
+    python -m benchmarks.run_all            # everything (make bench), ~17 minutes on 2 cores
     python -m benchmarks.run_all --quick    # a smoke run, a few minutes
     python -m benchmarks.run_all --only step --only faults
 
@@ -21,13 +21,15 @@ from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_ta
                                norm_accumulation)
 
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
-# the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer).
-ORDER = ["update", "collectives", "memory", "step", "faults", "precision", "scale", "gpu"]
+# the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer);
+# "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes).
+ORDER = ["update", "collectives", "memory", "peak_memory", "step", "faults", "precision", "scale", "gpu"]
 DEFAULT = list(ORDER)
-SECTIONS = ["step", "collectives", "update", "memory", "faults", "precision", "scale", "gpu"]
+SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "faults", "precision", "scale", "gpu"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
-          "memory": "4. Memory and traffic", "faults": "Fault tolerance (recovery, overhead, checkpoints)",
+          "memory": "4. Memory and traffic", "peak_memory": "4b. Peak resident memory per worker",
+          "faults": "Fault tolerance (recovery, overhead, checkpoints)",
           "precision": "Mixed precision: the demo's loss curve", "scale": "6. Scale: the cost model",
           "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
@@ -175,7 +177,8 @@ def _section(name: str, result: dict, figure: str | None) -> str:
 
 def _figures(results: dict) -> dict[str, str]:
     draw = {"collectives": lambda r: plots.busbw(r, HERE), "step": lambda r: plots.step_bars(r, HERE),
-            "memory": lambda r: plots.memory(r, HERE), "scale": lambda r: plots.scaling(r["scenarios"], HERE),
+            "memory": lambda r: plots.memory(r, HERE), "peak_memory": lambda r: plots.peak_memory(r, HERE),
+            "scale": lambda r: plots.scaling(r["scenarios"], HERE),
             "precision": lambda r: _module("precision").plot(r, HERE)}
     return {name: draw[name](results[name]) for name in draw if name in results and "error" not in results[name]}
 
