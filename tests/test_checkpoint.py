@@ -29,19 +29,19 @@ from odd_params import TiedModel, grads_of as _grads, init_params as _init
 BUCKET_BYTES = 256  # several buckets, so the plan's layout matters
 
 
-
-
 def _rule():
     return adam(1e-2, weight_decay=0.01, decoupled=True)
 
 
-def _train(comms, stage: int, steps: int = 3) -> list[tuple[dict, ShardedOptimizer]]:
+def _train(comms, stage: int, steps: int = 3, rule=_rule) -> list[tuple[dict, ShardedOptimizer]]:
+    """Each rank's weights (detached views of the live parameters, as ``model.state_dict()``
+    gives them) and optimizer after ``steps`` steps."""
     def body(comm):
         params = _init()
-        opt = ShardedOptimizer(params, _rule(), comm, zero_stage=stage, bucket_bytes=BUCKET_BYTES)
+        opt = ShardedOptimizer(params, rule(), comm, zero_stage=stage, bucket_bytes=BUCKET_BYTES)
         for k in range(steps):
-            opt.step(_grads(k, comm.rank))
-        return params, opt
+            opt.step(grads=_grads(k, comm.rank))
+        return {n: t.detach() for n, t in params.items()}, opt
     return run_ranks(comms, body)
 
 
@@ -321,7 +321,7 @@ def test_reshard_loads_on_any_world_size_and_stage(tmp_path, groups, two_stage1,
     for new_w in (1, 2, 3):
         for new_stage in (0, 1, 2):
             def load(comm):
-                params = {n: t.clone() for n, t in ckpt.model_state.items()}  # the optimizer adopts them
+                params = {n: t.clone().requires_grad_() for n, t in ckpt.model_state.items()}  # adopted
                 opt = ShardedOptimizer(params, _rule(), comm, zero_stage=new_stage, bucket_bytes=512)
                 opt.load_full_state_dict(ckpt.optimizer_state)
                 return opt.full_state_dict()
@@ -334,17 +334,17 @@ def test_resuming_from_a_checkpoint_gives_the_bits_of_an_uninterrupted_run(tmp_p
     ckpt = load_checkpoint(_save(tmp_path, 3, trained))
 
     def resume(comm):
-        params = {n: t.clone() for n, t in ckpt.model_state.items()}
+        params = {n: t.clone().requires_grad_() for n, t in ckpt.model_state.items()}
         opt = ShardedOptimizer(params, _rule(), comm, zero_stage=1, bucket_bytes=BUCKET_BYTES)
         opt.load_full_state_dict(ckpt.optimizer_state)
         for k in range(ckpt.manifest["next_step"], 6):
-            opt.step(_grads(k, comm.rank))
+            opt.step(grads=_grads(k, comm.rank))
         return params
 
     def go_on(pair):
         params, opt = pair
         for k in range(3, 6):
-            opt.step(_grads(k, opt.comm.rank))
+            opt.step(grads=_grads(k, opt.comm.rank))
         return params
 
     uninterrupted = run_ranks(trained, go_on)
@@ -385,12 +385,7 @@ def test_safetensors_export_round_trips(tmp_path):
 
 def test_sgd_state_round_trips_with_and_without_momentum(tmp_path, groups):
     for momentum in (0.9, 0.0):
-        def body(comm):
-            params = _init()
-            opt = ShardedOptimizer(params, sgd(0.05, momentum=momentum), comm, zero_stage=2, bucket_bytes=BUCKET_BYTES)
-            opt.step(_grads(0, comm.rank))
-            return params, opt
-        trained = run_ranks(groups(2), body)
+        trained = _train(groups(2), 2, steps=1, rule=lambda: sgd(0.05, momentum=momentum))
         ckpt = load_checkpoint(_save(tmp_path / str(momentum), 1, trained))
         assert ckpt.manifest["state_fields"] == (["momentum_buffer"] if momentum else [])
         full = run_ranks([opt for _, opt in trained], lambda opt: opt.full_state_dict())[0]

@@ -59,14 +59,23 @@ def test_gloo_with_cuda_tensors_gives_the_cpu_groups_bits(w):
             assert torch.equal(got[r][name], want[r][name]), f"rank {r}: {name}"
 
 
+def _cuda_params() -> dict[str, torch.Tensor]:
+    """odd_params' parameters on the GPU, leaves that require grad (``.cuda()`` of a leaf is not one)."""
+    return {k: v.detach().cuda().requires_grad_() for k, v in init_params().items()}
+
+
+def _cuda_grads(step: int, rank: int) -> dict[str, torch.Tensor]:
+    return {n: g.cuda() for n, g in grads_of(step, rank).items()}
+
+
 def _train_on_cuda(comms, stage, rule):
     make_rule = RULES[rule][0]
 
     def body(comm):
-        params = {k: v.cuda() for k, v in init_params().items()}
+        params = _cuda_params()
         opt = ShardedOptimizer(params, make_rule(), comm, zero_stage=stage, bucket_bytes=256)
         for k in range(STEPS):
-            opt.step({n: g.cuda() for n, g in grads_of(k, comm.rank).items()})
+            opt.step(grads=_cuda_grads(k, comm.rank))
         return {n: p.cpu() for n, p in params.items()}
     return run_ranks(comms, body)
 
@@ -272,16 +281,15 @@ def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path, 
     comm = _nccl_alone()
     writer = ShardWriter() if kind == "thread" else ProcessWriter()
     try:
-        params = {k: v.cuda() for k, v in init_params().items()}
-        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
+        opt = ShardedOptimizer(_cuda_params(), adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
         for k in range(3):
-            opt.step({n: g.cuda() for n, g in grads_of(k, 0).items()})
+            opt.step(grads=_cuda_grads(k, 0))
         torch.cuda._sleep(200_000_000)  # the snapshot's copies wait behind this on training's stream
         snap = snapshot(opt, torch.nn.Module(), 0, 0, 3, False, Buffers(), live=writer.reads_live)
         writer.start(str(tmp_path), 3, 0, snap.shard, snap.model, snap.fields, snap.live)
         want = {k: v.clone() for k, v in snap.shard.items()}  # stream-ordered after the snapshot's copies
         for k in range(3, 6):  # training goes on: the live shard changes, the written one must not
-            opt.step({n: g.cuda() for n, g in grads_of(k, 0).items()})
+            opt.step(grads=_cuda_grads(k, 0))
         (record,) = writer.drain(wait=True)
     finally:
         writer.close()
@@ -291,4 +299,4 @@ def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path, 
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         assert torch.equal(got[name], value.cpu()), name
-    assert not torch.equal(got["param"], torch.cat(opt._p_shards).cpu()), "the live shard moved on"
+    assert not torch.equal(got["param"], torch.cat(opt.shard_params).cpu()), "the live shard moved on"

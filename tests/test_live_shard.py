@@ -194,15 +194,23 @@ def test_the_optimizer_calls_before_write_before_each_in_place_change(groups, re
     """The hook a live checkpoint relies on: it runs before an update, a rollback and a load
     change the shard, and sees the shard as it was."""
     from distopt.collectives import run_ranks
-    from distopt.optim import ShardedOptimizer, adam
+    from distopt.ft import Redundancy
+    from distopt.optim import ShardedOptimizer, StepHooks, adam
 
     def body(comm):
         params = [torch.nn.Parameter(torch.randn(40, generator=torch.Generator().manual_seed(i))) for i in range(3)]
-        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=64, replicate=replicate)
+        opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=64)
+        red = Redundancy(opt) if replicate else None
         seen: list[tuple[str, torch.Tensor]] = []
-        shard = lambda: torch.cat([*opt._p_shards, *[t for f in opt.state for t in f]])  # noqa: E731
-        opt.before_write = lambda: seen.append(("hook", shard().clone()))
+        shard = lambda: torch.cat([*opt.shard_params, *[t for f in opt.shard_state for t in f]])  # noqa: E731
+
+        class Writer(StepHooks):  # what a live checkpoint registers
+            def before_write(self) -> None:
+                seen.append(("hook", shard().clone()))
+        opt.register_hooks(Writer())
         for step in range(3):
+            if red is not None:
+                red.commit(opt.step_count)
             for p in params:
                 p.grad = torch.full_like(p, 0.1 * (step + 1 + comm.rank))
             before = shard().clone()
@@ -213,7 +221,8 @@ def test_the_optimizer_calls_before_write_before_each_in_place_change(groups, re
         opt.load_full_state_dict(full)
         assert len(seen) == 4
         if replicate:
-            opt.rollback(opt.step_count)
+            red.load_full(full)
+            red.rollback(opt.step_count)
             assert len(seen) == 5
         return True
     assert run_ranks(groups(2), body) == [True, True]

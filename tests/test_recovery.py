@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from distopt.collectives import CollectiveError, in_process, run_ranks
-from distopt.optim import ShardedOptimizer, adam, sgd
+from distopt.ft import RecoveryError, Redundancy, assemble, holders, packets, replica_distance
+from distopt.optim import ShardedOptimizer, StepHooks, adam, sgd
 from distopt.optim.sharded import build_plan
-from distopt.optim.recovery import assemble, holders, packets
-from distopt.optim.redundancy import RecoveryError, replica_distance
 
 from odd_params import grads_of as _grads, init_params as _init
 
@@ -19,20 +18,44 @@ RULES = {
 }
 
 
-
-
-def _opt(comm, rule, stage, replicate=True, params=None, sync=True, distance=1):
+def _opt(comm, rule, stage, replicate=True, params=None, sync=True, distance=1, **kw):
+    """Parameters, their optimizer and its redundancy (None without ``replicate``)."""
     params = params if params is not None else _init()
-    return params, ShardedOptimizer(params, RULES[rule](), comm, zero_stage=stage, bucket_bytes=512,
-                                    replicate=replicate, sync_params=sync, replica_distance=distance)
+    opt = ShardedOptimizer(params, RULES[rule](), comm, zero_stage=stage, bucket_bytes=512, sync_params=sync, **kw)
+    return params, opt, Redundancy(opt, distance=distance) if replicate else None
+
+
+def _step(opt, red, grads):
+    """One step as the worker runs it: the last step has committed, then the update."""
+    if red is not None:
+        red.commit(opt.step_count)
+    opt.step(grads=grads)
+    return opt.info
+
+
+class _Dies(StepHooks):
+    """Closes the rank's communicator and exits at ``phase`` (a killed process)."""
+
+    def __init__(self, comm, phase: str) -> None:
+        self.comm, self.at = comm, phase
+
+    def phase(self, name: str, step: int) -> None:
+        if name == self.at:
+            self.comm.close()  # the process is gone: its sockets close
+            raise SystemExit("killed")
+
+
+def _same_shard(params, state, opt) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(params, opt.shard_params)) and \
+        all(torch.equal(a, b) for mine, theirs in zip(state, opt.shard_state) for a, b in zip(mine, theirs))
 
 
 def _run(w, rule, stage, steps, replicate):
     def body(comm):
-        params, opt = _opt(comm, rule, stage, replicate)
+        params, opt, red = _opt(comm, rule, stage, replicate)
         for k in range(steps):
-            opt.step(_grads(k, comm.rank))
-        return params, opt
+            _step(opt, red, _grads(k, comm.rank))
+        return params, opt, red
     return run_ranks(in_process(w, timeout_s=10), body)
 
 
@@ -48,37 +71,37 @@ def transport(request, monkeypatch):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_redundancy_changes_no_bit_and_replicas_match_their_owner(rule, stage, transport):
     plain, kept = _run(3, rule, stage, 6, False), _run(3, rule, stage, 6, True)
-    for (p1, _), (p2, _) in zip(plain, kept):
+    for (p1, _, _), (p2, _, _) in zip(plain, kept):
         assert all(torch.equal(p1[n], p2[n]) for n in p1)
-    opts = [opt for _, opt in kept]
-    assert all(opt.redundancy.shared == (transport == "window") for opt in opts)
-    for opt in opts:
-        opt.redundancy.commit(opt.step_count)
-    for r, opt in enumerate(opts):
-        left = opts[(r - 1) % 3]
-        rep = opt.redundancy.replica_at_commit()
+    assert all(red.shared == (transport == "window") for _, _, red in kept)
+    for _, opt, red in kept:
+        red.commit(opt.step_count)
+    for r, (_, opt, red) in enumerate(kept):
+        rep = red.replica_at_commit()
         assert rep.step == 6
-        assert all(torch.equal(a, b) for a, b in zip(rep.params, left._p_shards))
-        for mine, theirs in zip(rep.state, left.state):
-            assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        assert _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
 
 
-def _recover(comm, old_rank, opt, params, alive, old_world, rule, stage, committed, distance=1):
-    """What a worker does after a failure: roll back, assemble on the new group, rebuild."""
+def _recover(comm, old_rank, opt, red, params, alive, old_world, rule, stage, committed, distance=1):
+    """What a worker does after a failure: roll back, assemble on the new group, rebuild.
+    Returns the new optimizer and its redundancy."""
     mine = {}
     if opt is not None:
-        opt.rollback(committed)
-        mine = packets(opt, old_rank)
-    old_plan = build_plan(list(params), list(params.values()), old_world, stage, 512)
-    hold = holders(old_plan.world_size, alive, stage >= 1, distance)
-    full_params, full = assemble(comm, old_plan, RULES[rule](), list(params), [t.shape for t in params.values()],
-                                 hold, mine, committed, torch.float32, torch.device("cpu"))
+        red.rollback(committed)
+        mine = packets(opt, red, old_rank)
+        opt.close()  # its gradient hooks must not fire into the replaced optimizer
+    old_plan, arr = build_plan(list(params), list(params.values()), old_world, stage, 512)
+    names = [list(params)[i] for i in arr.order]  # plan order
+    full_params, full = assemble(comm, old_plan, RULES[rule](), names, [params[n].shape for n in names],
+                                 holders(old_plan.world_size, alive, stage >= 1, distance), mine, committed,
+                                 torch.float32, torch.device("cpu"))
     with torch.no_grad():
         for name, t in params.items():
             t.copy_(full_params[name])
-    _, new = _opt(comm, rule, stage, params=params, sync=False)
+    _, new, new_red = _opt(comm, rule, stage, params=params, sync=False)
     new.load_full_state_dict(full)
-    return new
+    new_red.load_full(full)
+    return new, new_red
 
 
 @pytest.mark.parametrize("phase", ["grad_collective", "shard_update", "param_gather"])
@@ -89,38 +112,34 @@ def test_rank_lost_mid_step_is_replaced_bit_for_bit(phase, stage, transport):
     comms = in_process(w, timeout_s=5)
 
     def first_part(comm):
-        params, opt = _opt(comm, rule, stage)
+        params, opt, red = _opt(comm, rule, stage)
         for k in range(fail_step - 1):
-            opt.step(_grads(k, comm.rank))
+            _step(opt, red, _grads(k, comm.rank))
         if comm.rank == 1:
-            def die(p, step):
-                if p == phase:
-                    comm.close()  # the process is gone: its sockets close
-                    raise SystemExit("killed")
-            opt.on_phase = die
+            opt.register_hooks(_Dies(comm, phase))
         try:
-            opt.step(_grads(fail_step - 1, comm.rank))
+            _step(opt, red, _grads(fail_step - 1, comm.rank))
         except (CollectiveError, SystemExit):
-            return params, opt, True
-        return params, opt, False
+            return params, opt, red, True
+        return params, opt, red, False
 
     state = run_ranks(comms, first_part)
-    assert state[1][2], "rank 1 must have died"  # survivors may finish: the step is still not committed
+    assert state[1][3], "rank 1 must have died"  # survivors may finish: the step is still not committed
     for c in comms:
         c.close()
     new_comms = in_process(w, timeout_s=5)
 
     def second_part(comm):
         if comm.rank == 1:
-            params, opt = _init(), None  # a fresh replacement
+            params, opt, red = _init(), None, None  # a fresh replacement
         else:
-            params, opt, _ = state[comm.rank]
-        opt = _recover(comm, comm.rank, opt, params, {0: 0, 2: 2}, w, rule, stage, fail_step - 1)
+            params, opt, red, _ = state[comm.rank]
+        opt, red = _recover(comm, comm.rank, opt, red, params, {0: 0, 2: 2}, w, rule, stage, fail_step - 1)
         for k in range(fail_step - 1, total):
-            opt.step(_grads(k, comm.rank))
+            _step(opt, red, _grads(k, comm.rank))
         return params
 
-    for got, (want, _) in zip(run_ranks(new_comms, second_part), expected):
+    for got, (want, _, _) in zip(run_ranks(new_comms, second_part), expected):
         assert all(torch.equal(got[n], want[n]) for n in want), "recovery changed bits"
 
 
@@ -130,28 +149,28 @@ def test_shrink_from_three_to_two_ranks_keeps_the_math(stage):
     same = lambda k: _grads(k, 0)  # every rank sees the global gradient: the mean is independent of N
 
     def uninterrupted(comm):
-        params, opt = _opt(comm, rule, stage)
+        params, opt, red = _opt(comm, rule, stage)
         for k in range(total):
-            opt.step(same(k))
+            _step(opt, red, same(k))
         return params
 
     expected = run_ranks(in_process(3), uninterrupted)[0]
 
     def first_part(comm):
-        params, opt = _opt(comm, rule, stage)
+        params, opt, red = _opt(comm, rule, stage)
         for k in range(4):
-            opt.step(same(k))
-        return params, opt
+            _step(opt, red, same(k))
+        return params, opt, red
 
     state = run_ranks(in_process(3), first_part)
     alive = {0: 0, 2: 1}  # old rank 1 is gone; old 2 becomes new 1
 
     def second_part(args):
         comm, old = args
-        params, opt = state[old]
-        opt = _recover(comm, old, opt, params, alive, 3, rule, stage, 4)
+        params, opt, red = state[old]
+        opt, red = _recover(comm, old, opt, red, params, alive, 3, rule, stage, 4)
         for k in range(4, total):
-            opt.step(same(k))
+            _step(opt, red, same(k))
         return params
 
     for got in run_ranks(list(zip(in_process(2), [0, 2])), second_part):
@@ -197,77 +216,81 @@ def test_two_neighbours_lost_together_come_back_from_replicas_two_ranks_away(sta
     comms = in_process(w, timeout_s=5)
 
     def first_part(comm):
-        params, opt = _opt(comm, rule, stage, distance=d)
+        params, opt, red = _opt(comm, rule, stage, distance=d)
         for k in range(fail_step - 1):
-            opt.step(_grads(k, comm.rank))
+            _step(opt, red, _grads(k, comm.rank))
         if comm.rank in (2, 3):
-            def die(p, step):
-                if p == "shard_update":
-                    comm.close()
-                    raise SystemExit("killed")
-            opt.on_phase = die
+            opt.register_hooks(_Dies(comm, "shard_update"))
         try:
-            opt.step(_grads(fail_step - 1, comm.rank))
+            _step(opt, red, _grads(fail_step - 1, comm.rank))
         except (CollectiveError, SystemExit):
-            return params, opt
-        return params, opt
+            return params, opt, red
+        return params, opt, red
 
     state = run_ranks(comms, first_part)
     for c in comms:
         c.close()
 
     def second_part(comm):
-        params, opt = (_init(), None) if comm.rank in (2, 3) else state[comm.rank]
-        opt = _recover(comm, comm.rank, opt, params, {0: 0, 1: 1}, w, rule, stage, fail_step - 1, d)
+        params, opt, red = (_init(), None, None) if comm.rank in (2, 3) else state[comm.rank]
+        opt, red = _recover(comm, comm.rank, opt, red, params, {0: 0, 1: 1}, w, rule, stage, fail_step - 1, d)
         for k in range(fail_step - 1, total):
-            opt.step(_grads(k, comm.rank))
+            _step(opt, red, _grads(k, comm.rank))
         return params
 
-    for got, (want, _) in zip(run_ranks(in_process(w, timeout_s=5), second_part), expected):
+    for got, (want, _, _) in zip(run_ranks(in_process(w, timeout_s=5), second_part), expected):
         assert all(torch.equal(got[n], want[n]) for n in want), "recovery changed bits"
 
 
 def test_clipped_steps_replay_to_the_owners_bits(transport):
     """With clipping on, the holder clips the owner's gradient shard as the owner did."""
     def body(comm):
-        params = _init()
-        opt = ShardedOptimizer(params, RULES["adam_l2"](), comm, zero_stage=1, bucket_bytes=512, replicate=True,
-                               max_grad_norm=0.01)
+        _, opt, red = _opt(comm, "adam_l2", 1, max_grad_norm=0.01)
         for k in range(4):
-            info = opt.step(_grads(k, comm.rank))
+            info = _step(opt, red, _grads(k, comm.rank))
             assert info.grad_norm > 0.01  # every step is clipped
-        opt.redundancy.commit(opt.step_count)
-        return opt
+        red.commit(opt.step_count)
+        return opt, red
 
-    opts = run_ranks(in_process(3, timeout_s=10), body)
-    for r, opt in enumerate(opts):
-        left = opts[(r - 1) % 3]
-        rep = opt.redundancy.replica_at_commit()
-        assert all(torch.equal(a, b) for a, b in zip(rep.params, left._p_shards))
-        for mine, theirs in zip(rep.state, left.state):
-            assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    kept = run_ranks(in_process(3, timeout_s=10), body)
+    for r, (_, red) in enumerate(kept):
+        rep = red.replica_at_commit()
+        assert _same_shard(rep.params, rep.state, kept[(r - 1) % 3][0])
 
 
 def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_copy_and_the_log():
     """No snapshot on one host: rank 0 rebuilds its last committed shard from the chunks rank 1
     copied and the gradients rank 0 logged, and refuses when a step it needs is no longer logged."""
-    def run(steps):
-        def body(comm):
-            params, opt = _opt(comm, "adamw", 1)
-            for k in range(steps):
-                opt.step(_grads(k, comm.rank))
-            return opt
-        return run_ranks(in_process(2, timeout_s=10), body)
-
-    two, three = run(2), run(3)  # the third update is treated as never committed
-    red = three[0].redundancy
+    two, three = _run(2, "adamw", 1, 2, True), _run(2, "adamw", 1, 3, True)  # update 3 never committed
+    _, opt, red = three[0]
     assert red.shared and red.snapshot is None
     logged = red.log.own.steps.clone()
-    red.log.own.steps.fill_(-1)
+    red.log.own.steps[1 % (red.log.depth + 1)] = -1  # update 1's slot reused: a chunk copied at 0 needs it
     with pytest.raises(RecoveryError, match="gradients of update 1 are no longer logged"):
-        three[0].rollback(2)
+        red.rollback(2)
     red.log.own.steps.copy_(logged)
-    three[0].rollback(2)
-    assert all(torch.equal(a, b) for a, b in zip(three[0]._p_shards, two[0]._p_shards))
-    for mine, want in zip(three[0].state, two[0].state):
-        assert all(torch.equal(a, b) for a, b in zip(mine, want))
+    red.rollback(2)
+    assert _same_shard(opt.shard_params, opt.shard_state, two[0][1])
+
+
+def test_an_optimizer_whose_redundancy_fails_to_form_leaves_no_gradient_hooks(monkeypatch):
+    """Forming the redundancy is a collective: a peer lost meanwhile (a recovery cut short)
+    makes it raise. The optimizer just built must take its gradient hooks with it, or every
+    later backward also runs them, into buckets it never reduces again."""
+    from distopt.runtime import worker as worker_module
+    from distopt.runtime.config import TrainConfig
+    from trainer_task import loss, make_data, make_model
+
+    config = TrainConfig(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2), global_batch_size=16,
+                         num_workers=1, zero_stage=1, seed=0)
+    worker = worker_module.Worker(config, 0)
+
+    def peer_lost(*args, **kwargs):
+        raise CollectiveError("broadcast failed on rank 0 of 2: a peer is gone")
+    with monkeypatch.context() as m:
+        m.setattr(worker_module, "Redundancy", peer_lost)
+        with pytest.raises(CollectiveError):
+            worker.attach(in_process(1)[0])
+    worker.attach(in_process(1)[0])
+    assert [worker.run_step(k).updates for k in range(3)] == [1, 2, 3]
+    worker.close()

@@ -5,27 +5,31 @@ import pytest
 import torch
 
 from distopt.collectives import in_process, run_ranks
+from distopt.ft import RecoveryError, Redundancy
+from distopt.ft.replica_log import ALIGN, chunk_pieces
 from distopt.optim import ShardedOptimizer, adam, sgd
-from distopt.optim.redundancy import RecoveryError
-from distopt.optim.replica_log import ALIGN, chunk_pieces
 
 from odd_params import grads_of as _grads, init_params as _init
 
 
 def _run(world, steps, depth, rule=lambda: adam(1e-2, weight_decay=0.05), replicate=True, clip=None, stage=1):
+    """Each rank's parameters, optimizer and redundancy (None without ``replicate``) after
+    ``steps`` steps, each but the last committed (as the worker commits before a step)."""
     def body(comm):
         params = _init()
-        opt = ShardedOptimizer(params, rule(), comm, zero_stage=stage, bucket_bytes=512, replicate=replicate,
-                               max_grad_norm=clip, replica_log_depth=depth)
+        opt = ShardedOptimizer(params, rule(), comm, zero_stage=stage, bucket_bytes=512, max_grad_norm=clip)
+        red = Redundancy(opt, log_depth=depth) if replicate else None
         for k in range(steps):
-            opt.step(_grads(k, comm.rank))
-        return params, opt
+            if red is not None:
+                red.commit(opt.step_count)
+            opt.step(grads=_grads(k, comm.rank))
+        return params, opt, red
     return run_ranks(in_process(world, timeout_s=10), body)
 
 
 def _same_shard(a_params, a_state, opt) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a_params, opt._p_shards)) and \
-        all(torch.equal(x, y) for mine, theirs in zip(a_state, opt.state) for x, y in zip(mine, theirs))
+    return all(torch.equal(x, y) for x, y in zip(a_params, opt.shard_params)) and \
+        all(torch.equal(x, y) for mine, theirs in zip(a_state, opt.shard_state) for x, y in zip(mine, theirs))
 
 
 @pytest.mark.parametrize("sizes,depth", [([1000], 4), ([130, 7, 4096, 64], 3), ([10, 20], 8), ([5000], 1)])
@@ -47,11 +51,11 @@ def test_replica_rebuilt_from_copies_and_log_equals_its_owner(depth, rule):
             "sgd_momentum": lambda: sgd(0.05, momentum=0.9, weight_decay=0.01)}[rule]
     plain = _run(3, 9, depth, make, replicate=False, clip=0.01)
     kept = _run(3, 9, depth, make, clip=0.01)
-    for (p1, _), (p2, opt) in zip(plain, kept):
-        assert opt.redundancy.shared
+    for (p1, _, _), (p2, _, red) in zip(plain, kept):
+        assert red.shared
         assert all(torch.equal(p1[n], p2[n]) for n in p1), "the redundancy changed a bit"
-    for r, (_, opt) in enumerate(kept):
-        rep = opt.redundancy.replica_at_commit()
+    for r, (_, _, red) in enumerate(kept):
+        rep = red.replica_at_commit()
         assert rep.step == 9 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
 
 
@@ -59,13 +63,13 @@ def test_a_rank_killed_mid_copy_leaves_every_chunk_whole():
     """A copy goes to the spare slot and the table moves only after it: garbage in the spare
     slot (what a copy cut short leaves) never reaches a rebuilt replica."""
     kept = _run(2, 6, 3)
-    for _, opt in kept:
-        log = opt.redundancy.log
+    for _, _, red in kept:
+        log = red.log
         log.settle()  # (the copy of update 6, made ahead, is dropped: 6 has not committed)
         for flat in log.own.chunks[log._spare]:
             flat.fill_(float("nan"))
-    for r, (_, opt) in enumerate(kept):
-        rep = opt.redundancy.replica_at_commit()
+    for r, (_, _, red) in enumerate(kept):
+        rep = red.replica_at_commit()
         assert _same_shard(rep.params, rep.state, kept[1 - r][1])
 
 
@@ -73,17 +77,17 @@ def test_the_next_chunk_is_copied_ahead_and_pointed_at_once_its_update_committed
     """A rank starts copying update 5's chunk in the background as soon as its gather is
     done; the table moves to that copy only once update 5 has committed and the copy is done."""
     kept = _run(2, 5, 4)
-    for _, opt in kept:
-        log = opt.redundancy.log
+    for _, _, red in kept:
+        log = red.log
         assert log._ahead is not None and log._ahead[0] == 5
         before = int(log.own.table[1])
         assert before // 1024 == 1  # chunk 1's copy is still update 1's
-        opt.redundancy.commit(5)  # as the next step's start does: the copy may still run
+        red.commit(5)  # as the worker does before the next step: the copy may still run
         assert int(log.own.table[1]) == before
-        opt.redundancy.settle()  # as the next step does before its gradient-norm allreduce
+        red.settle()  # as the next step does before its gradient-norm allreduce
         assert int(log.own.table[1]) // 1024 == 5 and log._ahead is None
-    for r, (_, opt) in enumerate(kept):
-        rep = opt.redundancy.replica_at_commit()
+    for r, (_, _, red) in enumerate(kept):
+        rep = red.replica_at_commit()
         assert _same_shard(rep.params, rep.state, kept[1 - r][1])
 
 
@@ -91,60 +95,80 @@ def test_a_copy_ahead_of_an_update_that_never_committed_is_dropped():
     """Update 5 is undone everywhere: its chunk's copy, made ahead, never becomes the chunk's
     copy, and the shards and replicas rebuild update 4 from the older copies and the log."""
     kept, four = _run(2, 5, 4), _run(2, 4, 4)
-    for _, opt in kept:
-        opt.rollback(4)
-    for r, (_, opt) in enumerate(kept):
-        log = opt.redundancy.log
+    for _, _, red in kept:
+        red.rollback(4)
+    for r, (_, opt, red) in enumerate(kept):
+        log = red.log
         assert log._ahead is None and int(log.own.table[1]) // 1024 == 1
-        assert _same_shard(opt._p_shards, opt.state, four[r][1])
-        rep = opt.redundancy.replica_at_commit()
+        assert _same_shard(opt.shard_params, opt.shard_state, four[r][1])
+        rep = red.replica_at_commit()
         assert _same_shard(rep.params, rep.state, four[1 - r][1])
 
 
 def test_a_chunk_copied_past_the_commit_is_refused():
-    _, opt = _run(2, 3, 4)[0]
-    log = opt.redundancy.log
+    _, _, red = _run(2, 3, 4)[0]
+    log = red.log
     log.left.table[0] = 9 * 1024 + int(log.left.table[0]) % 1024
     with pytest.raises(RecoveryError, match="chunk 0 was copied at update 9, past the commit 3"):
-        opt.redundancy.replica_at_commit()
+        red.replica_at_commit()
 
 
 def test_a_chunk_its_owner_was_resetting_is_refused():
-    _, opt = _run(2, 3, 4)[0]
-    opt.redundancy.log.left.table[2] = -1  # what a rank killed in the middle of a reset leaves
+    _, _, red = _run(2, 3, 4)[0]
+    red.log.left.table[2] = -1  # what a rank killed in the middle of a reset leaves
     with pytest.raises(RecoveryError, match="chunk 2 has no complete copy"):
-        opt.redundancy.replica_at_commit()
+        red.replica_at_commit()
 
 
 def test_the_state_stays_private_and_the_holder_maps_the_copies_and_the_log():
     """The live state is the rank's own memory (an update on a shared mapping was slower);
     its copies, table and logged gradients are in the window its holder maps."""
     kept = _run(2, 4, 4)
-    for r, (_, opt) in enumerate(kept):
-        own, seen = opt.redundancy.log.own, kept[1 - r][1].redundancy.log.left
+    for r, (_, opt, red) in enumerate(kept):
+        own, seen = red.log.own, kept[1 - r][2].log.left
         window = own.table.untyped_storage()
-        assert all(t.untyped_storage().data_ptr() != window.data_ptr() for f in opt.state for t in f)
+        assert all(t.untyped_storage().data_ptr() != window.data_ptr() for f in opt.shard_state for t in f)
         assert torch.equal(own.table, seen.table) and own.table.data_ptr() != seen.table.data_ptr()
         assert all(torch.equal(a, b) for a, b in zip(own.flats, seen.flats))
-        assert opt._g_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot
+        assert opt.grad_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot
 
 
-def test_a_shard_state_dict_is_refused_where_it_cannot_rebuild_the_replicas():
-    """A rank's own shard cannot rebuild what its holder keeps of it: a recovery after such a
-    load would bring back the state from before it. It fails before touching anything."""
-    _, opt = _run(2, 3, 4)[0]
-    sd = opt.state_dict()
-    for field in opt.state:
-        for t in field:
+def test_a_shard_state_dict_leaves_the_replicas_stale_and_a_full_state_dict_rebuilds_them():
+    """A rank's own shard cannot rebuild what its holder keeps of it: the optimizer loads a
+    shard state dict (it knows nothing of the redundancy) and the holder's replica still holds
+    the state from before, which a recovery would bring back. The full state dict, loaded by
+    the optimizer and then the redundancy on every rank, rebuilds every copy bit for bit."""
+    kept = _run(2, 3, 4)
+    opts = [opt for _, opt, _ in kept]
+    for _, opt, red in kept:
+        red.commit(opt.step_count)
+    for opt in opts:  # a state that is not the one in memory (another run's, say)
+        sd = opt.state_dict()
+        for t in sd["state"].values():
             t.add_(1.0)
-    before = [t.clone() for f in opt.state for t in f]
-    with pytest.raises(ValueError, match="load_full_state_dict"):
         opt.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(before, [t for f in opt.state for t in f]))
+        assert all(torch.equal(a, b) for a, b in zip(opt.state_dict()["state"].values(), sd["state"].values()))
+    for r, (_, _, red) in enumerate(kept):
+        rep = red.replica_at_commit()
+        assert not _same_shard(rep.params, rep.state, opts[1 - r]), "the replica followed a shard load"
+    fulls = run_ranks(opts, lambda opt: opt.full_state_dict())
+    for full in fulls:
+        for fields in full["state"].values():
+            for t in fields.values():
+                t.add_(1.0)
+    for (_, opt, red), full in zip(kept, fulls):
+        opt.load_full_state_dict(full)
+        red.load_full(full)
+    for r, (_, opt, red) in enumerate(kept):
+        rep = red.replica_at_commit()
+        assert rep.step == 3 and _same_shard(rep.params, rep.state, opts[1 - r])
+    for got, want in zip(run_ranks(opts, lambda opt: opt.full_state_dict()), fulls):
+        assert all(torch.equal(t, want["state"][n][f]) for n, fields in got["state"].items() for f, t in fields.items())
 
 
 @pytest.mark.parametrize("bad", [0, -1, 65, 2.0, True])
 def test_bad_log_depth_is_refused_before_any_communication(bad):
     comm = in_process(1)[0]
+    opt = ShardedOptimizer(_init(), adam(1e-3), comm)
     with pytest.raises(ValueError, match=r"replica_log_depth=.* must be an int in \[1, 64\]"):
-        ShardedOptimizer(_init(), adam(1e-3), comm, replicate=True, replica_log_depth=bad)
+        Redundancy(opt, log_depth=bad)

@@ -109,12 +109,18 @@ class Worker:
         opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params,
                                wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes)
-        opt.register_hooks(_RankHooks(self))
-        if c.fault_tolerant:
-            self.ft = Redundancy(opt, self.replica_distance, c.shared_memory, c.replica_log_depth)
-        parts = shard_parts(opt, self.rank)
-        if c.checkpoint_dir and parts is not None:
-            self._writer.reserve(sum(t.numel() * t.element_size() for ts in parts.values() for t in ts), self.device)
+        try:
+            opt.register_hooks(_RankHooks(self))
+            if c.fault_tolerant:  # a collective: a peer lost meanwhile makes it raise
+                self.ft = Redundancy(opt, self.replica_distance, c.shared_memory, c.replica_log_depth)
+            parts = shard_parts(opt, self.rank)
+            if c.checkpoint_dir and parts is not None:
+                self._writer.reserve(sum(t.numel() * t.element_size() for ts in parts.values() for t in ts),
+                                     self.device)
+        except BaseException:
+            opt.close()  # its gradient hooks would fire in every later backward, into buckets never reduced again
+            self.ft = None
+            raise
         return opt
 
     def _inject(self, phase: str) -> None:
