@@ -99,8 +99,7 @@ def _recover(comm, old_rank, opt, red, params, alive, old_world, rule, stage, co
         for name, t in params.items():
             t.copy_(full_params[name])
     _, new, new_red = _opt(comm, rule, stage, params=params, sync=False)
-    new.load_full_state_dict(full)
-    new_red.load_full(full)
+    new.load_full_state_dict(full)  # the redundancy rebuilds its copies on its hook
     return new, new_red
 
 

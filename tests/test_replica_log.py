@@ -133,24 +133,22 @@ def test_the_state_stays_private_and_the_holder_maps_the_copies_and_the_log():
         assert opt.grad_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot
 
 
-def test_a_shard_state_dict_leaves_the_replicas_stale_and_a_full_state_dict_rebuilds_them():
-    """A rank's own shard cannot rebuild what its holder keeps of it: the optimizer loads a
-    shard state dict (it knows nothing of the redundancy) and the holder's replica still holds
-    the state from before, which a recovery would bring back. The full state dict, loaded by
-    the optimizer and then the redundancy on every rank, rebuilds every copy bit for bit."""
+def test_a_shard_state_dict_is_refused_and_a_full_state_dict_rebuilds_the_replicas():
+    """A rank's own shard cannot rebuild what its holder keeps of it, so the redundancy
+    refuses a shard state dict (through the optimizer's load hook) before anything changes;
+    the full state dict, loaded on every rank, rebuilds every copy bit for bit."""
     kept = _run(2, 3, 4)
     opts = [opt for _, opt, _ in kept]
     for _, opt, red in kept:
         red.commit(opt.step_count)
     for opt in opts:  # a state that is not the one in memory (another run's, say)
         sd = opt.state_dict()
+        before = {k: t.clone() for k, t in sd["state"].items()}
         for t in sd["state"].values():
             t.add_(1.0)
-        opt.load_state_dict(sd)
-        assert all(torch.equal(a, b) for a, b in zip(opt.state_dict()["state"].values(), sd["state"].values()))
-    for r, (_, _, red) in enumerate(kept):
-        rep = red.replica_at_commit()
-        assert not _same_shard(rep.params, rep.state, opts[1 - r]), "the replica followed a shard load"
+        with pytest.raises(ValueError, match="load_full_state_dict"):
+            opt.load_state_dict(sd)
+        assert all(torch.equal(before[k], t) for k, t in opt.state_dict()["state"].items()), "a refused load changed state"
     fulls = run_ranks(opts, lambda opt: opt.full_state_dict())
     for full in fulls:
         for fields in full["state"].values():
@@ -158,7 +156,6 @@ def test_a_shard_state_dict_leaves_the_replicas_stale_and_a_full_state_dict_rebu
                 t.add_(1.0)
     for (_, opt, red), full in zip(kept, fulls):
         opt.load_full_state_dict(full)
-        red.load_full(full)
     for r, (_, opt, red) in enumerate(kept):
         rep = red.replica_at_commit()
         assert rep.step == 3 and _same_shard(rep.params, rep.state, opts[1 - r])

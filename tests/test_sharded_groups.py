@@ -254,7 +254,7 @@ def test_bytes_held_are_zero_formulas(groups, w):
         return opt.memory_bytes(), opt.plan.layout.total
     for held, total in run_ranks(groups(w), lambda c: body(c, 1)):
         assert held["params"] == held["grads"] == 4 * total
-        assert held["state"] == 8 * total // w and held["packing"] == 0
+        assert held["state"] == 8 * total // w and held["packing"] == held["grad_shards"] == 0  # shards in place
     for held, total in run_ranks(groups(w), lambda c: body(c, 2)):
         assert held["params"] == 4 * total and held["grads"] == 0
         assert held["grad_shards"] == 4 * total // w and held["state"] == 8 * total // w

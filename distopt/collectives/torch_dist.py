@@ -182,7 +182,8 @@ class TorchCommunicator:
 
         Chunk ``r`` is ``flat[r*c:(r+1)*c]`` with ``c = ceil(numel / world_size)``, clipped
         to ``numel`` (trailing chunks may be short or empty). ``flat`` is left unspecified.
-        ``out``, when given, receives the chunk and is returned.
+        ``out``, when given, receives the chunk and is returned; it may be ``flat``'s own chunk
+        (in place, as NCCL allows), so no memory beyond ``flat`` holds the result.
         """
         check_op(op, flat.dtype)
         check_wire_dtype(wire_dtype, flat.dtype)
@@ -247,18 +248,25 @@ class TorchCommunicator:
         return self._finish("allgather", works, lambda: _deliver(buf[:n], out), async_op)
 
     def _reduce_scatter_pairwise(self, send: torch.Tensor, out: torch.Tensor):
-        # Each rank receives every peer's copy of its own chunk and adds them in rank order:
-        # the traffic of a ring reduce-scatter, about twice as fast as gloo's own on one host,
-        # and deterministic (one rank computes each chunk, always in the same order).
+        # Each rank receives every peer's copy of its own chunk and adds them to its own, then
+        # the peers' in rank order: the traffic of a ring reduce-scatter, about twice as fast as
+        # gloo's own on one host, and deterministic (one rank computes each chunk, always in the
+        # same order). Only the peers' chunks need scratch, so ``out`` may be ``send``'s own chunk.
         w, r, c = self.world_size, self.rank, out.numel()
-        rows = self._scratch(send, w * c)
-        rows[r * c:(r + 1) * c].copy_(send[r * c:(r + 1) * c])
+        rows = self._scratch(send, (w - 1) * c)
+        peers = [j for j in range(w) if j != r]
         works = self._start("reduce_scatter", lambda tag: [
-            work for j in range(w) if j != r for work in (
-                self._pg.send([send[j * c:(j + 1) * c]], j, tag), self._pg.recv([rows[j * c:(j + 1) * c]], j, tag))])
+            work for i, j in enumerate(peers) for work in (
+                self._pg.send([send[j * c:(j + 1) * c]], j, tag), self._pg.recv([rows[i * c:(i + 1) * c]], j, tag))])
 
         def total() -> None:
-            torch.sum(rows.view(w, c), dim=0, out=out)
+            own = send[r * c:(r + 1) * c]
+            if w == 1:
+                out.copy_(own)
+            else:
+                torch.add(own, rows[:c], out=out)
+            for i in range(1, w - 1):
+                out.add_(rows[i * c:(i + 1) * c])
             self._free.setdefault((rows.numel(), rows.dtype, rows.device), []).append(rows)
         return works, total
 

@@ -80,6 +80,8 @@ class Redundancy(StepHooks):
         self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
             if self.replica is not None else None
         self.pending = list(self._pending_flat.split(sizes)) if self._pending_flat is not None else []
+        if self.replica is not None:  # the shift sends the gradient shard as one flat tensor
+            opt.use_grad_shards(torch.zeros(sum(sizes), dtype=like.dtype, device=like.device))
         # Across hosts on CPU the rank keeps its own copies and log (a copy of 1/depth of the
         # shard per step); elsewhere a snapshot of the whole shard before each update, which
         # on a GPU is a device copy.
@@ -126,6 +128,19 @@ class Redundancy(StepHooks):
         elif self.sharded:
             self.reset_replica()  # (the own log's base takes the state just loaded)
             fill_shard(self.opt, full, self.left, self.replica.state)
+
+    def before_load(self, full: bool) -> None:
+        """Hook: refuse a shard state dict where the state is sharded: a rank's own shard
+        cannot rebuild the copies its neighbours keep of it, so a later recovery would bring
+        back the state from before the load."""
+        if not full and self.sharded:
+            raise ValueError("load_state_dict cannot rebuild the in-memory redundancy (fault tolerance on, "
+                             "zero_stage >= 1): load a full_state_dict() with load_full_state_dict() on every rank")
+
+    def after_load(self, full_state: dict | None) -> None:
+        """Hook: a full state dict was loaded: rebuild the copies from it."""
+        if full_state is not None:
+            self.load_full(full_state)
 
     def grads_reduced(self, step: int) -> None:
         """Hook: finish the background copies before the gradient-norm allreduce, so before

@@ -28,6 +28,14 @@ class StepHooks:
     def after_gather(self, step: int) -> None:
         """Every rank's parameters hold update ``step``; ``opt.step_count == step``."""
 
+    def before_load(self, full: bool) -> None:
+        """A state dict is about to be loaded (a full one, or this rank's shard): raise to
+        refuse it, before anything changes."""
+
+    def after_load(self, full_state: dict | None) -> None:
+        """A state dict was loaded: the full one (any world size wrote it), or None for a
+        shard state dict."""
+
     def before_write(self) -> None:
         """This rank's parameter shard or state is about to change in place (an update, a
         load, a rollback): whoever still reads that memory must let go first."""

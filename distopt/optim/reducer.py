@@ -16,6 +16,9 @@ Where gradients live:
   and reduce-scattered into this rank's shard. So at most the gradients of the buckets
   backward is filling plus ``POOL`` packed buckets exist at once.
 
+At most ``POOL`` reductions are in flight: a launch past that waits for the oldest, since
+each holds a bucket's worth of receive buffers in the communicator.
+
 Under :meth:`no_sync` (gradient accumulation) the hooks only let gradients accumulate;
 the backward after it reduces. Called by :class:`~distopt.optim.ShardedOptimizer` only.
 """
@@ -28,7 +31,7 @@ import torch
 
 from distopt.optim.flat import Flat
 
-POOL = 2  # packed gradient buckets that may be in flight at zero_stage 2
+POOL = 2  # reductions in flight at once (and packed gradient buckets at zero_stage 2)
 
 
 class Reducer:
@@ -52,6 +55,7 @@ class Reducer:
         self.started = [False] * len(self.members)
         self.next = 0
         self.pending: list = []
+        self._done = 0  # reductions of ``pending`` waited for
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -117,6 +121,9 @@ class Reducer:
             else:
                 t.grad = None  # packed: the per-parameter gradient goes
         self.started[b] = True
+        while len(self.pending) - self._done >= POOL:  # each reduction in flight holds bucket-sized scratch
+            self.pending[self._done].wait()
+            self._done += 1
         work = opt.reduce_bucket(b, flat)
         self.pending.append(work)
         if grads is None:

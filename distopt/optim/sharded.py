@@ -106,8 +106,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ranges = self.plan.ranges(comm.rank if self.plan.world_size > 1 else 0)
         self.shard_params = [self.params_flat.range(s, e) for s, e in ranges]
         self.grad_buckets = self._grad_buffer() if zero_stage <= 1 else None
-        self.grad_flat, self.grad_shards = (None, [self.grad_buckets.bucket(b) for b in range(len(ranges))]) \
-            if zero_stage == 0 else shard_views(ranges, self.arrangement.bucket_dtype, self.device)
+        # Kept buckets are reduced in place: this rank's shard of a bucket is its own slice of it.
+        self.grad_flat, self.grad_shards = (None, [self.grad_buckets.range(s, e) for s, e in ranges]) \
+            if self.grad_buckets is not None else shard_views(ranges, self.arrangement.bucket_dtype, self.device)
         self.shard_state = self.init_state(self.shard_params)
         self.step_count = 0
         self.info: StepInfo | None = None  # the last step's
@@ -161,8 +162,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def use_grad_shards(self, flat: torch.Tensor) -> None:
         """Reduce the next step's gradients into ``flat`` (this rank's shard size, one
         dtype): a replica log keeps them where a neighbour reads them. Between steps only."""
-        if self.zero_stage == 0 or len(self.params_flat.segments) > 1:
-            raise TypeError("use_grad_shards needs zero_stage >= 1 and parameters of one dtype")
+        if self.plan.world_size == 1 or len(self.params_flat.segments) > 1:
+            raise TypeError("use_grad_shards needs a sharded plan (zero_stage >= 1, world_size > 1) and parameters "
+                            "of one dtype")
         self.grad_flat = flat
         self.grad_shards = list(flat.split([t.numel() for t in self.shard_params]))
 
@@ -290,14 +292,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this optimizer holds, by what they are: the parameters' flat buffers, the
-        full-size gradient buckets (stage 0/1), this rank's gradient shards (stage >= 1),
+        full-size gradient buckets (stage 0/1), this rank's gradient shards where they are not
+        slices of those buckets (stage 2),
         the state shard, and the stage-2 packing buffers. ``.grad`` tensors autograd
         allocates outside bucket memory (stage 2, between hooks) are not counted."""
         def size(ts) -> int:
             return sum(t.numel() * t.element_size() for t in ts)
+        in_buckets = {f.untyped_storage().data_ptr() for f in self.grad_buckets.flats()} if self.grad_buckets else set()
         return {"params": size(self.params_flat.flats()),
                 "grads": size(self.grad_buckets.flats()) if self.grad_buckets is not None else 0,
-                "grad_shards": 0 if self.zero_stage == 0 else size(self.grad_shards),
+                "grad_shards": size([g for g in self.grad_shards if g.untyped_storage().data_ptr() not in in_buckets]),
                 "state": self.state_bytes(), "packing": self.reducer.packing_bytes()}
 
     def state_dict(self) -> dict:
@@ -311,17 +315,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ValueError: the plan, rank, rule or groups differ (load a full state dict instead).
         """
         state_io.check_shard_state_dict(self, state_dict)  # before anything changes
+        self._call("before_load", False)
         self._call("before_write")
         state_io.load_shard_state_dict(self, state_dict)
+        self._call("after_load", None)
 
     def full_state_dict(self) -> dict:
         """Gather the whole state, per parameter name; a collective, bucket by bucket."""
         return state_io.full_state_dict(self)
 
     def load_full_state_dict(self, full: dict) -> None:
-        """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage).
-
-        A fault-tolerance layer registered on the optimizer must rebuild its copies next
-        (``distopt.ft.Redundancy.load_full``)."""
+        """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage); with
+        a fault-tolerance layer on the hooks every rank calls it (its copies are rebuilt)."""
+        state_io.check_full_state_dict(self, full)
+        self._call("before_load", True)
         self._call("before_write")
         state_io.load_full_state_dict(self, full)
+        self._call("after_load", full)

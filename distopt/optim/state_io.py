@@ -108,8 +108,8 @@ def full_state_dict(opt: ShardedOptimizer) -> dict:
             "param_groups": group_hyperparameters(opt), "state": per_param}
 
 
-def load_full_state_dict(opt: ShardedOptimizer, full: dict) -> None:
-    """Cut this rank's shard (and, with redundancy, its neighbour's replica) out of a full state dict."""
+def check_full_state_dict(opt: ShardedOptimizer, full: dict) -> None:
+    """Raise ValueError unless ``full`` is a full state dict this optimizer can take."""
     if not isinstance(full, dict) or full.get("format") != FORMAT + ".full":
         raise ValueError("not a distopt full state dict: pass the output of full_state_dict()")
     _check_rule(opt, full["rule"])
@@ -117,6 +117,10 @@ def load_full_state_dict(opt: ShardedOptimizer, full: dict) -> None:
     if missing:
         raise ValueError(f"full state dict has no state for parameters {missing[:5]}")
     _check_groups(opt, full.get("param_groups"))
+
+
+def load_full_state_dict(opt: ShardedOptimizer, full: dict) -> None:
+    """Cut this rank's shard out of a full state dict checked by :func:`check_full_state_dict`."""
     fill_shard(opt, full, opt.comm.rank if opt.plan.world_size > 1 else 0, opt.shard_state)
     opt.step_count = int(full["step"])
     set_group_hyperparameters(opt, full.get("param_groups"))

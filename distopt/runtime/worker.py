@@ -280,9 +280,7 @@ class Worker:
         self._load_state(full_state)
 
     def _load_state(self, full_state: dict) -> None:
-        self.optimizer.load_full_state_dict(full_state)
-        if self.ft is not None:
-            self.ft.load_full(full_state)  # its copies are rebuilt from the state just loaded
+        self.optimizer.load_full_state_dict(full_state)  # (the redundancy rebuilds its copies on its hook)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model's ``state_dict()`` with every tensor copied to CPU."""
