@@ -256,17 +256,18 @@ def bench_precision(quick: bool) -> dict:
 def bench_faults(quick: bool) -> dict:
     """Section 5: the fault-tolerance cost per step and the checkpoint step, at one rank.
 
-    Four runtime Workers per model, each in an NCCL group of one, steps interleaved in
+    Three runtime Workers per model, each in an NCCL group of one, steps interleaved in
     rounds of 50: ``max_failures=0``, the default ``max_failures=3`` (at one rank there is
     no neighbour to replicate for, so this is the snapshot of the shard before each update
     that lets the rank undo it: a device copy), and ``max_failures=3`` writing a checkpoint
-    every 50 steps, once with the writer process a GPU rank uses and once with the writer
-    thread (the fallback where the host has no memfd). The checkpoint is a block's 10th
-    step, so its write overlaps the same worker's next steps, up to the deadline of half an
-    interval (25 steps), where a write still running is waited for. The checkpoint
-    step's median over 12 rounds swung by 0.1-0.2 between runs of the same code, so the
-    6.3M model runs 30 rounds. Data lives on the GPU, so no host-to-device copy dilutes the
-    ratios. A checkpoint write that fails raises: its time would mean nothing.
+    every 50 steps with the writer process, a GPU rank's one checkpoint writer (runs stored
+    before the writer thread's GPU path was removed also have a ``thread`` row). The
+    checkpoint is a block's 10th step, so its write overlaps the same worker's next steps,
+    up to the deadline of half an interval (25 steps), where a write still running is
+    waited for. The checkpoint step's median over 12 rounds swung by 0.1-0.2 between runs
+    of the same code, so the 6.3M model runs 30 rounds. Data lives on the GPU, so no
+    host-to-device copy dilutes the ratios. A checkpoint write that fails raises: its time
+    would mean nothing.
     """
     import tempfile
 
@@ -274,7 +275,6 @@ def bench_faults(quick: bool) -> dict:
 
     import distopt
     from distopt.collectives import TorchCommunicator
-    from distopt.runtime.checkpointing import ShardWriter
     from distopt.runtime.config import TrainConfig
     from distopt.runtime.worker import Worker
 
@@ -298,19 +298,14 @@ def bench_faults(quick: bool) -> dict:
         with tempfile.TemporaryDirectory() as root:
             workers = {}
             for name, kw in {"off": {"max_failures": 0}, "on": {"max_failures": 3},
-                             "process": {"max_failures": 3, "checkpoint_dir": f"{root}/p", "checkpoint_every": every},
-                             "thread": {"max_failures": 3, "checkpoint_dir": f"{root}/t",
-                                        "checkpoint_every": every}}.items():
+                             "process": {"max_failures": 3, "checkpoint_dir": root, "checkpoint_every": every}}.items():
                 config = TrainConfig(model=make_model, loss=mse_loss, data=data, optimizer=distopt.optim.adam(lr=LR),
                                      global_batch_size=batch, num_workers=1, zero_stage=1, seed=0, use_gpu=True, **kw)
                 workers[name] = Worker(config, 0)
-                if name == "thread":  # before attach, which hands the writer to the optimizer
-                    workers[name]._writer.close()
-                    workers[name]._writer = ShardWriter()
                 workers[name].attach(TorchCommunicator(0, 1, backend="nccl", timeout_s=60, store=dist.HashStore(),
                                                        always_group=True))
             times: dict[str, dict[int, float]] = {k: {} for k in workers}
-            records: dict[str, list[dict]] = {"process": [], "thread": []}
+            records: list[dict] = []
             for rnd in range(rounds + 1):  # round 0 warms up
                 for name in rotated(list(workers), rnd):
                     first = every * (rnd + 1) - 10  # the checkpoint step is a block's 10th: its write overlaps the rest
@@ -322,33 +317,28 @@ def bench_faults(quick: bool) -> dict:
                         torch.cuda.current_stream().synchronize()
                         if rnd:
                             times[name][k] = time.perf_counter() - t0
-                        records.get(name, []).extend(written)
-            for name, w in workers.items():
-                records.get(name, []).extend(w.flush_checkpoints())
+                        records.extend(written)
+            for w in workers.values():
+                records.extend(w.flush_checkpoints())
                 w.close()
-        for name, recs in records.items():
-            failed = [r["error"] for r in recs if "error" in r]
-            if failed or len(recs) != rounds + 1:
-                raise RuntimeError(f"{label}, writer {name}: {len(recs)} checkpoint writes for {rounds + 1} "
-                                   f"checkpoints, errors: {failed}")
+        failed = [r["error"] for r in records if "error" in r]
+        if failed or len(records) != rounds + 1:
+            raise RuntimeError(f"{label}: {len(records)} checkpoint writes for {rounds + 1} checkpoints, "
+                               f"errors: {failed}")
         off, on = median(times["off"].values()), median(times["on"].values())
-        out[label] = {"off_ms": 1e3 * off, "on_ms": 1e3 * on, "ft_ratio": on / off, "every": every, "rounds": rounds}
-        for name in ("process", "thread"):
-            ck = times[name]
-            ck_steps = median(t for k, t in ck.items() if (k + 1) % every == 0)
-            plain = median(t for k, t in ck.items() if (k + 1) % every not in (0, 1))
-            # The same worker's steps just before, long after its last write: no second
-            # worker's drift between them (the CPU benchmark's goal is this ratio).
-            before = median(t for k, t in ck.items() if (k + 1) % every in (every - 3, every - 2, every - 1))
-            row = {"checkpoint_step_ms": 1e3 * ck_steps, "checkpoint_vs_before": ck_steps / before,
-                   "after_checkpoint_ms": 1e3 * median(t for k, t in ck.items() if (k + 1) % every == 1),
-                   "plain_ms": 1e3 * plain, "checkpoint_ratio": ck_steps / plain, "checkpoint_vs_on": ck_steps / on,
-                   # Everything a checkpoint costs, deadline waits for slow writes included.
-                   "lost_per_checkpoint_ms": 1e3 * (sum(ck.values()) - sum(times["on"].values())) / rounds}
-            if name == "process":
-                out[label].update(row)
-            else:
-                out[label]["thread"] = row
+        ck = times["process"]
+        ck_steps = median(t for k, t in ck.items() if (k + 1) % every == 0)
+        plain = median(t for k, t in ck.items() if (k + 1) % every not in (0, 1))
+        # The same worker's steps just before, long after its last write: no second
+        # worker's drift between them (the CPU benchmark's goal is this ratio).
+        before = median(t for k, t in ck.items() if (k + 1) % every in (every - 3, every - 2, every - 1))
+        out[label] = {"off_ms": 1e3 * off, "on_ms": 1e3 * on, "ft_ratio": on / off, "every": every, "rounds": rounds,
+                      "writer": "process", "checkpoint_step_ms": 1e3 * ck_steps,
+                      "checkpoint_vs_before": ck_steps / before,
+                      "after_checkpoint_ms": 1e3 * median(t for k, t in ck.items() if (k + 1) % every == 1),
+                      "plain_ms": 1e3 * plain, "checkpoint_ratio": ck_steps / plain, "checkpoint_vs_on": ck_steps / on,
+                      # Everything a checkpoint costs, deadline waits for slow writes included.
+                      "lost_per_checkpoint_ms": 1e3 * (sum(ck.values()) - sum(times["on"].values())) / rounds}
         del data, workers
         torch.cuda.empty_cache()
     goals = []
@@ -446,10 +436,15 @@ def markdown(result: dict) -> str:
                     f"{r['checkpoint_vs_on']:.3f}" if "checkpoint_vs_on" in r else "",
                     f"{r['checkpoint_vs_before']:.3f}" if "checkpoint_vs_before" in r else "",
                     f"{r.get('lost_per_checkpoint_ms', float('nan')):.1f}"]
-        rows = [ck_row(label, "process" if "thread" in r else "thread", r) for label, r in ft["cases"].items()]
+        # Runs stored before the writer thread's GPU path was removed: the thread alone (no
+        # "writer"), or the process with the thread's row beside it, shown as history.
+        rows = [ck_row(label, r.get("writer", "process" if "thread" in r else "thread"), r)
+                for label, r in ft["cases"].items()]
         rows += [ck_row(label, "thread", r["thread"]) for label, r in ft["cases"].items() if "thread" in r]
-        parts += ["**Checkpoint every 50 steps** (max_failures=3, local disk; the writer process is what a GPU rank "
-                  "uses, the writer thread the fallback where the host has no memfd):",
+        thread = ("; rows of the writer thread are from before its GPU path was removed, kept as history"
+                  if any(row[1] == "thread" for row in rows) else "")
+        parts += [f"**Checkpoint every 50 steps** (max_failures=3, local disk; the writer process is a GPU rank's "
+                  f"one checkpoint writer{thread}):",
                   md_table(["model", "writer", "plain step ms", "checkpoint step ms", "step after ms",
                             "checkpoint / plain", "checkpoint / max_failures=3 steps", "checkpoint / 3 steps before",
                             "ms lost per checkpoint (all steps)"], rows)]

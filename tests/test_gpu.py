@@ -155,29 +155,9 @@ def test_checkpoint_written_from_gpu_resumes_on_cpu(tmp_path):
         torch.testing.assert_close(resumed.state_dict[name].cpu(), value.cpu(), rtol=1e-4, atol=1e-5)
 
 
-def test_device_pieces_stream_a_gpu_tensor_to_the_host_exactly(tmp_path):
-    from distopt.checkpoint.format import tensor_bytes
-    from distopt.checkpoint.writer import write_tensors
-    from distopt.runtime.checkpointing import DevicePieces, Staging
-    staging = Staging(torch.device("cuda", 0), piece_bytes=1000)  # no element size divides it evenly into pieces
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tensors = {"f32": torch.randn(1234, device="cuda", generator=g),
-               "bf16": torch.randn(7, 333, device="cuda", generator=g).bfloat16(),
-               "i64": torch.arange(-500, 500, device="cuda"), "flag": torch.rand(999, device="cuda", generator=g) > 0.5,
-               "empty": torch.empty(0, device="cuda"), "one": torch.ones(3, device="cuda")}
-    for name, t in tensors.items():
-        assert b"".join(bytes(p) for p in DevicePieces(t, staging).pieces()) == bytes(tensor_bytes(t.cpu())), name
-    (tmp_path / "gpu").mkdir()
-    (tmp_path / "cpu").mkdir()
-    from_gpu = write_tensors(tmp_path / "gpu", "x.bin", {k: DevicePieces(t, staging) for k, t in tensors.items()})
-    from_cpu = write_tensors(tmp_path / "cpu", "x.bin", {k: t.cpu() for k, t in tensors.items()})
-    assert from_gpu == from_cpu
-    assert (tmp_path / "gpu" / "x.bin").read_bytes() == (tmp_path / "cpu" / "x.bin").read_bytes()
-
-
 def test_writer_process_writes_gpu_tensors_as_their_cpu_bytes(tmp_path):
-    """Through pinned shared memory and a side stream: the files and records equal the
-    writer thread's of the same tensors on the CPU; a CPU part may ride along."""
+    """Through pinned shared memory and a side stream: the files and records equal those a
+    CPU rank's writer thread writes of the same tensors moved to the CPU; a CPU part may ride along."""
     from distopt.runtime.checkpointing import ShardWriter
     from distopt.runtime.writer_process import ProcessWriter
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -202,9 +182,21 @@ def test_writer_process_writes_gpu_tensors_as_their_cpu_bytes(tmp_path):
             (tmp_path / "cpu" / "step-00000002" / name).read_bytes(), name
 
 
+def test_the_writer_thread_refuses_gpu_tensors(tmp_path):
+    """A GPU rank has one checkpoint writer, the process: the thread names it and queues nothing."""
+    from distopt.runtime.checkpointing import ShardWriter
+    writer = ShardWriter()
+    try:
+        with pytest.raises(TypeError, match="'param' on cuda:0.*ProcessWriter"):
+            writer.start(str(tmp_path), 2, 0, {"param": torch.zeros(3, device="cuda")}, None, None)
+        assert not writer.busy()
+    finally:
+        writer.close()
+
+
 def _written_as_on_the_cpu(tmp_path, step: int, rank: int, shard: dict, drive) -> None:
     """Write ``shard`` with a writer process, ``drive(process)`` moving its copy to the host,
-    and its CPU copy with the writer thread: the records and the files must be equal."""
+    and its CPU copy with a CPU rank's writer thread: the records and the files must be equal."""
     from distopt.runtime.checkpointing import ShardWriter
     from distopt.runtime.writer_process import ProcessWriter
     process, thread = ProcessWriter(), ShardWriter()
@@ -268,18 +260,16 @@ def test_writer_process_copies_a_snapshots_fields_as_one_run(tmp_path, monkeypat
     _written_as_on_the_cpu(tmp_path, 4, 1, Buffers().copy(parts, torch.float32, torch.device("cuda", 0)), drive)
 
 
-@pytest.mark.parametrize("kind", ["thread", "process"])
-def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path, kind):
-    """The writer's side stream waits for the snapshot's copies (queued behind a long kernel
-    here) and the shard written is the one of the checkpoint step, whatever the next
-    updates do to the live tensors meanwhile."""
+def test_gpu_checkpoint_holds_the_step_s_shard_while_training_goes_on(tmp_path):
+    """The writer process's side stream waits for the snapshot's copies (queued behind a
+    long kernel here) and the shard written is the one of the checkpoint step, whatever the
+    next updates do to the live tensors meanwhile."""
     from distopt.checkpoint import read_tensors, step_dir
     from distopt.optim import adam
-    from distopt.runtime.checkpointing import ShardWriter
     from distopt.runtime.snapshots import Buffers, snapshot
     from distopt.runtime.writer_process import ProcessWriter
     comm = _nccl_alone()
-    writer = ShardWriter() if kind == "thread" else ProcessWriter()
+    writer = ProcessWriter()
     try:
         opt = ShardedOptimizer(_cuda_params(), adam(1e-2), comm, zero_stage=1, bucket_bytes=256)
         for k in range(3):

@@ -1,5 +1,6 @@
 """The checkpoint writer process: the same files as the writer thread, shared memory kept and
-grown, a lost process fails its writes without a hang, and it never outlives training."""
+grown, a lost process fails its writes without a hang, and it never outlives training. A GPU
+rank that checkpoints gets it or an error naming the fix; the writer thread takes CPU tensors only."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import torch
 from distopt.checkpoint import step_dir
 from distopt.runtime.checkpointing import ShardWriter
 from distopt.runtime.writer_main import HostBytes
+from distopt.runtime import writer_process
 from distopt.runtime.writer_process import ProcessWriter, available, make_writer
 
 pytestmark = pytest.mark.skipif(not available(), reason="the writer process needs Linux memfd")
@@ -141,6 +143,39 @@ def test_a_gpu_rank_that_checkpoints_gets_the_writer_process():
     finally:
         for w in chosen.values():
             w.close()
+
+
+def test_a_gpu_rank_that_checkpoints_is_refused_where_the_writer_process_cannot_run(monkeypatch):
+    """No thread fallback: a host without memfd, or a process that does not start, is an
+    error naming the fix before any training; the other ranks keep the writer thread."""
+    monkeypatch.setattr(writer_process, "available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"memfd_create \(Linux >= 3.17\).*checkpoint_dir=None"):
+        make_writer(torch.device("cuda", 0), True)
+    assert all(isinstance(make_writer(d, on), ShardWriter)
+               for d, on in ((torch.device("cpu"), True), (torch.device("cpu"), False), (torch.device("cuda", 0), False)))
+    monkeypatch.setattr(writer_process, "available", lambda: True)
+
+    def no_process(self) -> None:
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(ProcessWriter, "_spawn", no_process)
+    with pytest.raises(RuntimeError, match="did not start .*Too many open files.*checkpoint_dir=None") as info:
+        make_writer(torch.device("cuda", 0), True)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_the_writer_thread_refuses_tensors_off_the_cpu(tmp_path):
+    """A device tensor (``meta`` here, which needs no GPU) is refused at start, naming the
+    writer process; nothing is queued."""
+    writer = ShardWriter()
+    try:
+        with pytest.raises(TypeError, match="'param' on meta.*ProcessWriter"):
+            writer.start(str(tmp_path), 2, 0, {"exp_avg": torch.zeros(3), "param": torch.zeros(3, device="meta")},
+                         None, None)
+        with pytest.raises(TypeError, match="'bn.count' on meta"):
+            writer.start(str(tmp_path), 2, 0, None, {"bn.count": torch.zeros((), device="meta")}, {})
+        assert not writer.busy() and writer.drain(wait=True) == []
+    finally:
+        writer.close()
 
 
 def test_a_snapshots_fields_reach_the_shared_memory_in_one_copy():

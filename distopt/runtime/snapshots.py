@@ -147,7 +147,7 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
         return Snapshot(shard, None, None, reader)
     fields, loose = (run_fields or RunFields()).get(opt, model, seed, next_step)
     model_state = model.state_dict() if loose else {}
-    # Copied where they live (a GPU copy takes microseconds); the writer thread moves them to host.
+    # Copied where they live (a GPU copy takes microseconds); a GPU rank's writer process moves them to the host.
     rest = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None
                 else v.detach().clone()) for k, v in ((k, model_state[k]) for k in loose)}
     return Snapshot(shard, rest, fields, reader)

@@ -1,8 +1,10 @@
-"""Checkpoint writes in a process of their own, for a rank whose shard lives on a GPU.
+"""Checkpoint writes in a process of their own: the one writer of a rank whose shard lives
+on a GPU.
 
 A writer thread shares the training process's GIL. When a step is mostly Python and kernel
 launches (a few milliseconds on a GPU), each bit of the thread's Python (a piece's copy and
-event, a folder, a file) holds up training's next op, and the checkpoint step paid 10-20%.
+event, a folder, a file) held up training's next op, and the checkpoint step paid 10-20%
+(the thread's GPU path, measured against this one in ``benchmarks/RESULTS.md``, is gone).
 Here the training thread moves the snapshot into pinned shared memory itself, and a writer
 process hashes, writes, fsyncs and renames; it never touches CUDA.
 
@@ -24,7 +26,6 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -340,11 +341,21 @@ class ProcessWriter:
 
 
 def make_writer(device: torch.device, checkpointing: bool) -> "ProcessWriter | ShardWriter":
-    """The checkpoint writer for a rank: a writer process for a GPU rank that writes
-    checkpoints, where the host allows one; otherwise a writer thread."""
-    if checkpointing and device.type == "cuda" and available():
-        try:
-            return ProcessWriter()
-        except OSError as e:
-            warnings.warn(f"checkpoint writer process not started ({e}): checkpoints are written by a thread")
-    return ShardWriter()
+    """The checkpoint writer for a rank: the writer process for a GPU rank that writes
+    checkpoints, a writer thread (which never gets a GPU tensor) for any other rank.
+
+    Raises:
+        RuntimeError: a GPU rank writes checkpoints and this host cannot run the writer
+            process (no memfd, or it did not start); nothing has been trained yet.
+    """
+    if not (checkpointing and device.type == "cuda"):
+        return ShardWriter()
+    fix = ("run on a little-endian Linux host with memfd_create (Linux >= 3.17), or pass checkpoint_dir=None "
+           "to train on the GPU without checkpoints")
+    if not available():
+        raise RuntimeError(f"checkpoints of a rank on {device} are written by a writer process, which this host "
+                           f"cannot run (it shares memory through a memfd): {fix}")
+    try:
+        return ProcessWriter()
+    except OSError as e:
+        raise RuntimeError(f"the checkpoint writer process of the rank on {device} did not start ({e}): {fix}") from e
