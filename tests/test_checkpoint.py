@@ -450,3 +450,21 @@ def test_a_version_1_checkpoint_with_every_weight_in_model_bin_still_loads(tmp_p
     for check in (verify, load_checkpoint):
         with pytest.raises(CheckpointError, match="model.bin does not match its sha256"):
             check(folder)
+
+
+def test_cut_params_takes_a_models_own_parameters():
+    """Whole weights that require grad (dict(model.named_parameters())) are cut like plain ones."""
+    from distopt.checkpoint.reshard import cut_params
+    from distopt.optim.plan import build_plan
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    named = dict(model.named_parameters())
+    plan, arr = build_plan(list(named), list(named.values()), 2, 1, bucket_bytes=64)
+    names = [list(named)[i] for i in arr.order]
+    fields = {"plan": plan.to_dict(), "model_keys": [[n, n] for n in names],
+              "params": [{"name": n, "shape": list(named[n].shape)} for n in names]}
+    shards = cut_params(fields, named)
+    whole = torch.zeros(plan.layout.total)
+    for r, shard in enumerate(shards):
+        plan.place(r, shard, whole)
+    for view, n in zip(plan.unflatten(whole, [named[n].shape for n in names]), names):
+        assert torch.equal(view, named[n].detach())

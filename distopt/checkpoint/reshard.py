@@ -85,7 +85,7 @@ def cut_params(fields: dict, model_state: Mapping[str, torch.Tensor]) -> list[to
     tensors = [model_state[key_of[p["name"]]] for p in fields["params"]]
     flat = tensors[0].new_zeros(plan.layout.total)
     for view, t in zip(plan.unflatten(flat, [p["shape"] for p in fields["params"]]), tensors):
-        view.copy_(t)
+        view.copy_(t.detach())  # (a model's parameters require grad)
     return [torch.cat([flat[s:e] for s, e in plan.ranges(r)]) for r in range(plan.world_size)]
 
 

@@ -44,8 +44,10 @@ class Flat:
             TypeError: the parameters mix dtypes (use :attr:`segments`).
         """
         if len(self.segments) != 1:
-            raise TypeError(f"the parameters mix dtypes {[str(d) for d, _, _ in self.segments]}: there is one flat "
-                            f"buffer per dtype")
+            raise TypeError(f"the parameters mix dtypes {[str(d) for d, _, _ in self.segments]}: checkpoints and "
+                            f"fault tolerance keep one flat copy of a shard and do not cover mixed dtypes yet; cast "
+                            f"the model to one dtype (model.float()), or train without them (max_failures=0, "
+                            f"checkpoint_dir=None)")
         return self.segments[0][2]
 
     def bucket(self, b: int) -> torch.Tensor:

@@ -62,9 +62,8 @@ def _split(flat, like: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def check_shard_state_dict(opt: ShardedOptimizer, sd: dict) -> None:
-    """Raise ValueError unless ``sd`` is this rank's shard of this plan and rule, and loading
-    it alone leaves the in-memory redundancy right (it cannot where the state is sharded
-    and replicated: the neighbours' copies of the shard would stay stale)."""
+    """Raise ValueError unless ``sd`` is this rank's shard of this plan, rule and groups (a
+    layer on the hooks may refuse it too: ``before_load``)."""
     if not isinstance(sd, dict) or sd.get("format") != FORMAT:
         raise ValueError(f"not a distopt shard state dict (format {sd.get('format') if isinstance(sd, dict) else None!r}"
                          f", expected {FORMAT!r})")
