@@ -20,6 +20,7 @@ from torch._C._distributed_c10d import (
 )
 
 from distopt.collectives import compression
+from distopt.collectives.pairwise import Pairwise
 from distopt.collectives.pending import Pending, completed, then
 from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
 from distopt.collectives.rendezvous import connect_store, make_group, validate
@@ -131,7 +132,7 @@ class TorchCommunicator:
         self._wait_timeout = self._timeout if backend == "gloo" else None
         self._broken: str | None = None
         self._seq = 0
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._pairwise = Pairwise(rank, world_size)  # gloo's reduce-scatter and allgather
         self._store = None
         self._pg = None
         self._owns_group = True  # False for a wrapped group: close() must leave it to its owner
@@ -203,7 +204,8 @@ class TorchCommunicator:
         buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
         self._prescale(send, op)
         if self.backend == "gloo":
-            works, total = self._reduce_scatter_pairwise(send, buf)
+            begin, total = self._pairwise.reduce_scatter(send, buf)
+            works = self._start("reduce_scatter", lambda tag: begin(self._pg, tag))
         else:
             opts = ReduceScatterOptions()
             opts.reduceOp = ReduceOp.SUM
@@ -242,48 +244,11 @@ class TorchCommunicator:
         send = shard if shard.numel() == c else _padded(shard, c)
         buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
         if self.backend == "gloo":
-            works = self._allgather_pairwise(send, buf)
+            begin = self._pairwise.allgather(send, buf)
+            works = self._start("allgather", lambda tag: begin(self._pg, tag))
         else:
             works = self._start("allgather", lambda _: self._pg._allgather_base(buf, send, AllgatherOptions()))
         return self._finish("allgather", works, lambda: _deliver(buf[:n], out), async_op)
-
-    def _reduce_scatter_pairwise(self, send: torch.Tensor, out: torch.Tensor):
-        # Each rank receives every peer's copy of its own chunk and adds them to its own, then
-        # the peers' in rank order: the traffic of a ring reduce-scatter, about twice as fast as
-        # gloo's own on one host, and deterministic (one rank computes each chunk, always in the
-        # same order). Only the peers' chunks need scratch, so ``out`` may be ``send``'s own chunk.
-        w, r, c = self.world_size, self.rank, out.numel()
-        rows = self._scratch(send, (w - 1) * c)
-        peers = [j for j in range(w) if j != r]
-        works = self._start("reduce_scatter", lambda tag: [
-            work for i, j in enumerate(peers) for work in (
-                self._pg.send([send[j * c:(j + 1) * c]], j, tag), self._pg.recv([rows[i * c:(i + 1) * c]], j, tag))])
-
-        def total() -> None:
-            own = send[r * c:(r + 1) * c]
-            if w == 1:
-                out.copy_(own)
-            else:
-                torch.add(own, rows[:c], out=out)
-            for i in range(1, w - 1):
-                out.add_(rows[i * c:(i + 1) * c])
-            self._free.setdefault((rows.numel(), rows.dtype, rows.device), []).append(rows)
-        return works, total
-
-    def _scratch(self, like: torch.Tensor, numel: int) -> torch.Tensor:
-        # Receive buffers are reused step after step: a fresh large allocation costs more
-        # than the copy it receives (page faults), and buckets come in a few fixed sizes.
-        free = self._free.get((numel, like.dtype, like.device))
-        return free.pop() if free else like.new_empty(numel)
-
-    def _allgather_pairwise(self, send: torch.Tensor, buf: torch.Tensor) -> list:
-        # Direct sends to every peer: half the time of gloo's allgather on one host, no copies.
-        w, r, c = self.world_size, self.rank, send.numel()
-        if buf[r * c:].data_ptr() != send.data_ptr():
-            buf[r * c:(r + 1) * c].copy_(send)
-        return self._start("allgather", lambda tag: [
-            work for j in range(w) if j != r for work in (
-                self._pg.send([send], j, tag), self._pg.recv([buf[j * c:(j + 1) * c]], j, tag))])
 
     def all_to_all(self, t: torch.Tensor, async_op: bool = False):
         """Exchange equal chunks: chunk ``j`` of the result is chunk ``rank`` of rank ``j``'s ``t``."""

@@ -27,6 +27,13 @@ class GroupRules:
         # A group may turn on state the defaults lack (SGD momentum): the rule that keeps the most makes it.
         self.state_rule = max(now, key=fields_kept)
         self._at: dict[int, list[Rule]] = {}
+        self._fields: dict[Rule, int] = {}
+
+    def _kept(self, rule: Rule) -> int:
+        # Counted once per distinct rule: it builds the rule's state for one element.
+        if rule not in self._fields:
+            self._fields[rule] = fields_kept(rule)
+        return self._fields[rule]
 
     def _made(self) -> list[Rule]:
         return [with_hyperparameters(self.base, g, f"param group {i}") for i, g in enumerate(self.groups)]
@@ -44,7 +51,7 @@ class GroupRules:
             if self._at and step < max(self._at):
                 raise KeyError(f"update {step} is older than the {HISTORY} updates whose hyperparameters are kept")
             rules = self._made()
-            if any(fields_kept(r) > fields_kept(self.state_rule) for r in rules):
+            if any(r is not self.base and self._kept(r) > self._kept(self.state_rule) for r in rules):
                 raise ValueError("a parameter group's hyperparameters now need optimizer state it was built without "
                                  "(e.g. SGD momentum turned on from 0): give the rule or the group a nonzero value "
                                  "at construction")
