@@ -79,7 +79,8 @@ def test_round_trip_of_model_and_shards(tmp_path, two_stage1):
                                                       "shard-00001.bin"]
     manifest = verify(path)
     assert set(manifest) == {"format", "step", "next_step", "world_size", "zero_stage", "seed", "optimizer_step",
-                             "plan", "rule", "params", "state_fields", "model_keys", "model", "shards"}
+                             "plan", "rule", "params", "state_fields", "model_keys", "model", "shards",
+                             "param_groups"}
     assert manifest["model_keys"] == [[n, n] for n in trained[0][0]] and manifest["model"]["size"] == 0
     run = [manifest[k] for k in ("step", "next_step", "world_size", "zero_stage", "optimizer_step", "seed")]
     assert run == [3, 3, 2, 1, 3, 0]

@@ -202,7 +202,7 @@ def test_the_optimizer_calls_before_write_before_each_in_place_change(groups, re
         opt = ShardedOptimizer(params, adam(1e-2), comm, zero_stage=1, bucket_bytes=64)
         red = Redundancy(opt) if replicate else None
         seen: list[tuple[str, torch.Tensor]] = []
-        shard = lambda: torch.cat([*opt.shard_params, *[t for f in opt.shard_state for t in f]])  # noqa: E731
+        shard = lambda: torch.cat([*opt.shard_params, *[t for f in opt.shard_state.values() for t in f]])  # noqa: E731
 
         class Writer(StepHooks):  # what a live checkpoint registers
             def before_write(self) -> None:

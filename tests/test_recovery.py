@@ -7,7 +7,7 @@ import torch
 from distopt.collectives import CollectiveError, in_process, run_ranks
 from distopt.ft import RecoveryError, Redundancy, assemble, holders, packets, replica_distance
 from distopt.optim import ShardedOptimizer, StepHooks, adam, sgd
-from distopt.optim.sharded import build_plan
+from distopt.optim.sharded import plan_params
 
 from odd_params import grads_of as _grads, init_params as _init
 
@@ -47,7 +47,7 @@ class _Dies(StepHooks):
 
 def _same_shard(params, state, opt) -> bool:
     return all(torch.equal(a, b) for a, b in zip(params, opt.shard_params)) and \
-        all(torch.equal(a, b) for mine, theirs in zip(state, opt.shard_state) for a, b in zip(mine, theirs))
+        all(torch.equal(a, b) for mine, theirs in zip(state.values(), opt.shard_state.values()) for a, b in zip(mine, theirs))
 
 
 def _run(w, rule, stage, steps, replicate):
@@ -90,9 +90,9 @@ def _recover(comm, old_rank, opt, red, params, alive, old_world, rule, stage, co
         red.rollback(committed)
         mine = packets(opt, red, old_rank)
         opt.close()  # its gradient hooks must not fire into the replaced optimizer
-    old_plan, arr = build_plan(list(params), list(params.values()), old_world, stage, 512)
-    names = [list(params)[i] for i in arr.order]  # plan order
-    full_params, full = assemble(comm, old_plan, RULES[rule](), names, [params[n].shape for n in names],
+    old = plan_params(params, RULES[rule](), old_world, stage, 512)
+    old_plan, names = old.plan, old.names
+    full_params, full = assemble(comm, old_plan, RULES[rule](), old.fields, names, [params[n].shape for n in names],
                                  holders(old_plan.world_size, alive, stage >= 1, distance), mine, committed,
                                  torch.float32, torch.device("cpu"))
     with torch.no_grad():

@@ -29,7 +29,7 @@ def _run(world, steps, depth, rule=lambda: adam(1e-2, weight_decay=0.05), replic
 
 def _same_shard(a_params, a_state, opt) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a_params, opt.shard_params)) and \
-        all(torch.equal(x, y) for mine, theirs in zip(a_state, opt.shard_state) for x, y in zip(mine, theirs))
+        all(torch.equal(x, y) for mine, theirs in zip(a_state.values(), opt.shard_state.values()) for x, y in zip(mine, theirs))
 
 
 @pytest.mark.parametrize("sizes,depth", [([1000], 4), ([130, 7, 4096, 64], 3), ([10, 20], 8), ([5000], 1)])
@@ -127,7 +127,7 @@ def test_the_state_stays_private_and_the_holder_maps_the_copies_and_the_log():
     for r, (_, opt, red) in enumerate(kept):
         own, seen = red.log.own, kept[1 - r][2].log.left
         window = own.table.untyped_storage()
-        assert all(t.untyped_storage().data_ptr() != window.data_ptr() for f in opt.shard_state for t in f)
+        assert all(t.untyped_storage().data_ptr() != window.data_ptr() for f in opt.shard_state.values() for t in f)
         assert torch.equal(own.table, seen.table) and own.table.data_ptr() != seen.table.data_ptr()
         assert all(torch.equal(a, b) for a, b in zip(own.flats, seen.flats))
         assert opt.grad_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot

@@ -156,7 +156,7 @@ def test_half_precision_parameters_train_beside_fp32(groups, dtype):
         model = _model()
         model[2].to(dtype)
         opt = ShardedOptimizer(model.parameters(), sgd(0.1), comm, zero_stage=1)
-        assert {t.dtype for t in opt.shard_state.momentum_buffer} <= {dtype, torch.float32}
+        assert {t.dtype for ts in opt.shard_state.values() for t in ts} <= {dtype, torch.float32}
         for k in range(3):
             x, y = _batch(k, comm.rank)
             _loss(model[2], model[1](model[0](x)).to(dtype), y.to(dtype)).backward()

@@ -44,7 +44,7 @@ _FIELDS: dict[str, type] = {
     "optimizer_step": int, "plan": dict, "rule": dict, "params": list, "state_fields": list,
 }
 _FILES: dict[str, type] = {"model": dict, "shards": list}
-_OPTIONAL: dict[str, type] = {"extra": dict, "model_keys": list}
+_OPTIONAL: dict[str, type] = {"extra": dict, "model_keys": list, "param_groups": list}
 _PLAN_KEYS = {"world_size", "align", "numels", "offsets", "buckets", "total"}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 CHECKSUM_KEY = "manifest_sha256"

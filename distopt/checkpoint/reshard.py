@@ -48,7 +48,7 @@ def full_state_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, to
         for p, view in zip(manifest["params"], plan.unflatten(flat, shapes)):
             state[p["name"]][field] = view.clone()
     return {"format": STATE_FORMAT + ".full", "step": manifest["optimizer_step"], "rule": manifest["rule"],
-            "state": state}
+            "param_groups": manifest.get("param_groups"), "state": state}
 
 
 def weights_from_shards(manifest: dict, shard_tensors: dict[int, dict[str, torch.Tensor]],

@@ -206,6 +206,8 @@ def manifest_fields(shard_state: dict, params: Mapping[str, torch.Tensor], *, se
     }
     if extra is not None:
         fields["extra"] = extra
+    if shard_state.get("param_groups") is not None:
+        fields["param_groups"] = shard_state["param_groups"]  # each group's rule, values and parameter names
     check_fields(fields, "manifest_fields")
     return fields
 

@@ -44,7 +44,7 @@ def layout(numels: Sequence[int], bucket_numel: int, pad_multiple: int = 1, unit
         raise ValueError(f"bucket_numel={bucket_numel} and pad_multiple={pad_multiple} must be >= 1")
     if any(n < 0 for n in numels):
         raise ValueError(f"numels {list(numels)} has a negative entry")
-    groups = _groups_from_end(list(numels), list(units) if units is not None else list(range(len(numels))),
+    groups = groups_from_end(list(numels), list(units) if units is not None else list(range(len(numels))),
                               bucket_numel, last_bucket_numel or bucket_numel)
     offsets, buckets, bucket_of = [0] * len(numels), [], [0] * len(numels)
     pos = 0
@@ -70,7 +70,7 @@ def concat_layouts(parts: Sequence[Layout]) -> Layout:
     return Layout(tuple(offsets), tuple(numels), tuple(buckets), pos, tuple(bucket_of))
 
 
-def _groups_from_end(numels: list[int], units: list, cap: int, last_cap: int) -> list[list[int]]:
+def groups_from_end(numels: list[int], units: list, cap: int, last_cap: int) -> list[list[int]]:
     """Tensor indices per bucket, in order; whole units, filled from the end."""
     chunks: list[list[int]] = []  # units, the last one first
     for i in reversed(range(len(numels))):

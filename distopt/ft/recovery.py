@@ -61,14 +61,15 @@ def packets(opt: ShardedOptimizer, red: Redundancy | None, old_rank: int) -> dic
     return out
 
 
-def assemble(comm: Communicator, old_plan: ShardPlan, rule: Rule, names: Sequence[str],
+def assemble(comm: Communicator, old_plan: ShardPlan, rule: Rule, fields: Sequence[str], names: Sequence[str],
              shapes: Sequence[torch.Size], holder_of: list[int], mine: dict[int, torch.Tensor],
              step: int, dtype: torch.dtype, device: torch.device) -> tuple[dict, dict]:
     """Broadcast every old shard from its holder; return ``(params, full_state_dict)``.
 
+    ``fields`` are the old optimizer's state fields, in order (:attr:`ShardedOptimizer.shard_state`).
     A collective: every rank of ``comm`` calls it with the same plan and holders.
     """
-    fields = [f for f, ts in rule.init([torch.zeros(1)])._asdict().items() if ts]
+    fields = list(fields)
     full = [torch.zeros(old_plan.layout.total, dtype=dtype, device=device) for _ in range(1 + len(fields))]
     for o in range(old_plan.world_size):
         size = old_plan.shard_numel(o)

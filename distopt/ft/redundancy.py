@@ -38,7 +38,7 @@ from distopt.ft.errors import RecoveryError
 from distopt.ft.replica_log import DEPTH, ReplicaLog, check_depth
 from distopt.optim.hooks import StepHooks
 from distopt.optim.sharded import ShardedOptimizer
-from distopt.optim.state_io import fill_shard
+from distopt.optim.state_io import fill_shard, full_pieces
 
 
 class Redundancy(StepHooks):
@@ -114,7 +114,7 @@ class Redundancy(StepHooks):
             self.own_log.reset(self.opt.step_count)
         ranges = self.opt.plan.ranges(self.left)
         torch._foreach_copy_(self.replica.params, [self.opt.params_flat.range(s, e) for s, e in ranges])
-        for field in self.replica.state:
+        for field in self.replica.state.values():
             for t in field:
                 t.zero_()
         self.replica.step = self.opt.step_count
@@ -208,7 +208,8 @@ class Redundancy(StepHooks):
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
             step, rep = self.pending_step, self.replica
-            self.opt.rules.apply(step, range(len(rep.params)), rep.params, self.pending, rep.state, self.pending_scale)
+            self.opt.rules.apply(step, range(len(rep.params)), rep.params, self.pending, rep.state, self.pending_scale,
+                                 self.left)
             self.replica.step, self.pending_step = step, None
             self.replay_s += time.perf_counter() - t0
 
@@ -287,24 +288,23 @@ class Shard:
     def like(cls, params: list[torch.Tensor], opt: ShardedOptimizer) -> "Shard":
         return cls([torch.empty_like(p) for p in params], opt.init_state(params), -1)
 
-    def copy_from(self, params: list[torch.Tensor], state, step: int) -> None:
-        torch._foreach_copy_(self.params, params)
-        for mine, theirs in zip(self.state, state):
-            if mine:
-                torch._foreach_copy_(mine, theirs)
+    def copy_from(self, params: list[torch.Tensor], state: dict, step: int) -> None:
+        torch._foreach_copy_(self.params + _kept(self.state), params + _kept(state))
         self.step = step
 
-    def copy_to(self, params: list[torch.Tensor], state) -> None:
-        torch._foreach_copy_(params, self.params)
-        for mine, theirs in zip(self.state, state):
-            if mine:
-                torch._foreach_copy_(theirs, mine)
+    def copy_to(self, params: list[torch.Tensor], state: dict) -> None:
+        torch._foreach_copy_(params + _kept(state), self.params + _kept(self.state))
 
     def packet(self) -> torch.Tensor:
-        """Parameters then each state field, flattened into one tensor (for a broadcast)."""
-        parts = [t.reshape(-1) for t in self.params] + [t.reshape(-1) for f in self.state for t in f]
-        return torch.cat(parts)
+        """Parameters then each state field, each as long as the parameters (zeros where a
+        bucket's rule keeps no such field), flattened into one tensor (for a broadcast)."""
+        parts = self.params + [t for ts in self.state.values() for t in full_pieces(ts, self.params)]
+        return torch.cat([t.reshape(-1) for t in parts])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.params) + \
-            sum(t.numel() * t.element_size() for f in self.state for t in f)
+        return sum(t.numel() * t.element_size() for t in self.params + _kept(self.state))
+
+
+def _kept(state: dict) -> list[torch.Tensor]:
+    # Empty tensors stand for fields a bucket's rule does not keep: nothing to copy.
+    return [t for ts in state.values() for t in ts if t.numel()]

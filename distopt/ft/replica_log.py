@@ -86,16 +86,20 @@ def _header(nbytes: int) -> int:
     return -(-nbytes // 64) * 64  # tensors start on a cache line
 
 
-def chunk_pieces(sizes: list[int], depth: int) -> list[list[tuple[int, int, int]]]:
+def chunk_pieces(sizes: list[int], depth: int,
+                 allowed: list[list[int] | None] | None = None) -> list[list[tuple[int, int, int]]]:
     """Cut the concatenated buckets ``sizes`` into ``depth`` chunks of about equal length,
-    each a list of ``(bucket, lo, hi)``; every cut lies ``ALIGN``-aligned within its bucket."""
+    each a list of ``(bucket, lo, hi)``; every cut lies ``ALIGN``-aligned within its bucket,
+    or, where ``allowed[b]`` lists places (a whole-matrix bucket's row bounds), on one of them."""
     starts = [sum(sizes[:b]) for b in range(len(sizes))]
     n = sum(sizes)
     cuts = [0]
     for j in range(1, depth):
         g = round(j * n / depth)
         b = max([i for i, s in enumerate(starts) if s <= g] or [0])
-        cuts.append(max(cuts[-1], starts[b] + (g - starts[b]) // ALIGN * ALIGN))
+        places = allowed[b] if allowed is not None and b < len(allowed) else None
+        rel = (g - starts[b]) // ALIGN * ALIGN if places is None else max(c for c in places if c <= g - starts[b])
+        cuts.append(max(cuts[-1], starts[b] + rel))
     cuts.append(n)
     return [[(b, max(a, s) - s, min(z, s + size) - s) for b, (s, size) in enumerate(zip(starts, sizes))
              if max(a, s) < min(z, s + size)] for a, z in zip(cuts, cuts[1:])]
@@ -129,17 +133,20 @@ class _Chunking:
     def __init__(self, opt: ShardedOptimizer, depth: int) -> None:
         self.sizes = [t.numel() for t in opt.shard_params]
         self.dtype = opt.params_flat.data.dtype
-        self.template = opt.init_state([torch.zeros(1)])
-        self.fields = 1 + sum(1 for f in self.template if f)  # the parameters, then each state field kept
-        self.chunks = chunk_pieces(self.sizes, depth)
+        self.names = list(opt.shard_state)
+        self.fields = 1 + len(self.names)  # the parameters, then each state field kept
+        # Bucket b's field k (0: the parameters) is copied where its rule keeps it.
+        self.kept = [[True] + [f in opt.rules.bucket_fields[b] for f in self.names] for b in range(len(self.sizes))]
+        self.chunks = chunk_pieces(self.sizes, depth, [opt.rules.cuts(b) for b in range(len(self.sizes))])
         self.width = max([sum(hi - lo for _, lo, hi in c) for c in self.chunks] + [1])
 
 
 class ReplicaLog:
     """One rank's side of the copy-and-log redundancy (see the module docstring)."""
 
-    def __init__(self, opt: ShardedOptimizer, lay: _Chunking, window: Window, depth: int) -> None:
-        self.opt, self.depth, self.template, self.chunks = opt, depth, lay.template, lay.chunks
+    def __init__(self, opt: ShardedOptimizer, lay: _Chunking, window: Window, depth: int, distance: int = 0) -> None:
+        self._distance = distance  # the window's owner is ``distance`` ranks to the left (0: this rank)
+        self.opt, self.depth, self.names, self.kept, self.chunks = opt, depth, lay.names, lay.kept, lay.chunks
         self.own = _Area(window.mine, lay, depth)
         self.left = _Area(window.peer, lay, depth)  # the left neighbour's, this rank its holder
         self.bytes = _Area.nbytes(lay, depth) - sum(lay.sizes) * lay.dtype.itemsize  # (a gradient shard it had)
@@ -164,7 +171,7 @@ class ReplicaLog:
         if any rank cannot."""
         lay = _Chunking(opt, depth)
         window = open_window(opt.comm, _Area.nbytes(lay, depth), -distance)
-        return cls(opt, lay, window, depth) if window is not None else None
+        return cls(opt, lay, window, depth, distance) if window is not None else None
 
     # --- every step ----------------------------------------------------------------
     def bind(self, committed: int) -> None:
@@ -238,15 +245,17 @@ class ReplicaLog:
         """The left neighbour's shard at ``committed``, rebuilt from its window."""
         params = [torch.empty_like(t) for t in self.opt.shard_params]
         state = self.opt.init_state(params)
-        self._rebuild(committed, self.left, params, state, "replica of the left neighbour")
+        left = (self.opt.comm.rank - self._distance) % self.opt.comm.world_size
+        self._rebuild(committed, self.left, params, state, "replica of the left neighbour", left)
         return params, state
 
     def undo(self, committed: int) -> None:
         """Return this rank's live shard to ``committed`` from its own copies and log."""
         self.settle()
-        self._rebuild(committed, self.own, self.opt.shard_params, self.opt.shard_state, "own shard")
+        self._rebuild(committed, self.own, self.opt.shard_params, self.opt.shard_state, "own shard",
+                      self.opt.shard_rank)
 
-    def _rebuild(self, committed: int, area: _Area, params, state, what: str) -> None:
+    def _rebuild(self, committed: int, area: _Area, params, state, what: str, rank: int) -> None:
         slots = self.depth + 1
         for j in range(self.depth):
             entry = int(area.table[j])
@@ -258,28 +267,35 @@ class ReplicaLog:
             if not self.chunks[j]:
                 continue
             p, st = self._pieces_of(params, state, j, split=True)
-            torch._foreach_copy_(p + [t for f in st for t in f], self._pieces(area.chunks[slot], j))
+            torch._foreach_copy_(self._pieces_of(params, state, j), self._pieces(area.chunks[slot], j))
             for step in range(since + 1, committed + 1):
                 s = step % slots
                 if int(area.steps[s]) != step:
                     raise RecoveryError(f"{what}: the gradients of update {step} are no longer logged "
                                         f"(slot {s} holds update {int(area.steps[s])})")
                 grads = [area.grads[s][b][lo:hi] for b, lo, hi in self.chunks[j]]
-                self.opt.rules.apply(step, [b for b, _, _ in self.chunks[j]], p, grads, st, float(area.scales[s]))
+                self.opt.rules.apply(step, [b for b, _, _ in self.chunks[j]], p, grads, st, float(area.scales[s]),
+                                     rank, [lo for _, lo, _ in self.chunks[j]])
 
     # --- views ----------------------------------------------------------------------
-    def _pieces_of(self, params: list[torch.Tensor], state, j: int, split: bool = False):
-        """Chunk ``j`` of per-bucket ``params`` and each kept state field."""
-        cut = [[t[b][lo:hi] for b, lo, hi in self.chunks[j]] for t in [params] + [f for f in state if f]]
-        if not split:
-            return [t for c in cut for t in c]
-        parts = iter(cut[1:])
-        return cut[0], type(self.template)(*[next(parts) if f else [] for f in self.template])
+    def _pieces_of(self, params: list[torch.Tensor], state: dict, j: int, split: bool = False):
+        """Chunk ``j`` of per-bucket ``params`` and each state field: a flat list of the pieces
+        kept, or (``split``) the parameters' pieces and a state dict of pieces (empty where
+        the bucket's rule keeps no such field)."""
+        fields = [params] + [state[f] for f in self.names]
+        cut = [[t[b][lo:hi] if self.kept[b][k] else t[b][:0] for b, lo, hi in self.chunks[j]]
+               for k, t in enumerate(fields)]
+        if split:
+            return cut[0], dict(zip(self.names, cut[1:]))
+        return [t for k, c in enumerate(cut) for (b, _, _), t in zip(self.chunks[j], c) if self.kept[b][k]]
 
     def _pieces(self, slot: list[torch.Tensor], j: int) -> list[torch.Tensor]:
-        """Chunk ``j`` laid out in one chunk slot: each field's pieces back to back."""
-        lengths = [hi - lo for _, lo, hi in self.chunks[j]]
-        return [t for flat in slot for t in flat[: sum(lengths)].split(lengths)]
+        """Chunk ``j`` laid out in one chunk slot: each field's kept pieces back to back."""
+        out = []
+        for k, flat in enumerate(slot):
+            kept = [(b, hi - lo) for b, lo, hi in self.chunks[j] if self.kept[b][k]]
+            out += flat[: sum(n for _, n in kept)].split([n for _, n in kept]) if kept else []
+        return out
 
     def nbytes(self) -> int:
         """Memory beyond what the rank has without redundancy."""

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import torch
 
 from distopt.optim.plan import shard_count
-from distopt.optim.rules import check_rule
+from distopt.optim.rules import Rule, check_rule, hyperparameters
 
 
 class Managed(NamedTuple):
@@ -23,33 +23,45 @@ class Managed(NamedTuple):
     group_of: list[int]  # index into the groups
 
 
-def normalize(params: Any, hyper: Sequence[str]) -> tuple[list[dict], Managed]:
-    """Torch-style groups (``"params"``, ``"param_names"``, overrides) and the tensors to manage.
+def normalize(params: Any, rule: Rule) -> tuple[list[dict], Managed]:
+    """Torch-style groups (``"params"``, ``"param_names"``, ``"rule"``, overrides) and the
+    tensors to manage.
 
     A tensor listed twice in one group (tied weights under two names) is one parameter, kept
     under its first name; ``requires_grad=False`` tensors stay in their group but get no
-    state and no traffic.
+    state and no traffic. A group's ``"rule"`` replaces ``rule`` for its tensors, and its
+    overrides are that rule's hyperparameters.
 
     Raises:
-        TypeError: ``params`` has an unknown shape, or a parameter is not a floating-point tensor.
-        ValueError: an empty group, a group key that is neither ``params`` nor one of
-            ``hyper``, a tensor in two groups, or nothing trainable.
+        TypeError: ``params`` has an unknown shape, a group's ``rule`` is not an update rule,
+            or a parameter is not a floating-point tensor.
+        ValueError: an empty group, a group key that is neither ``params`` nor one of the
+            group rule's hyperparameters, a tensor in two groups, a tensor that is not 2-D in
+            a whole-matrix (Muon) group, or nothing trainable.
     """
     raw = _as_groups(params)
     groups, seen = [], {}
     names, tensors, group_of = [], [], []
     for g, group in enumerate(raw):
         where = f"param group {g}" if len(raw) > 1 else "params"
-        unknown = sorted(set(group) - {"params", "param_names"} - set(hyper))
+        own = group.get("rule")
+        if own is not None:
+            check_rule(own, f"{where}['rule']")
+        hyper = hyperparameters(own if own is not None else rule)
+        unknown = sorted(set(group) - {"params", "param_names", "rule"} - set(hyper))
         if unknown:
-            raise ValueError(f"{where} has unknown key(s) {unknown}: a group takes 'params' and overrides of "
-                             f"the rule's hyperparameters {sorted(hyper)}")
+            raise ValueError(f"{where} has unknown key(s) {unknown}: a group takes 'params', 'rule' and overrides "
+                             f"of its rule's hyperparameters {sorted(hyper)}")
         pairs = _pairs(group["params"], group.get("param_names"), start=len(names), where=where)
         if not pairs:
             raise ValueError(f"{where} is empty: drop the group or give it parameters")
         kept: list[tuple[str, torch.Tensor]] = []
         for name, t in pairs:
             _check_tensor(name, t)
+            if getattr(own if own is not None else rule, "whole_matrices", False) and t.ndim != 2:
+                raise ValueError(f"parameter {name!r} of {where} has shape {tuple(t.shape)}: "
+                                 f"{(own or rule).name} updates 2-D matrices only; put it in a group with another "
+                                 f"rule (e.g. AdamW for embeddings of other shapes, biases and norms)")
             if id(t) in seen:
                 first_group, first_name = seen[id(t)]
                 if first_group != g:

@@ -9,7 +9,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, Layout, concat_layouts, layout
+from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES, Layout, concat_layouts, groups_from_end, layout
 
 # 32 fp32 elements = 128 bytes: shard starts stay cache-line and vector aligned.
 ALIGN = 32
@@ -83,6 +83,44 @@ def plan(numels: Sequence[int], world_size: int, bucket_numel: int = DEFAULT_BUC
     return ShardPlan(world_size, align, layout(numels, bucket_numel, world_size * align, units, last_bucket_numel))
 
 
+def matrix_layout(numels: Sequence[int], world_size: int, bucket_numel: int, align: int = ALIGN,
+                  last_bucket_numel: int | None = None) -> Layout:
+    """Whole tensors, each inside one rank's slice of its bucket, balanced by size; pure.
+
+    The tensors, largest first, are dealt in rows of ``world_size``: in each row the largest
+    goes to the rank that owns the fewest elements so far. A row gives every rank a slot as
+    long as its largest tensor (rounded up to ``align``; a tensor shorter than the slot
+    leaves padding). Rows, in the order of their first tensor, are packed into buckets of
+    at most ``bucket_numel`` elements (one row may exceed it), and rank ``r``'s slice of a
+    bucket is its slot of every row, back to back: the equal slices of :class:`ShardPlan`.
+    """
+    w = world_size
+    load, rows = [0] * w, []
+    by_size = sorted(range(len(numels)), key=lambda i: (-numels[i], i))
+    for k in range(0, len(by_size), w):
+        row, owner = by_size[k:k + w], {}
+        for i, r in zip(row, sorted(range(w), key=lambda r: (load[r], r))):
+            owner[r] = i
+            load[r] += numels[i]
+        rows.append((-(-max(1, numels[row[0]]) // align) * align, owner, min(row)))
+    rows.sort(key=lambda row: row[2])
+    sizes = [w * slot for slot, _, _ in rows]
+    offsets, buckets, bucket_of = [0] * len(numels), [], [0] * len(numels)
+    pos = 0
+    for b, members in enumerate(groups_from_end(sizes, list(range(len(rows))), bucket_numel,
+                                                   last_bucket_numel or bucket_numel)):
+        width = sum(rows[j][0] for j in members)
+        inner = 0
+        for j in members:
+            slot, owner, _ = rows[j]
+            for r, i in owner.items():
+                offsets[i], bucket_of[i] = pos + r * width + inner, b
+            inner += slot
+        buckets.append((pos, pos + w * width))
+        pos += w * width
+    return Layout(tuple(offsets), tuple(int(n) for n in numels), tuple(buckets), pos, tuple(bucket_of))
+
+
 class Arrangement(NamedTuple):
     """How an optimizer's parameters sit in its plan: which tensor is at each plan position,
     and the group and dtype of every bucket (a bucket never mixes either)."""
@@ -94,8 +132,8 @@ class Arrangement(NamedTuple):
 
 
 def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Sequence[int], world_size: int,
-            bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-            last_bucket_bytes: int | None = 2**20) -> tuple[ShardPlan, Arrangement]:
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20,
+            matrix_groups: Sequence[int] = ()) -> tuple[ShardPlan, Arrangement]:
     """The plan of a ShardedOptimizer over ``world_size`` shards (1 at zero_stage 0); pure.
 
     Tensors are ordered by dtype (first seen first), then group, then as given; each
@@ -103,7 +141,9 @@ def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Seq
     dtype holds its buckets back to back and each bucket's shard updates with one group's
     hyperparameters. A module's parameters (names sharing the part before the last dot)
     share a bucket. Reductions start in the order backward completes buckets: the bucket
-    whose first tensor comes latest in the given order first.
+    whose first tensor comes latest in the given order first. Groups in ``matrix_groups``
+    (whole-matrix rules: Muon) are laid out by :func:`matrix_layout`, so each tensor is
+    updated whole by one rank.
     """
     dtypes = list(dict.fromkeys(t.dtype for t in tensors))
     last_bucket_bytes = min(last_bucket_bytes, bucket_bytes) if last_bucket_bytes else None
@@ -115,11 +155,12 @@ def arrange(names: Sequence[str], tensors: Sequence[torch.Tensor], group_of: Seq
     for (dtype, group), members in runs.items():
         size = dtype.itemsize
         units = [names[i].rsplit(".", 1)[0] if "." in names[i] else names[i] for i in members]
-        part = plan([tensors[i].numel() for i in members], world_size, max(1, bucket_bytes // size),
-                    units=units, last_bucket_numel=max(1, last_bucket_bytes // size) if last_bucket_bytes else None)
-        layouts.append(part.layout)
-        bucket_group += [group] * len(part.layout.buckets)
-        bucket_dtype += [dtype] * len(part.layout.buckets)
+        numels, cap = [tensors[i].numel() for i in members], max(1, bucket_bytes // size)
+        last_cap = max(1, last_bucket_bytes // size) if last_bucket_bytes else None
+        layouts.append(matrix_layout(numels, world_size, cap, ALIGN, last_cap) if group in matrix_groups else
+                       plan(numels, world_size, cap, units=units, last_bucket_numel=last_cap).layout)
+        bucket_group += [group] * len(layouts[-1].buckets)
+        bucket_dtype += [dtype] * len(layouts[-1].buckets)
     lay = concat_layouts(layouts)
     first = [min(order[i] for i in lay.members(b)) if lay.members(b) else -1 for b in range(len(lay.buckets))]
     launch = sorted(range(len(lay.buckets)), key=lambda b: (-first[b], -b))
@@ -141,7 +182,8 @@ def shard_count(world_size: int, zero_stage: int) -> int:
 
 def build_plan(names: Sequence[str], tensors: Sequence[torch.Tensor], world_size: int, zero_stage: int,
                bucket_bytes: int = DEFAULT_BUCKET_BYTES, last_bucket_bytes: int | None = 2**20,
-               group_of: Sequence[int] | None = None) -> tuple[ShardPlan, Arrangement]:
+               group_of: Sequence[int] | None = None,
+               matrix_groups: Sequence[int] = ()) -> tuple[ShardPlan, Arrangement]:
     """The plan and arrangement a ShardedOptimizer with these arguments uses (pure)."""
     return arrange(names, tensors, group_of or [0] * len(tensors), shard_count(world_size, zero_stage),
-                   bucket_bytes, last_bucket_bytes)
+                   bucket_bytes, last_bucket_bytes, matrix_groups)

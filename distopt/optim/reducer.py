@@ -41,6 +41,7 @@ class Reducer:
         self.opt = opt
         lay = opt.plan.layout
         self.members = [lay.members(b) for b in range(len(lay.buckets))]
+        self.gaps = [_gaps(lay, b, m) for b, m in enumerate(self.members)]
         self.order = opt.arrangement.launch
         self.sync = True
         self.narrow_blocks = False  # set by the optimizer: a narrowed stage-0 allreduce blocks
@@ -108,7 +109,8 @@ class Reducer:
         else:
             flat = self._buffer(b)
             views = _member_views(flat, opt.plan.layout, b, self.members[b], opt.tensors)
-            flat[sum(v.numel() for v in views):].zero_()  # padding
+            for lo, hi in self.gaps[b]:  # padding: reduced, and summed into the gradient norm
+                flat[lo:hi].zero_()
         for i, view in zip(self.members[b], views):
             t = opt.tensors[i]
             g = given[i] if given is not None else t.grad
@@ -159,3 +161,14 @@ def _member_views(flat: torch.Tensor, lay, b: int, members: list[int], tensors) 
     start = lay.buckets[b][0]
     return [flat[lay.offsets[i] - start: lay.offsets[i] - start + lay.numels[i]].view(tensors[i].shape)
             for i in members]
+
+
+def _gaps(lay, b: int, members: list[int]) -> list[tuple[int, int]]:
+    """The ``[lo, hi)`` ranges of bucket ``b`` (bucket-relative) that no member covers."""
+    start, end = lay.buckets[b]
+    out, pos = [], 0
+    for lo, n in sorted((lay.offsets[i] - start, lay.numels[i]) for i in members):
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, lo + n)
+    return out + ([(pos, end - start)] if pos < end - start else [])

@@ -1,4 +1,4 @@
-"""Update rules: SGD (with momentum, Nesterov, weight decay) and Adam/AdamW.
+"""Update rules: SGD (with momentum, Nesterov, weight decay), Adam/AdamW and Muon.
 
 A rule is plain hyperparameters plus ``init(params) -> state`` and
 ``update(params, grads, state, step) -> state``, which is ``apply(prepare(grads))``:
@@ -7,7 +7,8 @@ parameters. The split lets a replica replay an update from the prepared gradient
 (:func:`distopt.gradients.gradient_descent_update`, :func:`distopt.gradients.adam_update`),
 composed with weight decay and momentum; nothing here repeats it. ``params`` are lists of
 tensors (flat shards in the sharded optimizer) updated in place; ``step`` is the 1-based
-number of the update being made.
+number of the update being made. A rule with ``whole_matrices = True`` (Muon) is given whole
+2-D tensors instead: the sharded optimizer gives each such matrix to one rank.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class AdamState(NamedTuple):
     exp_avg_sq: list
 
 
+class MuonState(NamedTuple):
+    momentum_buffer: list
+
+
 def lr_at(lr: LR, step: int) -> float:
     """The learning rate for update ``step`` (1-based), from a constant or a schedule."""
     value = lr(step) if callable(lr) else lr
@@ -48,6 +53,7 @@ class SGD:
     nesterov: bool = False
     weight_decay: float = 0.0
     name = "sgd"
+    whole_matrices = False
 
     def init(self, params: list[torch.Tensor]) -> SGDState:
         """Zero momentum buffers shaped like ``params`` (none without momentum)."""
@@ -96,6 +102,7 @@ class Adam:
     weight_decay: float = 0.0
     decoupled: bool = False
     name = "adam"
+    whole_matrices = False
 
     def init(self, params: list[torch.Tensor]) -> AdamState:
         """Zero first and second moments shaped like ``params``."""
@@ -125,7 +132,78 @@ class Adam:
         return _config(self)
 
 
-Rule = Union[SGD, Adam]
+@dataclass(frozen=True)
+class Muon:
+    """Muon as ``torch.optim.Muon``: momentum, Newton-Schulz orthogonalisation of the
+    (Nesterov) momentum in bfloat16, decoupled weight decay, and a step scaled by the shape."""
+
+    lr: LR
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)
+    eps: float = 1e-7
+    adjust_lr_fn: str | None = None
+    name = "muon"
+    whole_matrices = True
+
+    def init(self, params: list[torch.Tensor]) -> MuonState:
+        """Zero momentum buffers shaped like ``params``."""
+        return MuonState([torch.zeros_like(p) for p in params])
+
+    def prepare(self, params: list[torch.Tensor], grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """Muon's decay is decoupled: the state sees the gradients as they are."""
+        return grads
+
+    def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: MuonState, step: int) -> MuonState:
+        """Momentum, orthogonalisation, decay and the step, matrix by matrix, in place."""
+        lr = lr_at(self.lr, step)
+        for p, g, buf in zip(params, grads, state.momentum_buffer):
+            if p.ndim != 2:
+                raise ValueError(f"muon updates 2-D matrices only, got a tensor of shape {tuple(p.shape)}")
+            buf.lerp_(g, 1.0 - self.momentum)
+            direction = g.lerp(buf, self.momentum) if self.nesterov else buf
+            ortho = orthogonalize(direction, self.ns_coefficients, self.ns_steps, self.eps)
+            p.mul_(1.0 - lr * self.weight_decay)
+            p.add_(ortho, alpha=-lr * _shape_factor(self.adjust_lr_fn, p.shape))
+        return state
+
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: MuonState, step: int) -> MuonState:
+        """Apply one step in place to ``params`` (2-D) and ``state``; ``grads`` are not modified."""
+        return self.apply(params, grads, state, step)
+
+    def config(self) -> dict:
+        """Hyperparameters as plain data (a schedule is recorded by name)."""
+        return _config(self)
+
+
+def orthogonalize(m: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """An approximately orthogonal matrix with ``m``'s singular vectors: ``steps`` quintic
+    Newton-Schulz iterations ``x <- a x + (b A + c A^2) x`` with ``A = x x^T``, in bfloat16
+    (as ``torch.optim.Muon``), on the wide orientation so ``A`` is the smaller Gram matrix."""
+    a, b, c = coefficients
+    tall = m.size(0) > m.size(1)
+    x = m.bfloat16()
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, poly, x, beta=a)
+    return x.T if tall else x
+
+
+def _shape_factor(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    # Keeps the update's RMS comparable across rectangular shapes (torch.optim.Muon's choices).
+    rows, cols = shape[0], shape[1]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))  # "match_rms_adamw"
+
+
+Rule = Union[SGD, Adam, Muon]
 
 
 def hyperparameters(rule: Rule) -> dict:
@@ -181,7 +259,32 @@ def adam(lr: LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
     return Adam(lr, (float(betas[0]), float(betas[1])), float(eps), float(weight_decay), bool(decoupled))
 
 
-_FACTORIES = {"sgd": sgd, "adam": adam}
+def muon(lr: LR, weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+         ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315), eps: float = 1e-7,
+         adjust_lr_fn: str | None = None) -> Muon:
+    """Muon for 2-D weight matrices (``torch.optim.Muon``'s arguments and updates); give the
+    other tensors (embeddings, head, biases, norms) AdamW through parameter groups.
+
+    Raises:
+        ValueError: negative hyperparameters, ``ns_steps`` outside [1, 99], coefficients that
+            are not three numbers, ``eps <= 0``, or an unknown ``adjust_lr_fn``.
+    """
+    _check_lr(lr)
+    _check_nonneg(weight_decay=weight_decay, momentum=momentum)
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100:
+        raise ValueError(f"ns_steps={ns_steps!r} must be an int in [1, 99] (5 is the usual)")
+    coefficients = tuple(ns_coefficients)
+    if len(coefficients) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in coefficients):
+        raise ValueError(f"ns_coefficients={ns_coefficients!r} must be three finite numbers (a, b, c)")
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} must be > 0: use e.g. eps=1e-7")
+    if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+        raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} must be None, 'original' or 'match_rms_adamw'")
+    return Muon(lr, float(weight_decay), float(momentum), bool(nesterov), ns_steps,
+                tuple(float(v) for v in coefficients), float(eps), adjust_lr_fn)
+
+
+_FACTORIES = {"sgd": sgd, "adam": adam, "muon": muon}
 
 
 def _fusable(*lists: list[torch.Tensor]) -> bool:
@@ -194,8 +297,8 @@ def _fusable(*lists: list[torch.Tensor]) -> bool:
 def check_rule(rule: object, name: str = "optimizer") -> None:
     """Raise TypeError unless ``rule`` is an update rule (the argument is called ``name``)."""
     if not all(hasattr(rule, m) for m in ("init", "update", "config")):
-        raise TypeError(f"{name}={rule!r} is not an update rule: use distopt.optim.adam(lr=...) or "
-                        f"distopt.optim.sgd(lr=...)")
+        raise TypeError(f"{name}={rule!r} is not an update rule: use distopt.optim.adam(lr=...), "
+                        f"distopt.optim.sgd(lr=...) or distopt.optim.muon(lr=...)")
 
 
 def _check_lr(lr: LR) -> None:
@@ -215,8 +318,9 @@ def _config(rule: Rule) -> dict:
     out = {"rule": rule.name, **asdict(rule)}
     if callable(rule.lr):
         out["lr"] = f"schedule:{getattr(rule.lr, '__qualname__', type(rule.lr).__name__)}"
-    if "betas" in out:
-        out["betas"] = list(out["betas"])
+    for key in ("betas", "ns_coefficients"):
+        if key in out:
+            out[key] = list(out[key])
     return out
 
 
@@ -224,13 +328,3 @@ def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
     """``grads`` times the clipping factor, as new tensors (the reduced shard stays as it
     is: a replica's holder may replay from it)."""
     return grads if scale == 1.0 else torch._foreach_mul(grads, scale)
-
-
-def fields_kept(rule: Rule) -> int:
-    """How many state fields the rule keeps (SGD without momentum: none)."""
-    return sum(1 for field in rule.init([torch.zeros(1)]) if field)
-
-
-def state_of(state: Any, idx: Sequence[int]) -> Any:
-    """The state of buckets ``idx`` only: each field's entries at ``idx``, same NamedTuple."""
-    return type(state)(*[[field[i] for i in idx] if field else [] for field in state])

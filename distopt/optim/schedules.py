@@ -51,7 +51,39 @@ class WarmupCosine:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-Schedule = Union[Constant, WarmupCosine]
+@dataclass(frozen=True)
+class Scaled:
+    """``schedule`` times ``factor``: a parameter group's share of a shared schedule."""
+
+    schedule: "Schedule"
+    factor: float
+
+    @property
+    def lr(self) -> float:
+        """The scaled peak rate."""
+        return self.schedule.lr * self.factor
+
+    def __call__(self, step: int) -> float:
+        """The learning rate of update ``step`` (1-based)."""
+        return self.schedule(step) * self.factor
+
+
+Schedule = Union[Constant, WarmupCosine, Scaled]
+
+
+def scaled(schedule: Schedule, lr: float, where: str = "param group") -> Scaled:
+    """``schedule`` rescaled so its peak is ``lr``: at every update the rate is
+    ``schedule(step) * lr / schedule.lr`` (a group's ``lr`` under the rule's schedule).
+
+    Raises:
+        ValueError: ``lr`` is not a finite float >= 0, or the schedule has no peak ``lr``.
+    """
+    _check_rate(f"{where}: lr", lr)
+    peak = getattr(schedule, "lr", None)
+    if not isinstance(peak, (int, float)) or not peak > 0:
+        raise ValueError(f"{where}: lr={lr} cannot scale the schedule {schedule!r}, which has no peak lr > 0: give "
+                         f"the group its own rule, e.g. 'rule': distopt.optim.adam(lr=...)")
+    return Scaled(schedule, float(lr) / float(peak))
 
 
 def _warmup_factor(step: int, warmup_steps: int) -> float:

@@ -29,10 +29,10 @@ from distopt.collectives.base import Communicator, check_wire_dtype
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES
 from distopt.optim import state_io
 from distopt.optim.flat import Flat, shard_views
-from distopt.optim.group_rules import GroupRules
+from distopt.optim.group_rules import GroupRules, fields_of, group_rule, state_bytes
 from distopt.optim.hooks import StepHooks
 from distopt.optim.params import check_args, check_comm, check_devices, match_grads, normalize
-from distopt.optim.plan import build_plan
+from distopt.optim.plan import Arrangement, ShardPlan, build_plan
 from distopt.optim.reducer import Reducer
 from distopt.optim.rules import Rule, hyperparameters
 
@@ -47,6 +47,30 @@ class StepInfo(NamedTuple):
     skipped: bool  # a non-finite gradient somewhere: no rank updated
     comm_s: float  # seconds waiting for gradient reduction and parameter gather
     update_s: float  # seconds in the update rule and the hooks around it
+
+
+class Planned(NamedTuple):
+    """Where an optimizer over ``params`` puts them: a pure function of its arguments."""
+
+    groups: list[dict]  # torch-style groups, as normalized
+    plan: ShardPlan
+    arrangement: Arrangement
+    names: list[str]  # in plan order
+    tensors: list[torch.Tensor]  # in plan order
+    fields: list[str]  # the state fields any group's rule keeps
+
+
+def plan_params(params: Any, rule: Rule, world_size: int, zero_stage: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                last_bucket_bytes: int | None = 2**20) -> Planned:
+    """The groups, plan and state fields of a ShardedOptimizer with these arguments, without
+    building it (a recovery rebuilds the plan of a group that is gone)."""
+    groups, managed = normalize(params, rule)
+    rules = [group_rule(rule, g, f"param group {i}") for i, g in enumerate(groups)]
+    matrix_groups = [g for g, r in enumerate(rules) if r.whole_matrices]
+    plan, arr = build_plan(managed.names, managed.tensors, world_size, zero_stage, bucket_bytes, last_bucket_bytes,
+                           managed.group_of, matrix_groups)
+    return Planned(groups, plan, arr, [managed.names[i] for i in arr.order], [managed.tensors[i] for i in arr.order],
+                   list(dict.fromkeys(f for r in rules for f in fields_of(r))))
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -79,31 +103,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True,
                  last_bucket_bytes: int | None = 2**20) -> None:
         check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
-        hyper = hyperparameters(rule)
-        groups, managed = normalize(params, list(hyper))
-        for dtype in {t.dtype for t in managed.tensors}:
+        if comm is not None:
+            check_comm(comm)
+        planned = plan_params(params, rule, comm.world_size if comm is not None else 1, zero_stage, bucket_bytes,
+                              last_bucket_bytes)
+        for dtype in {t.dtype for t in planned.tensors}:
             check_wire_dtype(wire_dtype, dtype)
-        self.device = check_devices(managed.tensors)
+        self.device = check_devices(planned.tensors)
         if comm is None:
             from distopt.collectives.torch_dist import TorchCommunicator
             comm = TorchCommunicator.from_process_group(None)
-        check_comm(comm)
-        super().__init__(groups, hyper)
-        self.rule, self.comm, self.zero_stage = rule, comm, zero_stage
+            check_comm(comm)
+            planned = plan_params(params, rule, comm.world_size, zero_stage, bucket_bytes, last_bucket_bytes)
+        self.rule = rule
+        super().__init__(planned.groups, hyperparameters(rule))
+        self.comm, self.zero_stage = comm, zero_stage
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
-        self.plan, self.arrangement = build_plan(managed.names, managed.tensors, comm.world_size, zero_stage,
-                                                 bucket_bytes, last_bucket_bytes, managed.group_of)
+        self.plan, self.arrangement, self.names, self.tensors = planned[1:5]  # names and tensors in plan order
         self.rules = GroupRules(rule, self.param_groups, self.arrangement.bucket_group,
-                                self.arrangement.bucket_dtype)
-        order = self.arrangement.order
-        self.names = [managed.names[i] for i in order]  # plan order
-        self.tensors = [managed.tensors[i] for i in order]
+                                self.arrangement.bucket_dtype, self.plan, [t.shape for t in self.tensors])
         log.debug("rank %d: %s", comm.rank, self.plan.describe())
         self.params_flat = self._adopt_params()
         if sync_params:
             for flat in self.params_flat.flats():
                 comm.broadcast(flat, src=0)
-        ranges = self.plan.ranges(comm.rank if self.plan.world_size > 1 else 0)
+        self.shard_rank = comm.rank if self.plan.world_size > 1 else 0  # whose slice of each bucket this rank updates
+        ranges = self.plan.ranges(self.shard_rank)
         self.shard_params = [self.params_flat.range(s, e) for s, e in ranges]
         self.grad_buckets = self._grad_buffer() if zero_stage <= 1 else None
         # Kept buckets are reduced in place: this rank's shard of a bucket is its own slice of it.
@@ -140,7 +165,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                "plan is made from all groups): pass every group to the constructor")
         # Not torch's own: it is wrapped to disable dynamo, which imports torch._dynamo (seconds
         # in a fresh process, a replacement's recovery among them). normalize() checked the group.
-        self.param_groups.append({**self.defaults, **param_group})
+        own = param_group.get("rule")
+        self.param_groups.append({**(hyperparameters(own) if own is not None else self.defaults), **param_group})
 
     # --- hooks ----------------------------------------------------------------------
     def register_hooks(self, hooks: StepHooks) -> Callable[[], None]:
@@ -154,10 +180,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         layer that restores it: a rollback)."""
         self._call("before_write")
 
-    def init_state(self, params: list[torch.Tensor]) -> Any:
-        """Fresh (zero) optimizer state for pieces shaped like ``params``, with the fields
-        this optimizer keeps: what a copy of a shard's state needs."""
-        return self.rules.state_rule.init(params)
+    def init_state(self, params: list[torch.Tensor], buckets: Sequence[int] | None = None) -> dict:
+        """Fresh (zero) optimizer state for pieces ``params`` of ``buckets`` (default: one
+        per bucket), each with the fields its group's rule keeps: what a copy of a shard's
+        state needs (:mod:`distopt.optim.group_rules`)."""
+        return self.rules.init(params, buckets)
 
     def use_grad_shards(self, flat: torch.Tensor) -> None:
         """Reduce the next step's gradients into ``flat`` (this rank's shard size, one
@@ -242,7 +269,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._call("phase", "shard_update", step)
         self._call("before_write")
         self.rules.apply(step, range(len(self.shard_params)), self.shard_params, self.grad_shards, self.shard_state,
-                         scale)
+                         scale, self.shard_rank)
         self._call("after_update", step)
 
     def _gather(self) -> None:
@@ -288,7 +315,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # --- state ----------------------------------------------------------------------
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (moments, momentum buffers)."""
-        return sum(t.numel() * t.element_size() for field in self.shard_state for t in field)
+        return state_bytes(self.shard_state)
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this optimizer holds, by what they are: the parameters' flat buffers, the

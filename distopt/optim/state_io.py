@@ -29,15 +29,28 @@ def shard_header(opt: ShardedOptimizer) -> dict:
 
 
 def group_hyperparameters(opt: ShardedOptimizer) -> list[dict]:
-    """Each group's hyperparameters now, as plain data (a schedule is kept by the rule, not here)."""
-    names = list(opt.defaults)
-    return [{k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in names if not callable(g[k])}
-            for g in opt.param_groups]
+    """Each group's rule and hyperparameters now, as plain data (a schedule is kept by the
+    rule, not here), with the names of its parameters."""
+    out = []
+    for g in opt.param_groups:
+        rule = g.get("rule") or opt.rule
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+                  if k not in ("params", "param_names", "rule") and not callable(v)}
+        out.append({**values, "rule_name": rule.name, "param_names": list(g.get("param_names", []))})
+    return out
 
 
 def state_fields(opt: ShardedOptimizer) -> dict[str, list[torch.Tensor]]:
-    """The live state this rank holds: field -> its per-bucket tensors (fields the rule keeps)."""
-    return {field: ts for field, ts in opt.shard_state._asdict().items() if ts}
+    """The state this rank holds, field -> one tensor per bucket, each its shard's length:
+    where a bucket's rule keeps no such field, a read-only zero view stands in (so every
+    field lays out as the parameters do, in checkpoints and recovery)."""
+    return {f: full_pieces(ts, opt.shard_params) for f, ts in opt.shard_state.items()}
+
+
+def full_pieces(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``pieces`` with each empty one (a field its bucket's rule does not keep) replaced by a
+    zero view as long as the matching tensor of ``like``; no memory is allocated for it."""
+    return [t if t.numel() == p.numel() else p.new_zeros(()).expand(p.numel()) for t, p in zip(pieces, like)]
 
 
 def shard_params(opt: ShardedOptimizer) -> torch.Tensor:
@@ -74,16 +87,17 @@ def check_shard_state_dict(opt: ShardedOptimizer, sd: dict) -> None:
                              f"has {_short(value)}): load full_state_dict() output with load_full_state_dict() instead")
     _check_rule(opt, sd["rule"])
     _check_groups(opt, sd.get("param_groups"))
-    fields = opt.shard_state._asdict()
-    if set(sd["state"]) != {f for f, ts in fields.items() if ts}:
-        raise ValueError(f"state fields {sorted(sd['state'])} do not match this rule's {sorted(fields)}")
+    if set(sd["state"]) != set(opt.shard_state):
+        raise ValueError(f"state fields {sorted(sd['state'])} do not match this optimizer's {sorted(opt.shard_state)}")
 
 
 def load_shard_state_dict(opt: ShardedOptimizer, sd: dict) -> None:
     """Copy a shard state dict checked by :func:`check_shard_state_dict` back in."""
-    fields = opt.shard_state._asdict()
     for field, flat in sd["state"].items():
-        torch._foreach_copy_(fields[field], _split(flat, fields[field]))
+        live = opt.shard_state[field]
+        kept = [b for b, t in enumerate(live) if t.numel() == opt.shard_params[b].numel()]
+        pieces = _split(flat, opt.shard_params)
+        torch._foreach_copy_([live[b] for b in kept], [pieces[b] for b in kept])
     opt.step_count = int(sd["step"])
     set_group_hyperparameters(opt, sd.get("param_groups"))
 
@@ -96,8 +110,10 @@ def full_state_dict(opt: ShardedOptimizer) -> dict:
     """
     lay = opt.plan.layout
     per_param: dict[str, dict[str, torch.Tensor]] = {n: {} for n in opt.names}
-    for field, shards in opt.shard_state._asdict().items():
+    for field, shards in opt.shard_state.items():
         for b, shard in enumerate(shards):
+            if field not in opt.rules.bucket_fields[b]:
+                continue  # (the same buckets on every rank)
             bucket = opt.comm.allgather(shard) if opt.plan.world_size > 1 else shard
             start = lay.buckets[b][0]
             for i in lay.members(b):
@@ -125,13 +141,14 @@ def load_full_state_dict(opt: ShardedOptimizer, full: dict) -> None:
     set_group_hyperparameters(opt, full.get("param_groups"))
 
 
-def fill_shard(opt: ShardedOptimizer, full: dict, shard_rank: int, state) -> None:
-    """Copy rank ``shard_rank``'s slice of every field of ``full`` into ``state`` (per-bucket lists)."""
+def fill_shard(opt: ShardedOptimizer, full: dict, shard_rank: int, state: dict) -> None:
+    """Copy rank ``shard_rank``'s slice of every field of ``full`` into ``state`` (per-bucket
+    lists; a bucket whose rule keeps no such field is skipped)."""
     lay = opt.plan.layout
-    for field, shards in state._asdict().items():
-        if not shards:  # a rule without this state (SGD without momentum)
-            continue
+    for field, shards in state.items():
         for b, ((start, end), (s, e)) in enumerate(zip(lay.buckets, opt.plan.ranges(shard_rank))):
+            if field not in opt.rules.bucket_fields[b]:
+                continue
             bucket = shards[b].new_zeros(end - start)
             for i in lay.members(b):
                 src = full["state"][opt.names[i]][field]
@@ -143,15 +160,24 @@ def fill_shard(opt: ShardedOptimizer, full: dict, shard_rank: int, state) -> Non
 
 
 def _check_groups(opt: ShardedOptimizer, saved: list | None) -> None:
-    if saved is not None and len(saved) != len(opt.param_groups):
+    if saved is None:
+        return
+    mine = group_hyperparameters(opt)
+    if len(saved) != len(mine):
         raise ValueError(f"state was saved with {len(saved)} parameter groups, this optimizer has "
-                         f"{len(opt.param_groups)}: build it with the same groups")
+                         f"{len(mine)}: build it with the same groups")
+    for g, (then, now) in enumerate(zip(saved, mine)):
+        for key in ("rule_name", "param_names"):
+            if key in then and then[key] != now[key]:
+                raise ValueError(f"param group {g} was saved with {key}={_short(then[key])}, this optimizer's has "
+                                 f"{_short(now[key])}: build it with the same groups and rules")
 
 
 def set_group_hyperparameters(opt: ShardedOptimizer, saved: list | None) -> None:
     """Put saved hyperparameter values (a scheduler's lr, say) back into the live groups."""
     for group, values in zip(opt.param_groups, saved or []):
-        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
+                      if k not in ("rule_name", "param_names")})
 
 
 def _check_rule(opt: ShardedOptimizer, saved: dict) -> None:

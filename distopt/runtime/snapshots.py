@@ -97,7 +97,8 @@ class RunFields:
                                                 next_step=next_step, model_state=model.state_dict())
             self._loose = [key for key, source in self._fields["model_keys"] if not source]
             self._for = (weakref.ref(opt), opt.rule, weakref.ref(model), seed)
-        return {**self._fields, "next_step": next_step, "optimizer_step": opt.step_count}, self._loose
+        return {**self._fields, "next_step": next_step, "optimizer_step": opt.step_count,
+                "param_groups": state_io.group_hyperparameters(opt)}, self._loose
 
 
 def shard_parts(opt, rank: int) -> dict[str, list[torch.Tensor]] | None:

@@ -18,8 +18,7 @@ from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.ft import Redundancy, recovery
 from distopt.optim.hooks import StepHooks
-from distopt.optim.plan import build_plan
-from distopt.optim.sharded import ShardedOptimizer
+from distopt.optim.sharded import ShardedOptimizer, plan_params
 from distopt.runtime import sampling
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire
@@ -157,13 +156,12 @@ class Worker:
         c = self.config
         comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
                                  group_name=group_name, local_host=local_host or _local_host(host))
-        old_plan, arr = build_plan(list(self.params), list(self.params.values()), old_world, c.zero_stage,
-                                   c.bucket_bytes, c.last_bucket_bytes)
-        names = [list(self.params)[i] for i in arr.order]  # plan order
-        tensors = [self.params[n] for n in names]
+        old = plan_params(self.params, c.optimizer, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
+        tensors = old.tensors
         try:
-            params, full = recovery.assemble(comm, old_plan, c.optimizer, names, [t.shape for t in tensors],
-                                             holder_of, self._offer, committed, tensors[0].dtype, tensors[0].device)
+            params, full = recovery.assemble(comm, old.plan, c.optimizer, old.fields, old.names,
+                                             [t.shape for t in tensors], holder_of, self._offer, committed,
+                                             tensors[0].dtype, tensors[0].device)
         except Exception:
             comm.close()  # a peer failed: the group is useless, and its threads and sockets must go
             raise
