@@ -6,7 +6,7 @@ import torch
 
 from distopt.collectives import CollectiveError, in_process, run_ranks
 from distopt.ft import RecoveryError, Redundancy, assemble, holders, packets, replica_distance
-from distopt.optim import ShardedOptimizer, StepHooks, adam, sgd
+from distopt.optim import ShardedOptimizer, StepHooks, adam, muon, sgd
 from distopt.optim.sharded import plan_params
 
 from odd_params import grads_of as _grads, init_params as _init
@@ -15,13 +15,22 @@ RULES = {
     "adam_l2": lambda: adam(1e-2, weight_decay=0.05),
     "adamw": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
     "sgd_nesterov": lambda: sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "muon_adamw": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),  # and Muon on the matrix: _groups
 }
+
+
+def _groups(rule, params):
+    """The optimizer's params: with ``muon_adamw``, Muon for the one matrix, AdamW for the rest."""
+    if rule != "muon_adamw":
+        return params
+    return [{"params": {"p0": params["p0"]}, "rule": muon(0.02)},
+            {"params": {n: t for n, t in params.items() if n != "p0"}}]
 
 
 def _opt(comm, rule, stage, replicate=True, params=None, sync=True, distance=1, **kw):
     """Parameters, their optimizer and its redundancy (None without ``replicate``)."""
     params = params if params is not None else _init()
-    opt = ShardedOptimizer(params, RULES[rule](), comm, zero_stage=stage, bucket_bytes=512, sync_params=sync, **kw)
+    opt = ShardedOptimizer(_groups(rule, params), RULES[rule](), comm, zero_stage=stage, bucket_bytes=512, sync_params=sync, **kw)
     return params, opt, Redundancy(opt, distance=distance) if replicate else None
 
 
@@ -90,7 +99,7 @@ def _recover(comm, old_rank, opt, red, params, alive, old_world, rule, stage, co
         red.rollback(committed)
         mine = packets(opt, red, old_rank)
         opt.close()  # its gradient hooks must not fire into the replaced optimizer
-    old = plan_params(params, RULES[rule](), old_world, stage, 512)
+    old = plan_params(_groups(rule, params), RULES[rule](), old_world, stage, 512)
     old_plan, names = old.plan, old.names
     full_params, full = assemble(comm, old_plan, RULES[rule](), old.fields, names, [params[n].shape for n in names],
                                  holders(old_plan.world_size, alive, stage >= 1, distance), mine, committed,
@@ -106,7 +115,16 @@ def _recover(comm, old_rank, opt, red, params, alive, old_world, rule, stage, co
 @pytest.mark.parametrize("phase", ["grad_collective", "shard_update", "param_gather"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_rank_lost_mid_step_is_replaced_bit_for_bit(phase, stage, transport):
-    rule, w, fail_step, total = "adam_l2", 3, 5, 8
+    _lost_mid_step("adam_l2", phase, stage)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_muon_beside_adamw_lost_mid_update_is_replaced_bit_for_bit(stage, transport):
+    _lost_mid_step("muon_adamw", "shard_update", stage)
+
+
+def _lost_mid_step(rule, phase, stage):
+    w, fail_step, total = 3, 5, 8
     expected = _run(w, rule, stage, total, False)
     comms = in_process(w, timeout_s=5)
 

@@ -7,7 +7,7 @@ import torch
 from distopt.collectives import in_process, run_ranks
 from distopt.ft import RecoveryError, Redundancy
 from distopt.ft.replica_log import ALIGN, chunk_pieces
-from distopt.optim import ShardedOptimizer, adam, sgd
+from distopt.optim import ShardedOptimizer, adam, muon, sgd
 
 from odd_params import grads_of as _grads, init_params as _init
 
@@ -169,3 +169,43 @@ def test_bad_log_depth_is_refused_before_any_communication(bad):
     opt = ShardedOptimizer(_init(), adam(1e-3), comm)
     with pytest.raises(ValueError, match=r"replica_log_depth=.* must be an int in \[1, 64\]"):
         Redundancy(opt, log_depth=bad)
+
+
+def _hybrid_params():
+    g = torch.Generator().manual_seed(1)
+    shapes = {"m0": (9, 7), "m1": (7, 9), "m2": (16, 5), "m3": (5, 16), "m4": (12, 12), "v0": (13,), "v1": (101,)}
+    return {n: torch.randn(s, generator=g).requires_grad_() for n, s in shapes.items()}
+
+
+def _hybrid_run(world, steps, depth, replicate):
+    def body(comm):
+        params = _hybrid_params()
+        groups = [{"params": {n: t for n, t in params.items() if t.ndim == 2}, "rule": muon(0.02)},
+                  {"params": {n: t for n, t in params.items() if t.ndim == 1}}]
+        opt = ShardedOptimizer(groups, adam(1e-2, weight_decay=0.05, decoupled=True), comm, zero_stage=1,
+                               bucket_bytes=768, max_grad_norm=0.5)
+        red = Redundancy(opt, log_depth=depth) if replicate else None
+        for k in range(steps):
+            if red is not None:
+                red.commit(opt.step_count)
+            g = torch.Generator().manual_seed(100 * k + comm.rank)
+            opt.step(grads={n: torch.randn(t.shape, generator=g) for n, t in params.items()})
+        return params, opt, red
+    return run_ranks(in_process(world, timeout_s=10), body)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_muon_matrices_are_copied_and_replayed_whole_to_the_owners_bits(depth):
+    plain, kept = _hybrid_run(3, 7, depth, False), _hybrid_run(3, 7, depth, True)
+    for (p1, _, _), (p2, opt, red) in zip(plain, kept):
+        assert all(torch.equal(p1[n], p2[n]) for n in p1), "the redundancy changed a bit"
+        cuts = [opt.rules.cuts(b) for b in range(len(opt.shard_params))]
+        for chunk in red.log.chunks:  # a chunk never cuts a matrix
+            assert all(cuts[b] is None or (lo in cuts[b] and hi in cuts[b]) for b, lo, hi in chunk)
+    for r, (_, _, red) in enumerate(kept):
+        rep = red.replica_at_commit()
+        assert rep.step == 7 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
+    six = _hybrid_run(3, 6, depth, False)
+    for (_, opt, red), (_, want, _) in zip(kept, six):
+        red.rollback(6)
+        assert _same_shard(opt.shard_params, opt.shard_state, want)
