@@ -171,7 +171,8 @@ def test_rank_0_fields_are_built_once_per_optimizer_and_match_fresh_ones(groups)
     kept = RunFields()
 
     def fresh(opt, seed, next_step):
-        header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt)}
+        header = {**state_io.shard_header(opt), "state": state_io.state_fields(opt),
+                  "param_groups": state_io.group_hyperparameters(opt)}
         return manifest_fields(header, dict(zip(opt.names, opt.tensors)), seed=seed, next_step=next_step,
                                model_state=model.state_dict())
     for rule in (adam(1e-2), adam(1e-3)):

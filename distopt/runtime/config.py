@@ -9,6 +9,7 @@ import torch
 from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
 from distopt.optim.plan import shard_count
 from distopt.optim.rules import Rule, check_rule
+from distopt.runtime.param_groups import check_on_meta
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -22,6 +23,7 @@ class TrainConfig:
     data: Any
     optimizer: Rule
     global_batch_size: int
+    param_groups: Callable[[Any], Any] | None = None  # model -> torch-style groups
     num_workers: int = 2
     use_gpu: bool = False
     zero_stage: int = 1
@@ -80,6 +82,11 @@ def _check_callables(c: TrainConfig) -> None:
     if not (hasattr(c.data, "__len__") and hasattr(c.data, "__getitem__")):
         raise TypeError(f"data must be a map-style dataset (__len__ and __getitem__), got {type(c.data).__name__}")
     check_rule(c.optimizer)
+    if c.param_groups is not None:
+        if not callable(c.param_groups):
+            raise TypeError(f"param_groups={c.param_groups!r} must be a module-level function model -> groups, e.g. "
+                            f"distopt.optim.decay_groups")
+        check_on_meta(c.param_groups, c.model, c.optimizer)
 
 
 def _check_counts(c: TrainConfig) -> None:

@@ -16,6 +16,7 @@ from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.checkpointing import load_for_resume
 from distopt.runtime.controller import Controller, RunFailed
+from distopt.runtime.param_groups import check_resume
 from distopt.runtime.progress import RunLog
 
 log = logging.getLogger("distopt")
@@ -39,8 +40,13 @@ class Trainer:
         model: zero-arg callable returning an ``nn.Module``; every worker seeds then calls it.
         loss: ``(model, batch) -> loss`` or ``(loss, metrics_dict)``; ``loss`` a scalar tensor.
         data: map-style dataset; a batch is ``default_collate([data[i] for i in indices])``.
-        optimizer: ``distopt.optim.adam(...)`` or ``distopt.optim.sgd(...)``.
+        optimizer: ``distopt.optim.adam(...)``, ``sgd(...)`` or ``muon(...)``: the groups' default rule.
         global_batch_size: samples per step over all workers and micro-batches.
+        param_groups: a module-level function ``model -> groups`` (torch-style dicts with
+            ``"params"`` and overrides: ``"lr"``, ``"weight_decay"``, ``"rule"``), e.g.
+            ``distopt.optim.decay_groups`` or ``distopt.optim.muon_groups``. Every trainable
+            parameter must be in one group. A group's number ``lr`` under a scheduled rule
+            scales the schedule by ``lr / schedule.lr``. None: one group.
         num_workers: data-parallel ranks (Ray actors).
         use_gpu: one GPU per worker, CUDA tensors and NCCL (with ``ray_address="local"``
             the threads share this process's GPUs over gloo).
@@ -88,7 +94,7 @@ class Trainer:
     """
 
     def __init__(self, model: Callable[[], Any], loss: Callable, data: Any, optimizer: Rule,
-                 global_batch_size: int, num_workers: int = 2, use_gpu: bool = False, zero_stage: int = 1,
+                 global_batch_size: int, param_groups: Callable[[Any], Any] | None = None, num_workers: int = 2, use_gpu: bool = False, zero_stage: int = 1,
                  seed: int = 0, gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None,
                  log_every: int = 10, out_dir: str | None = None, progress: bool | None = None,
                  ray_address: str | None = None, num_cpus_per_worker: float = 1, placement_strategy: str = "PACK",
@@ -102,6 +108,7 @@ class Trainer:
                  resume_from: str | None = None) -> None:
         self.config = TrainConfig(
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
+            param_groups=param_groups,
             num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
             gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
             bucket_bytes=bucket_bytes, grad_wire_dtype=grad_wire_dtype, mixed_precision=mixed_precision,
@@ -133,6 +140,9 @@ class Trainer:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be a positive int")
         resume = load_for_resume(self.resume_from) if self.resume_from else None  # a bad checkpoint fails here
+        if resume is not None:
+            c = self.config
+            check_resume(resume.manifest.get("param_groups"), c.param_groups, c.model, c.optimizer)
         with _Cluster(self.ray_address, self.config) as cluster:
             group = cluster.group()
             try:

@@ -20,6 +20,7 @@ from distopt.ft import Redundancy, recovery
 from distopt.optim.hooks import StepHooks
 from distopt.optim.sharded import ShardedOptimizer, plan_params
 from distopt.runtime import sampling
+from distopt.runtime.param_groups import model_groups
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.writer_process import make_writer
@@ -103,9 +104,15 @@ class Worker:
             self.optimizer.close()  # its gradient hooks must not fire into a dead optimizer
         self.optimizer, self.ft = None, None
 
+    def opt_params(self) -> Any:
+        """What the optimizer is built over: the trainable parameters by name, or the groups of
+        ``param_groups(model)`` (:mod:`distopt.runtime.param_groups`)."""
+        fn = self.config.param_groups
+        return self.params if fn is None else model_groups(fn, self.model)
+
     def _optimizer(self, comm: Communicator, sync_params: bool) -> ShardedOptimizer:
         c = self.config
-        opt = ShardedOptimizer(self.params, c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
+        opt = ShardedOptimizer(self.opt_params(), c.optimizer, comm, zero_stage=c.zero_stage, bucket_bytes=c.bucket_bytes,
                                max_grad_norm=c.max_grad_norm, sync_params=sync_params,
                                wire_dtype=c.grad_wire_dtype, last_bucket_bytes=c.last_bucket_bytes)
         try:
@@ -156,7 +163,7 @@ class Worker:
         c = self.config
         comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
                                  group_name=group_name, local_host=local_host or _local_host(host))
-        old = plan_params(self.params, c.optimizer, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
+        old = plan_params(self.opt_params(), c.optimizer, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
         tensors = old.tensors
         try:
             params, full = recovery.assemble(comm, old.plan, c.optimizer, old.fields, old.names,
