@@ -7,7 +7,7 @@ import torch
 from distopt.collectives import CollectiveError, in_process, run_ranks
 from distopt.ft import RecoveryError, Redundancy, assemble, holders, packets, replica_distance
 from distopt.optim import ShardedOptimizer, StepHooks, adam, muon, sgd
-from distopt.optim.sharded import plan_params
+from distopt.optim.params import plan_params
 
 from odd_params import grads_of as _grads, init_params as _init
 

@@ -11,7 +11,9 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from distopt.optim.plan import shard_count
+from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES
+from distopt.optim.group_rules import fields_of, group_rule
+from distopt.optim.plan import Arrangement, ShardPlan, build_plan, shard_count
 from distopt.optim.rules import Rule, check_rule, hyperparameters
 
 
@@ -80,6 +82,30 @@ def normalize(params: Any, rule: Rule) -> tuple[list[dict], Managed]:
         raise ValueError("no parameter requires grad (requires_grad=False tensors are frozen): pass the trainable "
                          "parameters, or call .requires_grad_() on plain tensors")
     return groups, Managed(names, tensors, group_of)
+
+
+class Planned(NamedTuple):
+    """Where an optimizer over ``params`` puts them: a pure function of its arguments."""
+
+    groups: list[dict]  # torch-style groups, as normalized
+    plan: ShardPlan
+    arrangement: Arrangement
+    names: list[str]  # in plan order
+    tensors: list[torch.Tensor]  # in plan order
+    fields: list[str]  # the state fields any group's rule keeps
+
+
+def plan_params(params: Any, rule: Rule, world_size: int, zero_stage: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                last_bucket_bytes: int | None = 2**20) -> Planned:
+    """The groups, plan and state fields of a ShardedOptimizer with these arguments, without
+    building it (a recovery rebuilds the plan of a group that is gone)."""
+    groups, managed = normalize(params, rule)
+    rules = [group_rule(rule, g, f"param group {i}") for i, g in enumerate(groups)]
+    matrix_groups = [g for g, r in enumerate(rules) if r.whole_matrices]
+    plan, arr = build_plan(managed.names, managed.tensors, world_size, zero_stage, bucket_bytes, last_bucket_bytes,
+                           managed.group_of, matrix_groups)
+    return Planned(groups, plan, arr, [managed.names[i] for i in arr.order], [managed.tensors[i] for i in arr.order],
+                   list(dict.fromkeys(f for r in rules for f in fields_of(r))))
 
 
 def _as_groups(params: Any) -> list[dict]:

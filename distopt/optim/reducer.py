@@ -16,8 +16,10 @@ Where gradients live:
   and reduce-scattered into this rank's shard. So at most the gradients of the buckets
   backward is filling plus ``POOL`` packed buckets exist at once.
 
-At most ``POOL`` reductions are in flight: a launch past that waits for the oldest, since
-each holds a bucket's worth of receive buffers in the communicator.
+At most ``POOL`` reductions are in flight: a launch past that first waits for the oldest,
+since each holds a bucket's worth of receive buffers in the communicator. At zero_stage 2
+that wait also frees the packing buffer the launch takes (its last user is that reduction or
+an older one).
 
 Under :meth:`no_sync` (gradient accumulation) the hooks only let gradients accumulate;
 the backward after it reduces. Called by :class:`~distopt.optim.ShardedOptimizer` only.
@@ -45,7 +47,7 @@ class Reducer:
         self.order = opt.arrangement.launch
         self.sync = True
         self.narrow_blocks = False  # set by the optimizer: a narrowed stage-0 allreduce blocks
-        self._pool: dict[torch.dtype, list[list]] = {}  # per dtype: [buffer, its reduction in flight]
+        self._pool: dict[torch.dtype, list[torch.Tensor]] = {}  # per dtype: up to POOL packing buffers
         self._turn: dict[torch.dtype, int] = {}
         self._reset()
         self.handles = [t.register_post_accumulate_grad_hook(self._hook(i)) for i, t in enumerate(opt.tensors)]
@@ -102,6 +104,9 @@ class Reducer:
 
     def _launch(self, b: int, given: Sequence[torch.Tensor] | None) -> None:
         opt = self.opt
+        while len(self.pending) - self._done >= POOL:  # each reduction in flight holds bucket-sized scratch
+            self.pending[self._done].wait()
+            self._done += 1
         grads: Flat | None = opt.grad_buckets
         if grads is not None:
             views = [grads.views[i] for i in self.members[b]]
@@ -123,32 +128,24 @@ class Reducer:
             else:
                 t.grad = None  # packed: the per-parameter gradient goes
         self.started[b] = True
-        while len(self.pending) - self._done >= POOL:  # each reduction in flight holds bucket-sized scratch
-            self.pending[self._done].wait()
-            self._done += 1
-        work = opt.reduce_bucket(b, flat)
-        self.pending.append(work)
-        if grads is None:
-            self._slot[1] = work
+        self.pending.append(opt.reduce_bucket(b, flat))
 
     def _buffer(self, b: int) -> torch.Tensor:
-        """A free packing buffer for bucket ``b``, waiting for the oldest reduction on it."""
+        """The packing buffer of bucket ``b``: the dtype's buffers taken in turn (free: see the
+        module docstring)."""
         dtype = self.opt.arrangement.bucket_dtype[b]
         start, end = self.opt.plan.layout.buckets[b]
         slots = self._pool.setdefault(dtype, [])
         if len(slots) < POOL:
             need = max(e - s for (s, e), d in zip(self.opt.plan.layout.buckets, self.opt.arrangement.bucket_dtype)
                        if d == dtype)
-            slots.append([torch.empty(need, dtype=dtype, device=self.opt.device), None])
+            slots.append(torch.empty(need, dtype=dtype, device=self.opt.device))
         self._turn[dtype] = turn = self._turn.get(dtype, -1) + 1
-        self._slot = slots[turn % len(slots)]
-        if self._slot[1] is not None:
-            self._slot[1].wait()
-        return self._slot[0][: end - start]
+        return slots[turn % len(slots)][: end - start]
 
     def packing_bytes(self) -> int:
         """Bytes of the packing buffers (zero_stage 2), at most ``POOL`` buckets per dtype."""
-        return sum(buf.numel() * buf.element_size() for slots in self._pool.values() for buf, _ in slots)
+        return sum(buf.numel() * buf.element_size() for slots in self._pool.values() for buf in slots)
 
     def close(self) -> None:
         """Remove the hooks (the optimizer is being replaced)."""

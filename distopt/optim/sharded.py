@@ -29,10 +29,9 @@ from distopt.collectives.base import Communicator, check_wire_dtype
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES
 from distopt.optim import state_io
 from distopt.optim.flat import Flat, shard_views
-from distopt.optim.group_rules import GroupRules, fields_of, group_rule, state_bytes
+from distopt.optim.group_rules import GroupRules, state_bytes
 from distopt.optim.hooks import StepHooks
-from distopt.optim.params import check_args, check_comm, check_devices, match_grads, normalize
-from distopt.optim.plan import Arrangement, ShardPlan, build_plan
+from distopt.optim.params import check_args, check_comm, check_devices, match_grads, normalize, plan_params
 from distopt.optim.reducer import Reducer
 from distopt.optim.rules import Rule, hyperparameters
 
@@ -47,30 +46,6 @@ class StepInfo(NamedTuple):
     skipped: bool  # a non-finite gradient somewhere: no rank updated
     comm_s: float  # seconds waiting for gradient reduction and parameter gather
     update_s: float  # seconds in the update rule and the hooks around it
-
-
-class Planned(NamedTuple):
-    """Where an optimizer over ``params`` puts them: a pure function of its arguments."""
-
-    groups: list[dict]  # torch-style groups, as normalized
-    plan: ShardPlan
-    arrangement: Arrangement
-    names: list[str]  # in plan order
-    tensors: list[torch.Tensor]  # in plan order
-    fields: list[str]  # the state fields any group's rule keeps
-
-
-def plan_params(params: Any, rule: Rule, world_size: int, zero_stage: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                last_bucket_bytes: int | None = 2**20) -> Planned:
-    """The groups, plan and state fields of a ShardedOptimizer with these arguments, without
-    building it (a recovery rebuilds the plan of a group that is gone)."""
-    groups, managed = normalize(params, rule)
-    rules = [group_rule(rule, g, f"param group {i}") for i, g in enumerate(groups)]
-    matrix_groups = [g for g, r in enumerate(rules) if r.whole_matrices]
-    plan, arr = build_plan(managed.names, managed.tensors, world_size, zero_stage, bucket_bytes, last_bucket_bytes,
-                           managed.group_of, matrix_groups)
-    return Planned(groups, plan, arr, [managed.names[i] for i in arr.order], [managed.tensors[i] for i in arr.order],
-                   list(dict.fromkeys(f for r in rules for f in fields_of(r))))
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -103,18 +78,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
                  wire_dtype: torch.dtype | None = None, sync_params: bool = True,
                  last_bucket_bytes: int | None = 2**20) -> None:
         check_args(rule, zero_stage, bucket_bytes, max_grad_norm)
-        if comm is not None:
-            check_comm(comm)
-        planned = plan_params(params, rule, comm.world_size if comm is not None else 1, zero_stage, bucket_bytes,
-                              last_bucket_bytes)
-        for dtype in {t.dtype for t in planned.tensors}:
+        params = list(params) if isinstance(params, Iterator) else params  # (read twice below)
+        groups, managed = normalize(params, rule)  # bad parameters fail before the process group is looked up
+        for dtype in {t.dtype for t in managed.tensors}:
             check_wire_dtype(wire_dtype, dtype)
-        self.device = check_devices(planned.tensors)
+        self.device = check_devices(managed.tensors)
         if comm is None:
             from distopt.collectives.torch_dist import TorchCommunicator
             comm = TorchCommunicator.from_process_group(None)
-            check_comm(comm)
-            planned = plan_params(params, rule, comm.world_size, zero_stage, bucket_bytes, last_bucket_bytes)
+        check_comm(comm)
+        planned = plan_params(params, rule, comm.world_size, zero_stage, bucket_bytes, last_bucket_bytes)
         self.rule = rule
         super().__init__(planned.groups, hyperparameters(rule))
         self.comm, self.zero_stage = comm, zero_stage

@@ -18,7 +18,8 @@ from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.ft import Redundancy, recovery
 from distopt.optim.hooks import StepHooks
-from distopt.optim.sharded import ShardedOptimizer, plan_params
+from distopt.optim.params import plan_params
+from distopt.optim.sharded import ShardedOptimizer
 from distopt.runtime import sampling
 from distopt.runtime.param_groups import model_groups
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
