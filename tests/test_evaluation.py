@@ -28,12 +28,12 @@ def single_process(state: dict) -> dict:
                 "eval_mae": (model(x) - y).abs().mean().item()}
 
 
-def _fit(address="local", workers=2, steps=STEPS, faults=(), **kw):
+def _fit(address="local", workers=2, steps=STEPS, faults=(), callbacks=(), **kw):
     return distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
                            global_batch_size=BATCH, seed=0, **kw,
                            scaling=ScalingConfig(num_workers=workers, ray_address=address),
                            failure=FailureConfig(collective_timeout_s=5, replace_timeout_s=20, faults=faults),
-                           run=RunConfig(log_every=0)).fit(steps=steps)
+                           run=RunConfig(log_every=0, callbacks=callbacks)).fit(steps=steps)
 
 
 def test_each_batch_is_evaluated_once_whatever_the_world_size():
@@ -85,11 +85,18 @@ def _eval_fn(model, batch):
 
 def test_a_worker_killed_during_evaluation_is_recovered_like_in_a_step(ray_cluster):
     clean = _fit(address=None, eval_data=HELD_OUT, eval_every=4, eval_batch_size=10)
+    seen = []
+
+    class OnFailure(distopt.Callback):
+        def on_failure(self, record):
+            seen.append(record)
+
     hit = _fit(address=None, eval_data=HELD_OUT, eval_every=4, eval_batch_size=10,
-               faults=(Fault(rank=1, step=4, phase="eval"),))
+               faults=(Fault(rank=1, step=4, phase="eval"),), callbacks=[OnFailure()])
     assert all(torch.equal(hit.state_dict[k], clean.state_dict[k]) for k in clean.state_dict)
     (failure,) = hit.failures
     assert failure["phase"] == "evaluation" and failure["rank"] == 1 and failure["action"] == "replace"
+    assert seen == [failure]  # the callback saw the record FitResult keeps
     assert [h["step"] for h in hit.history] == list(range(1, STEPS + 1))
     for a, b in zip(clean.history, hit.history):
         assert a.get("eval_loss") == b.get("eval_loss") and a["loss"] == b["loss"]

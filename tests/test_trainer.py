@@ -163,9 +163,10 @@ try:
 except distopt.WorkerError:
     print("after failure:", ray.is_initialized())
 """
-    here = os.path.dirname(__file__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = os.pathsep.join([here, os.path.dirname(here)])  # this checkout's distopt, not another install's
     done = subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "PYTHONPATH": here})
+                          env={**os.environ, "PYTHONPATH": paths})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "after fit: False" in done.stdout and "after failure: False" in done.stdout
 

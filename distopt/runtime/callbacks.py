@@ -1,4 +1,4 @@
-"""Callbacks: user code the driver calls as the run goes, and the built-in loggers.
+"""Callbacks: user code the driver calls as the run goes (built-in loggers: ``loggers``).
 
 A callback is an object with any of the hooks below (subclass :class:`Callback` to get
 the others as no-ops), or a plain callable, which is called as ``on_step_end(record)``.

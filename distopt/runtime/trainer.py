@@ -68,9 +68,10 @@ class Trainer:
     def __init__(self, model: Callable[[], Any], loss: Callable, data: Any, optimizer: Rule,
                  global_batch_size: int, zero_stage: int = TrainConfig.zero_stage, seed: int = TrainConfig.seed,
                  gradient_accumulation_steps: int = TrainConfig.gradient_accumulation_steps,
-                 max_grad_norm: float | None = None, mixed_precision: str | None = None,
-                 eval_data: Any = None, eval_every: int = TrainConfig.eval_every, eval_fn: Callable | None = None,
-                 eval_batch_size: int | None = None, scaling: ScalingConfig | None = None,
+                 max_grad_norm: float | None = TrainConfig.max_grad_norm,
+                 mixed_precision: str | None = TrainConfig.mixed_precision, eval_data: Any = TrainConfig.eval_data,
+                 eval_every: int = TrainConfig.eval_every, eval_fn: Callable | None = TrainConfig.eval_fn,
+                 eval_batch_size: int | None = TrainConfig.eval_batch_size, scaling: ScalingConfig | None = None,
                  failure: FailureConfig | None = None, checkpoint: CheckpointConfig | None = None,
                  run: RunConfig | None = None) -> None:
         self.run = group_or_default("run", run)
