@@ -76,6 +76,7 @@ class Controller:
             self.checkpoints.add(self.group.checkpoint(steps))
             self.checkpoints.finish(steps, self._shard_ranks())
         return self.checkpoints.written
+
     def settle(self) -> None:
         """After the run was stopped from the driver: let background writes end and finish the
         checkpoints of committed steps, without calling the callbacks again."""
