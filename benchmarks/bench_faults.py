@@ -31,13 +31,16 @@ KILL_AT = 25  # 0-based step at which rank 1 is killed
 BATCHES = (32, 128, 512)  # samples per worker in the overhead sweep
 
 
-def _trainer(steps: int, **kw):
+def _trainer(steps: int, cpus: float = 1.0, ckpt: str | None = None, **failure):
+    """``ckpt``: checkpoint folder, written every 10 steps; ``failure``: FailureConfig fields."""
     import distopt
     return distopt.Trainer(
         model=step_ranks.make_model, loss=step_ranks.mse_loss, data=step_ranks.make_data(),
         optimizer=distopt.optim.adam(lr=step_ranks.LR), global_batch_size=2 * step_ranks.BATCH_PER_WORKER,
-        num_workers=2, zero_stage=1, seed=step_ranks.SEED, ray_address=None, log_every=0, progress=False,
-        collective_timeout_s=10, **kw).fit(steps=steps)
+        zero_stage=1, seed=step_ranks.SEED, scaling=distopt.ScalingConfig(num_workers=2, cpus_per_worker=cpus),
+        failure=distopt.FailureConfig(collective_timeout_s=10, **failure),
+        checkpoint=distopt.CheckpointConfig(dir=ckpt, every=10 if ckpt else 0),
+        run=distopt.RunConfig(log_every=0, progress=False)).fit(steps=steps)
 
 
 def overhead(rounds: int, steps: int) -> dict:
@@ -100,7 +103,7 @@ def recovery(steps: int, spare: int) -> dict:
     """One SIGKILL of rank 1 in the gradient collective; the split of the time it costs."""
     from distopt.runtime.faults import Fault
     result = _trainer(steps, faults=(Fault(rank=1, step=KILL_AT, phase="compute"),), spare_workers=spare,
-                      num_cpus_per_worker=1 if not spare else 0.66)
+                      cpus=1 if not spare else 0.66)
     hist = result.history
     (f,) = result.failures
     normal = median(h["time_s"] for h in hist[5:KILL_AT])
@@ -118,7 +121,7 @@ def checkpoint_stall(steps: int) -> dict:
     page cache take their time from training); and the time a checkpoint costs in all,
     summed over its 10 steps against the steps furthest from it."""
     with tempfile.TemporaryDirectory() as root:
-        hist = _trainer(steps, checkpoint_dir=root, checkpoint_every=10).history[5:]
+        hist = _trainer(steps, ckpt=root).history[5:]
     times = {h["step"]: h["time_s"] for h in hist}
     at = [s for s in times if s % 10 == 0]
     by_position = {r: [t for s, t in times.items() if s % 10 == r] for r in range(10)}

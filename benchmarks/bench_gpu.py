@@ -197,8 +197,9 @@ def bench_step(quick: bool) -> dict:
             workers = {}
             for failures in (3, 0):  # fault tolerance on (the default) and off
                 config = TrainConfig(model=make_model, loss=mse_loss, data=data, optimizer=distopt.optim.adam(lr=LR),
-                                     global_batch_size=batch, num_workers=1, zero_stage=1, seed=0, use_gpu=True,
-                                     max_failures=failures)
+                                     global_batch_size=batch, zero_stage=1, seed=0,
+                                     scaling=distopt.ScalingConfig(num_workers=1, use_gpu=True),
+                                     failure=distopt.FailureConfig(max_failures=failures))
                 workers[failures] = Worker(config, 0)
                 workers[failures].attach(TorchCommunicator(0, 1, backend="nccl", timeout_s=60, store=dist.HashStore(),
                                                            always_group=True))
@@ -239,11 +240,13 @@ def bench_precision(quick: bool) -> dict:
     from launch import demo_task
     steps = 120 if quick else 300
     rows = {}
-    for name, kw in {"fp32": {}, "bf16": {"mixed_precision": "bf16", "grad_wire_dtype": torch.bfloat16}}.items():
+    for name, (precision, wire) in {"fp32": (None, None), "bf16": ("bf16", "bfloat16")}.items():
         result = distopt.Trainer(
             model=demo_task.make_model, loss=demo_task.loss, data=demo_task.train_data(),
-            optimizer=distopt.optim.adam(lr=3e-3), global_batch_size=64, num_workers=2, zero_stage=1, seed=0,
-            use_gpu=True, log_every=0, progress=False, ray_address="local", **kw).fit(steps=steps)
+            optimizer=distopt.optim.adam(lr=3e-3), global_batch_size=64, zero_stage=1, seed=0,
+            mixed_precision=precision,
+            scaling=distopt.ScalingConfig(num_workers=2, use_gpu=True, ray_address="local", grad_wire_dtype=wire),
+            run=distopt.RunConfig(log_every=0, progress=False)).fit(steps=steps)
         model = demo_task.make_model()
         model.load_state_dict({k: v.cpu() for k, v in result.state_dict.items()})
         losses = [h["loss"] for h in result.history]
@@ -297,10 +300,13 @@ def bench_faults(quick: bool) -> dict:
                                               torch.randn(8 * batch, dims[-1], device="cuda", generator=g))
         with tempfile.TemporaryDirectory() as root:
             workers = {}
-            for name, kw in {"off": {"max_failures": 0}, "on": {"max_failures": 3},
-                             "process": {"max_failures": 3, "checkpoint_dir": root, "checkpoint_every": every}}.items():
+            for name, (failures, ckpt) in {"off": (0, {}), "on": (3, {}),
+                                           "process": (3, {"dir": root, "every": every})}.items():
                 config = TrainConfig(model=make_model, loss=mse_loss, data=data, optimizer=distopt.optim.adam(lr=LR),
-                                     global_batch_size=batch, num_workers=1, zero_stage=1, seed=0, use_gpu=True, **kw)
+                                     global_batch_size=batch, zero_stage=1, seed=0,
+                                     scaling=distopt.ScalingConfig(num_workers=1, use_gpu=True),
+                                     failure=distopt.FailureConfig(max_failures=failures),
+                                     checkpoint=distopt.CheckpointConfig(**ckpt))
                 workers[name] = Worker(config, 0)
                 workers[name].attach(TorchCommunicator(0, 1, backend="nccl", timeout_s=60, store=dist.HashStore(),
                                                        always_group=True))

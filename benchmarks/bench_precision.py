@@ -15,16 +15,17 @@ import torch
 
 from benchmarks.common import md_table, median, run_alone, text_table
 
-RUNS = {"fp32": {}, "bf16": {"mixed_precision": "bf16", "grad_wire_dtype": torch.bfloat16}}
+RUNS = {"fp32": {}, "bf16": {"mixed_precision": "bf16", "wire": torch.bfloat16}}
 
 
-def _train(steps: int, **kw) -> dict:
+def _train(steps: int, wire: torch.dtype | None = None, **kw) -> dict:
     import distopt
     from launch import demo_task
     result = distopt.Trainer(
         model=demo_task.make_model, loss=demo_task.loss, data=demo_task.train_data(),
-        optimizer=distopt.optim.adam(lr=3e-3), global_batch_size=64, num_workers=2, zero_stage=1, seed=0,
-        log_every=0, progress=False, ray_address="local", **kw).fit(steps=steps)
+        optimizer=distopt.optim.adam(lr=3e-3), global_batch_size=64, zero_stage=1, seed=0,
+        scaling=distopt.ScalingConfig(num_workers=2, ray_address="local", grad_wire_dtype=wire),
+        run=distopt.RunConfig(log_every=0, progress=False), **kw).fit(steps=steps)
     model = demo_task.make_model()
     model.load_state_dict(result.state_dict)
     losses = [h["loss"] for h in result.history]

@@ -45,14 +45,14 @@ def _trainer_trial(name: str, steps: int, warmup: int) -> list[dict]:
     trainer = distopt.Trainer(
         model=step_ranks.make_model, loss=step_ranks.mse_loss, data=step_ranks.make_data(),
         optimizer=distopt.optim.adam(lr=step_ranks.LR), global_batch_size=2 * step_ranks.BATCH_PER_WORKER,
-        num_workers=2, zero_stage=stage, seed=step_ranks.SEED, max_failures=failures, ray_address=None,
-        log_every=0, progress=False)
+        zero_stage=stage, seed=step_ranks.SEED, scaling=distopt.ScalingConfig(num_workers=2),
+        failure=distopt.FailureConfig(max_failures=failures), run=distopt.RunConfig(log_every=0, progress=False))
     return trainer.fit(steps=warmup + steps).history[warmup:]
 
 
 def _start_ray() -> None:
     import ray
-    # What Trainer(ray_address=None) would start, once for every fit instead of once per fit.
+    # What Trainer(scaling=ScalingConfig(ray_address=None)) would start, once for every fit instead of once per fit.
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     time.sleep(3.0)  # let the prestarted idle workers finish importing
@@ -222,7 +222,7 @@ def markdown(result: dict) -> str:
         f"{c.get('peer_steps_B', c['steps_per_trial'])} steps right before every Trainer fit. `step ms` is the "
         f"median over all steps; `x DDP` and `x ZeRO` are paired: the median over a contender's trials of its "
         f"median over the mean of the peer's nearest trials before and after it. Phase A has no Ray process "
-        f"running; phase B has a Ray cluster up (`Trainer(ray_address=None)` joins it). For the peers the split "
+        f"running; phase B has a Ray cluster up (the Trainer joins it). For the peers the split "
         f"columns are forward+backward (the allreduce overlaps it) and `optimizer.step()` (ZeRO: update + "
         f"broadcast); for distopt, the Worker's `compute_s`, `comm_s`, `update_s`, `data_s`: in phase A the mean "
         f"over the two ranks, in phase B the Trainer history's per-phase maximum over ranks (whose sum can "

@@ -90,9 +90,10 @@ def _distopt_step(spec: dict) -> tuple[Callable[[int], None], Callable[[], None]
     _, stage, failures = spec["config"].split("-")
     config = TrainConfig(model=functools.partial(make_model, spec["layers"], spec["width"]), loss=mse_loss,
                          data=make_data(spec), optimizer=distopt.optim.adam(lr=LR),
-                         global_batch_size=spec["batch"] * spec["world"], num_workers=spec["world"],
-                         zero_stage=int(stage[1:]), seed=SEED, max_failures=int(failures[1:]),
-                         collective_timeout_s=float(spec["timeout_s"]))
+                         global_batch_size=spec["batch"] * spec["world"], zero_stage=int(stage[1:]), seed=SEED,
+                         scaling=distopt.ScalingConfig(num_workers=spec["world"]),
+                         failure=distopt.FailureConfig(max_failures=int(failures[1:]),
+                                                       collective_timeout_s=float(spec["timeout_s"])))
     worker = Worker(config, spec["rank"], spec["world"])
     worker.connect("127.0.0.1", spec["port"], group_name=f"peak-{spec['config']}")
     return worker.run_step, worker.close

@@ -50,9 +50,10 @@ def train_config(world: int, zero_stage: int, max_failures: int, overlap: bool =
     import distopt
     from distopt.runtime.config import TrainConfig
     return TrainConfig(model=make_model, loss=mse_loss, data=make_data(), optimizer=distopt.optim.adam(lr=LR),
-                       global_batch_size=batch_per_worker * world, num_workers=world, zero_stage=zero_stage,
-                       seed=SEED, max_failures=max_failures, overlap=overlap, shared_memory=shared_memory,
-                       replica_log_depth=log_depth)
+                       global_batch_size=batch_per_worker * world, zero_stage=zero_stage, seed=SEED, overlap=overlap,
+                       scaling=distopt.ScalingConfig(num_workers=world),
+                       failure=distopt.FailureConfig(max_failures=max_failures, shared_memory=shared_memory,
+                                                     replica_log_depth=log_depth))
 
 
 def _torch_runner(rank: int, world: int, data: TensorDataset, zero: bool) -> Callable[[int], dict]:

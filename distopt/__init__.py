@@ -13,13 +13,18 @@ __version__ = "0.1.0"
 __all__ = [
     "variable", "is_variable", "execute_with_gradients", "gradient_descent_update", "adam_update",
     "stop_gradient", "collectives", "optim", "Trainer", "FitResult", "WorkerError", "WorkerLost",
-    "PlacementError", "TrainingError",
+    "PlacementError", "TrainingError", "ScalingConfig", "FailureConfig", "CheckpointConfig", "RunConfig",
+    "Callback", "CallbackError", "TensorBoardLogger", "MLflowLogger",
 ]
 
 _LAZY = {
     "Trainer": "distopt.runtime.trainer", "FitResult": "distopt.runtime.trainer",
     "WorkerError": "distopt.runtime.errors", "WorkerLost": "distopt.runtime.errors",
     "PlacementError": "distopt.runtime.errors", "TrainingError": "distopt.runtime.errors",
+    "ScalingConfig": "distopt.runtime.groups", "FailureConfig": "distopt.runtime.groups",
+    "CheckpointConfig": "distopt.runtime.groups", "RunConfig": "distopt.runtime.groups",
+    "Callback": "distopt.runtime.callbacks", "CallbackError": "distopt.runtime.callbacks",
+    "TensorBoardLogger": "distopt.runtime.loggers", "MLflowLogger": "distopt.runtime.loggers",
 }
 
 

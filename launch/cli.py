@@ -2,10 +2,12 @@
 
 The user's model, loss and data are named as ``pkg.module:attribute`` and imported here
 (the current folder is on the import path). Options come from the command line, or from
-a TOML file (``--config``) whose keys are the long option names with underscores; a flag
-given on the command line overrides the file. Everything is checked before Ray starts:
-:func:`build_trainer_kwargs` turns the parsed options into ``distopt.Trainer`` arguments
-without touching Ray, and :func:`main` is the only part that starts a run.
+a TOML file (``--config``) that maps one to one onto ``distopt.Trainer``: top-level keys
+are its own arguments, the tables ``[scaling]``, ``[failure]``, ``[checkpoint]`` and
+``[run]`` its config groups, ``[optimizer]`` the update rule (:mod:`launch.options`); a
+flag given on the command line overrides the file. Everything is checked before Ray
+starts: :func:`build_trainer_kwargs` turns the parsed options into ``distopt.Trainer``
+arguments without touching Ray, and :func:`main` is the only part that starts a run.
 """
 from __future__ import annotations
 
@@ -13,50 +15,50 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from launch.inputs import UsageError, load_config, resolve_data, resolve_loss, resolve_model
+from distopt.runtime.groups import GROUPS
+from launch.inputs import UsageError, resolve_data, resolve_loss, resolve_model
+from distopt.runtime.config import TrainConfig
+from launch.options import (SPLITS, TRAINER_KEYS, add_group_options, add_optimizer_options, add_trainer_options,
+                            as_toml, group_kwargs, load_config)
 
 PROG = "distopt train"
 EXAMPLES = """\
 examples:
   distopt train --model mytask:make_model --loss mytask:loss --data mytask:dataset \\
-      --workers 2 --steps 1000 --lr 3e-4 --out runs/first
+      --scaling.num_workers 2 --steps 1000 --optimizer.lr 3e-4 --run.out_dir runs/first
 
   # long runs: keep the options in a TOML file; command-line flags override it
   distopt train --config run.toml --steps 20000
+  distopt train --config run.toml --dry-run > full.toml   # every option, defaults included
 
-  # run.toml (keys are the long option names with underscores)
+  # run.toml: top-level keys are the Trainer's arguments, tables its config groups
   model = "mytask:make_model"
   loss = "mytask:loss"
   data = "mytask:dataset"
-  workers = 8
-  gpus_per_worker = 1
+  eval_data = "mytask:heldout"
+  eval_every = 200
+  global_batch_size = 256
   zero_stage = 2
+  [optimizer]
+  name = "adam"
+  lr = 3e-4
   schedule = "cosine"
   warmup_steps = 500
+  [scaling]
+  num_workers = 8
+  use_gpu = true
+  [checkpoint]
+  dir = "/shared/ckpt"
+  every = 1000
+  [run]
+  out_dir = "runs/big"
+  callbacks = ["tensorboard"]
 
   # on a running cluster (launch/README.md): ship this folder so workers import mytask
-  ray job submit --working-dir . -- distopt train --address auto --config run.toml
+  ray job submit --working-dir . -- distopt train --config run.toml --scaling.ray_address auto
 """
-
-
-def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], Any]:
-    """An argparse ``type``: parse ``kind`` and require ``>= minimum`` (``>`` when strict)."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n int' if kind is int else ' number'}") from None
-        if value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {minimum:g}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-COUNT, NONNEG_INT = _number(int, 1), _number(int, 0)
-NONNEG, POSITIVE = _number(float, 0.0), _number(float, 0.0, strict=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,93 +74,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "train", help="train a model data-parallel on a Ray cluster", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a model data-parallel on a Ray cluster, with ZeRO-sharded optimizer state.\n"
-                    "--model, --loss and --data are required, on the command line or in --config.")
-    _add_code_and_config(train)
-    _add_cluster(train)
-    _add_training(train)
-    _add_optimizer(train)
-    _add_output(train)
+                    "--model, --loss and --data are required, on the command line or in --config.\n"
+                    "Each flag is a key of the --config file: --scaling.num_workers is num_workers in [scaling].")
+    add_trainer_options(train)
+    add_optimizer_options(train)
+    add_group_options(train)
     return top, train
-
-
-def _add_code_and_config(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("your code (pkg.module:attribute, importable from the current folder)")
-    g.add_argument("--model", metavar="MOD:ATTR", help="zero-arg callable returning a torch.nn.Module")
-    g.add_argument("--loss", metavar="MOD:ATTR", help="(model, batch) -> loss tensor, or (loss, metrics dict)")
-    g.add_argument("--data", metavar="MOD:ATTR", help="map-style dataset, or a zero-arg callable returning one")
-    g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file; flags override it")
-    g.add_argument("--dry-run", action="store_true", help="check and print the run's settings, start nothing")
-
-
-def _add_cluster(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster")
-    g.add_argument("--workers", metavar="N", type=COUNT, default=2, help="data-parallel workers (default: 2)")
-    g.add_argument("--gpus-per-worker", metavar="{0,1}", type=NONNEG_INT, default=0,
-                   help="0 (CPU) or 1 (default: 0)")
-    g.add_argument("--cpus-per-worker", metavar="N", type=POSITIVE, default=1.0,
-                   help="CPUs reserved per worker (default: 1)")
-    g.add_argument("--address", metavar="ADDR", default=None,
-                   help="Ray cluster to join: 'auto', HOST:PORT or ray://HOST:PORT; 'local' runs in this "
-                        "process without Ray (default: start a Ray cluster for this run)")
-    g.add_argument("--placement", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-                   help="how workers are placed on nodes (default: PACK)")
-    g.add_argument("--checkpoint-dir", metavar="DIR", default=None,
-                   help="folder for checkpoints (step-N subfolders), shared by all nodes")
-    g.add_argument("--checkpoint-every", metavar="N", type=NONNEG_INT, default=0,
-                   help="also checkpoint every N steps, in the background (default: only at the end)")
-    g.add_argument("--keep-last", metavar="N", type=COUNT, default=3,
-                   help="complete checkpoints to keep (default: 3)")
-    g.add_argument("--resume", metavar="DIR", default=None,
-                   help="resume from a checkpoint folder, or the newest good one under a checkpoint root")
-    g.add_argument("--max-failures", metavar="N", type=NONNEG_INT, default=3,
-                   help="failures to recover from (default: 3)")
-    g.add_argument("--spare-workers", metavar="N", type=NONNEG_INT, default=0,
-                   help="idle workers with the model built, ready to take a lost rank (default: 0)")
-    g.add_argument("--min-workers", metavar="N", type=COUNT, default=1,
-                   help="fewest workers a run may shrink to when no replacement fits (default: 1)")
-    g.add_argument("--no-grow-back", dest="grow_back", action="store_false",
-                   help="after a shrink, stay small even when the lost resources return")
-
-
-def _add_training(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", metavar="N", type=COUNT, default=1000, help="optimizer steps (default: 1000)")
-    g.add_argument("--batch-size", metavar="N", type=COUNT, default=64,
-                   help="global batch size per step (default: 64)")
-    g.add_argument("--grad-accum", metavar="N", type=COUNT, default=1,
-                   help="gradient accumulation steps (default: 1)")
-    g.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2),
-                   help="0: replicated state, 1: sharded state, 2: also sharded gradients (default: 1)")
-    g.add_argument("--max-grad-norm", metavar="X", type=POSITIVE, default=None,
-                   help="clip the global gradient norm (default: off)")
-    g.add_argument("--seed", metavar="N", type=NONNEG_INT, default=0,
-                   help="model init and sampling seed (default: 0)")
-
-
-def _add_optimizer(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="update rule (default: adam)")
-    g.add_argument("--lr", metavar="X", type=NONNEG, default=1e-3, help="(peak) learning rate (default: 1e-3)")
-    g.add_argument("--momentum", metavar="X", type=NONNEG, default=None,
-                   help="SGD momentum (sgd only; default: 0)")
-    g.add_argument("--weight-decay", metavar="X", type=NONNEG, default=0.0,
-                   help="sgd: L2 penalty; adam: decoupled decay, i.e. AdamW (default: 0)")
-    g.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
-                   help="lr after warmup: flat, or cosine decay to --min-lr at the last step (default: constant)")
-    g.add_argument("--warmup-steps", metavar="N", type=NONNEG_INT, default=0,
-                   help="linear lr warmup steps (default: 0)")
-    g.add_argument("--min-lr", metavar="X", type=NONNEG, default=0.0,
-                   help="lr at the end of the cosine (default: 0)")
-
-
-def _add_output(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", default=None,
-                   help="folder for metrics.jsonl, loss.png, summary.json, model.safetensors (default: none)")
-    g.add_argument("--log-every", metavar="N", type=NONNEG_INT, default=10,
-                   help="log a line every N steps when there is no bar; 0: quiet (default: 10)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: only when stderr is a terminal)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -183,25 +104,66 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def build_optimizer(args: argparse.Namespace) -> Any:
-    """The update rule (with its lr schedule) that the options describe; no user code runs.
+    """The update rule (with its lr schedule) that ``[optimizer]`` describes; no user code runs.
 
     Raises:
-        UsageError: options that do not fit together, e.g. --momentum with adam.
+        UsageError: options that do not fit together, e.g. momentum with adam.
     """
-    from distopt.optim import adam, sgd
+    from distopt.optim import adam, muon, sgd
     from distopt.optim.schedules import make_schedule
 
+    o = group_kwargs(vars(args), "optimizer")
     try:
-        lr = make_schedule(args.schedule, args.lr, args.steps, args.warmup_steps, args.min_lr)
+        lr = make_schedule(o["schedule"], o["lr"], args.steps, o["warmup_steps"], o["min_lr"])
     except ValueError as e:
         raise UsageError(f"lr schedule: {e}") from None
-    if args.schedule == "constant" and not args.warmup_steps:
-        lr = args.lr  # a plain number where nothing varies: simpler to log and to read back
-    if args.optimizer == "adam":
-        if args.momentum is not None:
-            raise UsageError("--momentum applies to --optimizer sgd; Adam's moments need no setting: drop --momentum")
-        return adam(lr=lr, weight_decay=args.weight_decay, decoupled=bool(args.weight_decay))
-    return sgd(lr=lr, momentum=args.momentum or 0.0, weight_decay=args.weight_decay)
+    if o["schedule"] == "constant" and not o["warmup_steps"]:
+        lr = o["lr"]  # a plain number where nothing varies: simpler to log and to read back
+    if o["name"] == "adam":
+        if o["momentum"] is not None:
+            raise UsageError("[optimizer] momentum applies to name = \"sgd\"; Adam's moments need no setting: "
+                             "drop --optimizer.momentum")
+        return adam(lr=lr, weight_decay=o["weight_decay"], decoupled=bool(o["weight_decay"]))
+    if o["name"] == "muon":
+        return muon(lr=lr, weight_decay=o["weight_decay"], momentum=0.95 if o["momentum"] is None else o["momentum"])
+    return sgd(lr=lr, momentum=o["momentum"] or 0.0, weight_decay=o["weight_decay"])
+
+
+def build_param_groups(args: argparse.Namespace) -> Any:
+    """The ``param_groups`` function ``--param_groups`` names (None: one group).
+
+    Raises:
+        UsageError: a name that is neither a split nor importable code.
+    """
+    import functools
+
+    from distopt.optim import decay_groups, muon, muon_groups
+    spec = args.param_groups
+    if not spec:
+        return None
+    if spec == "decay":
+        return decay_groups
+    if spec == "muon":
+        return functools.partial(muon_groups, rule=muon(lr=group_kwargs(vars(args), "optimizer")["muon_lr"]))
+    if ":" not in spec:
+        raise UsageError(f"--param_groups {spec!r}: use one of {', '.join(SPLITS)}, or MOD:ATTR naming a function "
+                         f"model -> groups")
+    return resolve_loss(spec, "--param_groups")
+
+
+def build_groups(args: argparse.Namespace) -> dict[str, Any]:
+    """The config groups the options describe (fields not given keep the groups' defaults).
+
+    Raises:
+        UsageError: a field the group refuses; the message names the flag and the TOML key.
+    """
+    groups = {}
+    for table, cls in GROUPS.items():
+        try:
+            groups[table] = cls(**group_kwargs(vars(args), table))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{e} (--{table}.<field>, or the key under [{table}] in --config)") from None
+    return groups
 
 
 def build_trainer_kwargs(args: argparse.Namespace) -> dict:
@@ -210,29 +172,26 @@ def build_trainer_kwargs(args: argparse.Namespace) -> dict:
     Raises:
         UsageError: bad options or user code that cannot be found; the message names the fix.
     """
-    if args.gpus_per_worker > 1:
-        raise UsageError(f"--gpus-per-worker {args.gpus_per_worker}: distopt runs one worker per GPU: "
-                         f"use --gpus-per-worker 1 and --workers {args.workers * args.gpus_per_worker}")
-    optimizer = build_optimizer(args)
-    return {"model": resolve_model(args.model), "loss": resolve_loss(args.loss), "data": resolve_data(args.data),
-            "optimizer": optimizer, "global_batch_size": args.batch_size, "num_workers": args.workers,
-            "use_gpu": args.gpus_per_worker == 1, "zero_stage": args.zero_stage, "seed": args.seed,
-            "gradient_accumulation_steps": args.grad_accum, "max_grad_norm": args.max_grad_norm,
-            "log_every": args.log_every, "out_dir": args.out, "progress": args.progress,
-            "ray_address": args.address, "num_cpus_per_worker": args.cpus_per_worker,
-            "placement_strategy": args.placement, "checkpoint_dir": args.checkpoint_dir,
-            "checkpoint_every": args.checkpoint_every, "keep_last": args.keep_last, "resume_from": args.resume,
-            "max_failures": args.max_failures, "spare_workers": args.spare_workers, "min_workers": args.min_workers,
-            "grow_back": args.grow_back}
+    values = vars(args)
+    kwargs = {"model": resolve_model(args.model), "loss": resolve_loss(args.loss), "data": resolve_data(args.data),
+              "optimizer": build_optimizer(args), "global_batch_size": args.global_batch_size}
+    if args.eval_data:
+        kwargs["eval_data"] = resolve_data(args.eval_data, "--eval_data")
+    if args.eval_fn:
+        kwargs["eval_fn"] = resolve_loss(args.eval_fn, "--eval_fn")
+    if args.param_groups:
+        kwargs["param_groups"] = build_param_groups(args)
+    kwargs.update({name: values[name] for name in TRAINER_KEYS if name in values})
+    return {**kwargs, **build_groups(args)}
 
 
-def describe(kwargs: dict, steps: int) -> str:
-    """The run's settings as text, for --dry-run."""
-    lines = [f"{PROG}: {steps} steps, {len(kwargs['data'])} samples"]
-    for key, value in kwargs.items():
-        shown = {**value.config(), "lr": value.lr} if key == "optimizer" else getattr(value, "__qualname__", value)
-        lines.append(f"  {key:<28} {type(value).__name__ if key == 'data' else shown}")
-    return "\n".join(lines)
+def describe(args: argparse.Namespace, kwargs: dict) -> str:
+    """The run's options as TOML, defaults included, for --dry-run: ``--config`` reads it back."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "dry_run")}
+    defaults = {name: getattr(TrainConfig, name) for name in TRAINER_KEYS}  # the Trainer's, written there
+    header = f"# {PROG}: {args.steps} steps, {len(kwargs['data'])} samples\n"
+    values.update({k: v for k, v in defaults.items() if k not in values})
+    return header + as_toml(values, {t: kwargs[t] for t in GROUPS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,17 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe(kwargs, args.steps))
+        print(describe(args, kwargs))
         return 0
     import distopt
 
     try:
         trainer = distopt.Trainer(**kwargs)
-    except (ValueError, TypeError) as e:  # the Trainer's own checks, before any work starts
+    except (ValueError, TypeError, ImportError) as e:  # the Trainer's own checks, before any work starts
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     result = trainer.fit(steps=args.steps)
-    _finish(result, args.out)
+    _finish(result, kwargs["run"].out_dir)
     return 0
 
 
@@ -270,6 +229,8 @@ def _finish(result: Any, out: str | None) -> None:
     if summary.get("state_bytes_per_worker") is not None:
         print(f"optimizer state {summary['state_bytes_per_worker']:,} B per worker, "
               f"{summary.get('state_bytes_unsharded', 0):,} B unsharded")
+    if summary.get("eval_loss") is not None:
+        print(f"held-out loss {summary['eval_loss']:.4f}")
     print(f"recovered failures {len(result.failures)}")
     if out:
         from distopt.checkpoint import export_safetensors

@@ -1,4 +1,4 @@
-"""What the ``distopt`` command reads from outside: TOML option files and user code.
+"""What the ``distopt`` command reads from outside: user code (TOML files: ``options``).
 
 ``pkg.module:attribute`` names are imported with importlib, the current folder on the
 path, and each failure says which module or attribute was missing and how to fix it.
@@ -6,7 +6,6 @@ Nothing here starts Ray.
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import os
@@ -17,55 +16,6 @@ from typing import Any, Callable
 
 class UsageError(ValueError):
     """Bad command-line or config input; the message names the fix. ``main`` exits with 2."""
-
-
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a TOML options file and check each value as its command-line flag would be.
-
-    Raises:
-        UsageError: a missing or malformed file, an unknown key, or a bad value.
-    """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise UsageError("--config needs Python 3.11+ (tomllib) or the tomli package: pip install tomli") from None
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as e:
-        raise UsageError(f"--config {path}: cannot read it ({e.strerror}): check the path") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"--config {path}: not valid TOML ({e})") from None
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    return {key.replace("-", "_"): _config_value(path, key, value, actions) for key, value in raw.items()}
-
-
-def _config_value(path: str, key: str, value: Any, actions: dict[str, argparse.Action]) -> Any:
-    action = actions.get(key.replace("-", "_"))
-    if action is None:
-        close = difflib.get_close_matches(key.replace("-", "_"), list(actions), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"--config {path}: unknown key {key!r}{hint}: keys are the long option names "
-                         f"with underscores, e.g. batch_size = 64")
-    where = f"--config {path}: {key} = {value!r}"
-    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
-        if not isinstance(value, bool):
-            raise UsageError(f"{where} must be true or false")
-        return value
-    if isinstance(value, (bool, dict, list)):
-        raise UsageError(f"{where} must be a single {'number' if action.type else 'string'}, as after {key}")
-    try:
-        value = action.type(str(value)) if action.type else value
-    except (argparse.ArgumentTypeError, ValueError) as e:
-        raise UsageError(f"{where}: {e}") from None
-    if action.type is None and not isinstance(value, str):
-        raise UsageError(f"{where} must be a string: write {key} = \"{value}\"")
-    if action.choices is not None and value not in action.choices:
-        raise UsageError(f"{where} is not one of {', '.join(map(str, action.choices))}")
-    return value
 
 
 def resolve(spec: str, option: str) -> Any:
@@ -121,28 +71,29 @@ def resolve_model(spec: str) -> Callable[[], Any]:
     return obj
 
 
-def resolve_loss(spec: str) -> Callable[..., Any]:
-    """The loss function named by ``--loss``."""
-    obj = resolve(spec, "--loss")
+def resolve_loss(spec: str, option: str = "--loss") -> Callable[..., Any]:
+    """The loss function named by ``--loss`` (or ``--eval_fn``)."""
+    obj = resolve(spec, option)
     if not callable(obj):
-        raise UsageError(f"--loss {spec!r} is a {type(obj).__name__}, not a function (model, batch) -> loss")
+        raise UsageError(f"{option} {spec!r} is a {type(obj).__name__}, not a function (model, batch) -> loss")
     return obj
 
 
-def resolve_data(spec: str) -> Any:
-    """The dataset named by ``--data``: the object itself, or what a zero-arg callable returns."""
-    obj = resolve(spec, "--data")
+def resolve_data(spec: str, option: str = "--data") -> Any:
+    """The dataset named by ``--data`` (or ``--eval_data``): the object itself, or what a
+    zero-arg callable returns."""
+    obj = resolve(spec, option)
     if callable(obj) and not _is_dataset(obj):
         try:
             obj = obj()
         except Exception as e:
-            raise UsageError(f"--data {spec!r}: calling it raised {type(e).__name__}: {e}; it must take no "
+            raise UsageError(f"{option} {spec!r}: calling it raised {type(e).__name__}: {e}; it must take no "
                              f"arguments and return a dataset") from e
     if not _is_dataset(obj):
-        raise UsageError(f"--data {spec!r} gave a {type(obj).__name__}: distopt needs a map-style dataset "
+        raise UsageError(f"{option} {spec!r} gave a {type(obj).__name__}: distopt needs a map-style dataset "
                          f"(with __len__ and __getitem__), e.g. a torch.utils.data.TensorDataset")
     if len(obj) == 0:
-        raise UsageError(f"--data {spec!r} is empty: it must hold at least --batch-size samples")
+        raise UsageError(f"{option} {spec!r} is empty: it must hold samples (--data: one global batch at least)")
     return obj
 
 

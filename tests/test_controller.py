@@ -14,6 +14,7 @@ from distopt.collectives.in_process import run_ranks
 from distopt.optim import adam
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.controller import Controller, RunFailed
+from distopt.runtime.groups import FailureConfig, ScalingConfig
 from distopt.runtime.policy import Outcome, WorkerStatus
 from distopt.runtime.worker import StepReport, Worker
 from trainer_task import loss, make_data, make_model
@@ -82,9 +83,9 @@ class ScriptedGroup:
         return _ok(self.world) if dead is None else _lost(self.world, dead, "broadcast")
 
 
-def _controller(group: ScriptedGroup, workers: int, **kw) -> Controller:
+def _controller(group: ScriptedGroup, workers: int, **failure) -> Controller:
     config = TrainConfig(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2), global_batch_size=16,
-                         num_workers=workers, **kw)
+                         scaling=ScalingConfig(num_workers=workers), failure=FailureConfig(**failure))
     return Controller(group, config, on_commit=lambda entry: None)
 
 
@@ -173,7 +174,8 @@ def test_growing_back_right_after_a_shrink_offers_the_shrunk_groups_shards():
     # is a new episode: rank 0 offers its shard of the 1-rank plan, not what it offered to
     # the shrink, and the run ends with the bits of a run that never lost anyone.
     config = TrainConfig(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2), global_batch_size=16,
-                         num_workers=2, zero_stage=1, seed=0, collective_timeout_s=20)
+                         zero_stage=1, seed=0, scaling=ScalingConfig(num_workers=2),
+                         failure=FailureConfig(collective_timeout_s=20))
     clean = [Worker(config, r) for r in range(2)]
     port = free_port()
     run_ranks(clean, lambda w: w.connect("127.0.0.1", port), timeout_s=60)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import distopt
+from distopt import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from distopt.optim import adam
 from distopt.runtime.faults import Fault
 from trainer_task import loss, make_data, make_model
@@ -14,10 +15,15 @@ from trainer_task import loss, make_data, make_model
 STEPS = 8
 
 
-def _fit(stage, faults=(), workers=2, **kw):
+def _fit(stage, faults=(), workers=2, cpus=1.0, ckpt=None, out=None, **failure):
+    """``ckpt``: a checkpoint folder, written every 2 steps; ``failure``: more FailureConfig fields."""
     trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2, weight_decay=0.01),
-                              global_batch_size=16, num_workers=workers, zero_stage=stage, seed=0, log_every=0,
-                              collective_timeout_s=4, replace_timeout_s=20, faults=faults, **kw)
+                              global_batch_size=16, zero_stage=stage, seed=0,
+                              scaling=ScalingConfig(num_workers=workers, cpus_per_worker=cpus),
+                              failure=FailureConfig(collective_timeout_s=4, replace_timeout_s=20, faults=faults,
+                                                    **failure),
+                              checkpoint=CheckpointConfig(dir=ckpt, every=2 if ckpt else 0),
+                              run=RunConfig(out_dir=out, log_every=0))
     return trainer.fit(steps=STEPS)
 
 
@@ -100,7 +106,7 @@ def test_past_max_failures_the_run_raises_with_the_records(ray_cluster):
 
 def test_warm_spare_takes_the_lost_rank(clean):
     result = _fit(1, faults=(Fault(rank=1, step=3, phase="compute"), Fault(rank=0, step=6, phase="data")),
-                  spare_workers=1, num_cpus_per_worker=0.5)
+                  spare_workers=1, cpus=0.5)
     assert _same(result, clean[1])
     first, second = result.failures
     assert first["action"] == second["action"] == "replace"
@@ -111,8 +117,8 @@ BOTH_AT_5 = (Fault(rank=0, step=5, phase="compute"), Fault(rank=1, step=5, phase
 
 
 def test_every_worker_lost_at_once_goes_back_to_the_checkpoint_and_ends_the_same(clean, tmp_path):
-    result = _fit(1, faults=BOTH_AT_5, max_failures=2, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2,
-                  out_dir=str(tmp_path / "run"))
+    result = _fit(1, faults=BOTH_AT_5, max_failures=2, ckpt=str(tmp_path / "ckpt"),
+                  out=str(tmp_path / "run"))
     assert _same(result, clean[1]), "the steps redone from the checkpoint changed the weights"
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     assert [h["loss"] for h in result.history] == [h["loss"] for h in clean[1].history]
@@ -126,14 +132,15 @@ def test_every_worker_lost_at_once_goes_back_to_the_checkpoint_and_ends_the_same
 
 
 def test_every_worker_lost_without_a_checkpoint_fails_naming_the_fix(ray_cluster):
-    with pytest.raises(distopt.TrainingError, match="no checkpoint to fall back on .*checkpoint_dir=") as info:
+    with pytest.raises(distopt.TrainingError,
+                       match=r"no checkpoint to fall back on .*CheckpointConfig\(dir=..., every=...\)") as info:
         _fit(1, faults=BOTH_AT_5, max_failures=2)
     assert sorted(f["rank"] for f in info.value.failures) == [0, 1]
 
 
 @pytest.fixture(scope="module")
 def clean4(ray_cluster):
-    return _fit(1, workers=4, num_cpus_per_worker=0.5)
+    return _fit(1, workers=4, cpus=0.5)
 
 
 def test_rank_lost_during_the_recovery_is_recovered_from_memory_too(clean4):
@@ -141,7 +148,7 @@ def test_rank_lost_during_the_recovery_is_recovered_from_memory_too(clean4):
     # Shard 1 lives on in rank 2's replica, shard 3 in rank 0's: the second attempt
     # rebuilds both from memory and the run ends with the clean run's bits.
     faults = (Fault(rank=1, step=4, phase="compute"), Fault(rank=3, step=4, phase="recovery"))
-    result = _fit(1, faults=faults, workers=4, num_cpus_per_worker=0.5)
+    result = _fit(1, faults=faults, workers=4, cpus=0.5)
     assert _same(result, clean4)
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (3, 5, "replace")]
@@ -152,7 +159,7 @@ def test_last_holder_lost_during_the_recovery_falls_back_to_the_checkpoint(clean
     # Two ranks: rank 1 dies, then rank 0 (the only holder of both shards) during the
     # recovery; memory cannot rebuild the commit, the checkpoint can.
     faults = (Fault(rank=1, step=5, phase="compute"), Fault(rank=0, step=5, phase="recovery"))
-    result = _fit(1, faults=faults, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    result = _fit(1, faults=faults, ckpt=str(tmp_path / "ckpt"))
     assert _same(result, clean[1])
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     assert [f["rank"] for f in result.failures] == [1, 0]
@@ -165,8 +172,7 @@ def test_rank_lost_while_going_back_to_the_checkpoint_is_replaced_too(clean4, tm
     # with the clean run's bits.
     faults = (Fault(rank=1, step=5, phase="compute"), Fault(rank=2, step=5, phase="compute"),
               Fault(rank=0, step=5, phase="recovery"))
-    result = _fit(1, faults=faults, workers=4, num_cpus_per_worker=0.5, checkpoint_dir=str(tmp_path / "ckpt"),
-                  checkpoint_every=2)
+    result = _fit(1, faults=faults, workers=4, cpus=0.5, ckpt=str(tmp_path / "ckpt"))
     assert _same(result, clean4)
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     assert sorted(f["rank"] for f in result.failures[:2]) == [1, 2] and result.failures[2]["rank"] == 0

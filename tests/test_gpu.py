@@ -117,8 +117,9 @@ def test_trainer_on_shared_gpu_matches_torch_optim(stage):
     from trainer_task import loss, make_data, make_model, reference
     result = distopt.Trainer(
         model=make_model, loss=loss, data=make_data(), optimizer=distopt.optim.adam(lr=0.01),
-        global_batch_size=24, num_workers=2, use_gpu=True, zero_stage=stage, seed=0, log_every=0,
-        progress=False, ray_address="local").fit(steps=8)
+        global_batch_size=24, zero_stage=stage, seed=0,
+        scaling=distopt.ScalingConfig(num_workers=2, use_gpu=True, ray_address="local"),
+        run=distopt.RunConfig(log_every=0, progress=False)).fit(steps=8)
     expected = reference(lambda ps: torch.optim.Adam(ps, lr=0.01), 8, 24)
     for name, value in expected.items():
         # GPU and CPU kernels sum in different orders: close, not equal
@@ -131,8 +132,9 @@ def test_trainer_bf16_on_gpu_trains():
     from trainer_task import loss, make_data, make_model
     result = distopt.Trainer(
         model=make_model, loss=loss, data=make_data(), optimizer=distopt.optim.adam(lr=0.01),
-        global_batch_size=24, num_workers=2, use_gpu=True, zero_stage=1, seed=0, log_every=0, progress=False,
-        ray_address="local", mixed_precision="bf16", grad_wire_dtype=torch.bfloat16).fit(steps=40)
+        global_batch_size=24, zero_stage=1, seed=0, mixed_precision="bf16",
+        scaling=distopt.ScalingConfig(num_workers=2, use_gpu=True, ray_address="local", grad_wire_dtype="bfloat16"),
+        run=distopt.RunConfig(log_every=0, progress=False)).fit(steps=40)
     losses = [h["loss"] for h in result.history]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
@@ -143,12 +145,15 @@ def test_checkpoint_written_from_gpu_resumes_on_cpu(tmp_path):
     import distopt
     from trainer_task import loss, make_data, make_model
 
-    def trainer(**kw):
+    def trainer(use_gpu, num_workers, **checkpoint):
         return distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=distopt.optim.adam(lr=0.01),
-                               global_batch_size=24, zero_stage=1, seed=0, log_every=0, progress=False,
-                               ray_address="local", **kw)
+                               global_batch_size=24, zero_stage=1, seed=0,
+                               scaling=distopt.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                                             ray_address="local"),
+                               checkpoint=distopt.CheckpointConfig(**checkpoint),
+                               run=distopt.RunConfig(log_every=0, progress=False))
     whole = trainer(use_gpu=True, num_workers=2).fit(steps=8)
-    trainer(use_gpu=True, num_workers=2, checkpoint_dir=str(tmp_path), checkpoint_every=2).fit(steps=4)
+    trainer(use_gpu=True, num_workers=2, dir=str(tmp_path), every=2).fit(steps=4)
     resumed = trainer(use_gpu=False, num_workers=3, resume_from=str(tmp_path)).fit(steps=8)
     assert [h["step"] for h in resumed.history] == [5, 6, 7, 8]
     for name, value in whole.state_dict.items():

@@ -5,15 +5,17 @@ import pytest
 import torch
 
 import distopt
+from distopt import FailureConfig, RunConfig, ScalingConfig
 from distopt.optim import adam
 from trainer_task import loss, make_data, make_model
 from cluster_nodes import two_node_cluster, unplug_after
 
 
-def _fit(**kw):
+def _fit(placement="PACK"):
     trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
-                              global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
-                              collective_timeout_s=20, **kw)
+                              global_batch_size=16, zero_stage=2, seed=0,
+                              scaling=ScalingConfig(num_workers=2, placement_strategy=placement),
+                              failure=FailureConfig(collective_timeout_s=20), run=RunConfig(log_every=0))
     return trainer.fit(steps=10)
 
 
@@ -28,7 +30,7 @@ def two_nodes(single_node_result):
 
 
 def test_spread_over_two_nodes_gives_the_single_node_weights(two_nodes, single_node_result):
-    spread = _fit(placement_strategy="STRICT_SPREAD")
+    spread = _fit(placement="STRICT_SPREAD")
     assert spread.summary["nodes"] == 2
     assert single_node_result.summary["nodes"] == 1
     for name, value in single_node_result.state_dict.items():
@@ -48,9 +50,10 @@ def test_node_removed_mid_run_shrinks_and_finishes(two_nodes, single_node_result
     out = tmp_path / "run"
     unplug_after(two_nodes, two_nodes.list_all_nodes()[1], out / "metrics.jsonl")
     trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
-                              global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
-                              placement_strategy="STRICT_SPREAD", collective_timeout_s=5, replace_timeout_s=5,
-                              out_dir=str(out))
+                              global_batch_size=16, zero_stage=2, seed=0,
+                              scaling=ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD"),
+                              failure=FailureConfig(collective_timeout_s=5, replace_timeout_s=5),
+                              run=RunConfig(out_dir=str(out), log_every=0))
     result = trainer.fit(steps=10)
     (failure,) = result.failures
     assert failure["action"] == "shrink" and failure["world_size"] == 1
@@ -69,16 +72,18 @@ def test_after_a_shrink_the_group_grows_back_when_a_node_returns(two_nodes, tmp_
 
     steps = 160  # room for a node start, the bundle's rescheduling and an actor start
     reference = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
-                                global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
-                                ray_address="local").fit(steps=steps)
+                                global_batch_size=16, zero_stage=2, seed=0,
+                                scaling=ScalingConfig(num_workers=2, ray_address="local"),
+                                run=RunConfig(log_every=0)).fit(steps=steps)
     while len(two_nodes.list_all_nodes()) < 2:
         two_nodes.add_node(num_cpus=1)
     two_nodes.wait_for_nodes()
     out = tmp_path / "run"
     trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
-                              global_batch_size=16, num_workers=2, zero_stage=2, seed=0, log_every=0,
-                              placement_strategy="STRICT_SPREAD", collective_timeout_s=5, replace_timeout_s=5,
-                              out_dir=str(out))
+                              global_batch_size=16, zero_stage=2, seed=0,
+                              scaling=ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD"),
+                              failure=FailureConfig(collective_timeout_s=5, replace_timeout_s=5),
+                              run=RunConfig(out_dir=str(out), log_every=0))
     outcome: dict = {}
 
     def fit():

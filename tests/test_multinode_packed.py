@@ -27,14 +27,16 @@ def test_node_with_two_ranks_lost_recovers_from_memory(packed_nodes, tmp_path):
     import json
 
     reference = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
-                                global_batch_size=16, num_workers=4, zero_stage=1, seed=0, log_every=0,
-                                ray_address="local").fit(steps=10)
+                                global_batch_size=16, zero_stage=1, seed=0,
+                                scaling=distopt.ScalingConfig(num_workers=4, ray_address="local"),
+                                run=distopt.RunConfig(log_every=0)).fit(steps=10)
     out = tmp_path / "run"
     unplug_after(packed_nodes, packed_nodes.list_all_nodes()[1], out / "metrics.jsonl", within_s=180)
     trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
-                              global_batch_size=16, num_workers=4, zero_stage=1, seed=0, log_every=0,
-                              placement_strategy="PACK", collective_timeout_s=10, replace_timeout_s=5,
-                              out_dir=str(out))  # no checkpoint_dir: memory is the only way back
+                              global_batch_size=16, zero_stage=1, seed=0,
+                              scaling=distopt.ScalingConfig(num_workers=4, placement_strategy="PACK"),
+                              failure=distopt.FailureConfig(collective_timeout_s=10, replace_timeout_s=5),
+                              run=distopt.RunConfig(out_dir=str(out), log_every=0))  # no checkpoints: memory only
     result = trainer.fit(steps=10)
     assert len(result.failures) == 2, result.failures
     assert len({f["node"] for f in result.failures}) == 1  # both on the node that went

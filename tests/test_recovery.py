@@ -296,10 +296,11 @@ def test_an_optimizer_whose_redundancy_fails_to_form_leaves_no_gradient_hooks(mo
     later backward also runs them, into buckets it never reduces again."""
     from distopt.runtime import worker as worker_module
     from distopt.runtime.config import TrainConfig
+    from distopt.runtime.groups import ScalingConfig
     from trainer_task import loss, make_data, make_model
 
     config = TrainConfig(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2), global_batch_size=16,
-                         num_workers=1, zero_stage=1, seed=0)
+                         zero_stage=1, seed=0, scaling=ScalingConfig(num_workers=1))
     worker = worker_module.Worker(config, 0)
 
     def peer_lost(*args, **kwargs):

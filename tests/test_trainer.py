@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import distopt
+from distopt import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from distopt.optim import adam, sgd
 from trainer_task import loss, make_data, make_model, reference
 
+QUIET = RunConfig(log_every=0)
 STEPS, BATCH = 12, 16  # 96 samples: 6 steps per epoch, so the run crosses an epoch boundary
 RULES = {
     "sgd": (lambda: sgd(0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
@@ -17,11 +19,11 @@ RULES = {
 }
 
 
-def _fit(rule="adam", address=None, **kw):
-    kw = {"num_workers": 2, "zero_stage": 1, **kw}
+def _fit(rule="adam", address=None, workers=2, wire=None, **kw):
     trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=RULES[rule][0](),
-                              global_batch_size=BATCH, seed=0, log_every=0, ray_address=address,
-                              collective_timeout_s=20, **kw)
+                              global_batch_size=BATCH, seed=0, **{"zero_stage": 1, **kw},
+                              scaling=ScalingConfig(num_workers=workers, ray_address=address, grad_wire_dtype=wire),
+                              failure=FailureConfig(collective_timeout_s=20), run=QUIET)
     return trainer.fit(steps=STEPS)
 
 
@@ -29,7 +31,7 @@ def _fit(rule="adam", address=None, **kw):
 @pytest.mark.parametrize("stage", [0, 1, 2])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ray_trainer_matches_single_process_torch_optim(ray_cluster, workers, stage, rule):
-    result = _fit(rule, num_workers=workers, zero_stage=stage)
+    result = _fit(rule, workers=workers, zero_stage=stage)
     expected = reference(RULES[rule][1], STEPS, BATCH)
     assert set(result.state_dict) == set(expected)
     for name, value in expected.items():
@@ -73,7 +75,7 @@ def _vector_loss(model, batch):
 
 def test_model_builder_that_raises_names_the_rank(ray_cluster):
     trainer = distopt.Trainer(model=_raise_in_model, loss=loss, data=make_data(), optimizer=adam(1e-3),
-                              global_batch_size=BATCH, num_workers=2, log_every=0)
+                              global_batch_size=BATCH, run=QUIET)
     t0 = time.monotonic()
     with pytest.raises(distopt.WorkerError, match=r"worker rank \d failed during setup: .*boom in the model builder"):
         trainer.fit(steps=2)
@@ -82,7 +84,7 @@ def test_model_builder_that_raises_names_the_rank(ray_cluster):
 
 def test_non_scalar_loss_is_a_clear_error(ray_cluster):
     trainer = distopt.Trainer(model=make_model, loss=_vector_loss, data=make_data(), optimizer=adam(1e-3),
-                              global_batch_size=BATCH, num_workers=2, log_every=0, collective_timeout_s=10)
+                              global_batch_size=BATCH, failure=FailureConfig(collective_timeout_s=10), run=QUIET)
     t0 = time.monotonic()
     with pytest.raises(distopt.WorkerError, match=r"during step 0: .*scalar"):
         trainer.fit(steps=2)
@@ -91,30 +93,55 @@ def test_non_scalar_loss_is_a_clear_error(ray_cluster):
 
 def test_more_workers_than_the_cluster_can_place(ray_cluster):
     trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-3),
-                              global_batch_size=BATCH, num_workers=4, log_every=0, placement_timeout_s=5)
+                              global_batch_size=BATCH, scaling=ScalingConfig(num_workers=4, placement_timeout_s=5),
+                              run=QUIET)
     with pytest.raises(distopt.PlacementError, match=r"num_workers=4 .* lower num_workers"):
         trainer.fit(steps=1)
 
 
 @pytest.mark.parametrize("kwargs,exc,message", [
-    ({"global_batch_size": 30, "num_workers": 4}, ValueError,
+    ({"global_batch_size": 30, "scaling": ScalingConfig(num_workers=4)}, ValueError,
      r"global_batch_size=30 is not divisible by num_workers \* gradient_accumulation_steps = 4 \* 1 = 4: "
      r"use a multiple of 4"),
-    ({"global_batch_size": 16, "num_workers": 2, "gradient_accumulation_steps": 3}, ValueError,
-     r"use a multiple of 6"),
+    ({"global_batch_size": 16, "gradient_accumulation_steps": 3}, ValueError, r"use a multiple of 6"),
     ({"global_batch_size": 128}, ValueError, r"dataset has 96 samples, fewer than one global batch of 128"),
     ({"model": make_model()}, TypeError, r"pass the class or a factory"),
     ({"zero_stage": 3}, ValueError, r"zero_stage=3 must be 0, 1 or 2"),
     ({"optimizer": torch.optim.Adam}, TypeError, r"is not an update rule"),
-    ({"checkpoint_every": 5}, ValueError, r"checkpoint_every=5 needs a checkpoint_dir"),
-    ({"shared_memory": "yes"}, ValueError, r"shared_memory='yes' must be True or False"),
-    ({"replica_log_depth": 0}, ValueError, r"replica_log_depth=0 must be an int in \[1, 64\]"),
+    ({"scaling": {"num_workers": 2}}, TypeError, r"scaling must be a distopt.ScalingConfig, got dict"),
+    ({"run": ScalingConfig()}, TypeError, r"run must be a distopt.RunConfig, got ScalingConfig"),
+    ({"failure": FailureConfig(min_workers=3)}, ValueError,
+     r"FailureConfig.min_workers=3 is more than ScalingConfig.num_workers=2"),
+    ({"eval_every": 5}, ValueError, r"eval_every, eval_fn and eval_batch_size need eval_data="),
+    ({"eval_data": make_data(), "eval_fn": 3}, TypeError, r"eval_fn must be a callable"),
+    ({"eval_data": [], "eval_every": 2}, TypeError, r"eval_data must be a non-empty map-style dataset"),
+    ({"run": RunConfig(callbacks=[3])}, TypeError, r"RunConfig.callbacks\[0\] is a int, which has none of the hooks"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, exc, message):
     args = {"model": make_model, "loss": loss, "data": make_data(), "optimizer": adam(1e-3),
-            "global_batch_size": 16, "num_workers": 2, **kwargs}
+            "global_batch_size": 16, **kwargs}
     with pytest.raises(exc, match=message):
         distopt.Trainer(**args)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ScalingConfig(num_workers="2"), r"ScalingConfig.num_workers='2' must be an int >= 1"),
+    (lambda: ScalingConfig(use_gpu=1), r"ScalingConfig.use_gpu=1 must be True or False"),
+    (lambda: ScalingConfig(placement_strategy="pack"), r"ScalingConfig.placement_strategy='pack' must be one of"),
+    (lambda: ScalingConfig(grad_wire_dtype="fp8"), r"ScalingConfig.grad_wire_dtype='fp8' must be None, 'bfloat16'"),
+    (lambda: FailureConfig(shared_memory="yes"), r"FailureConfig.shared_memory='yes' must be True or False"),
+    (lambda: FailureConfig(replica_log_depth=0), r"FailureConfig.replica_log_depth=0 must be an int in \[1, 64\]"),
+    (lambda: FailureConfig(max_failures=0, spare_workers=1), r"FailureConfig.spare_workers=1 needs fault tolerance"),
+    (lambda: FailureConfig(step_timeout_s=0), r"FailureConfig.step_timeout_s=0 must be > 0 seconds"),
+    (lambda: CheckpointConfig(every=5), r"CheckpointConfig.every=5 needs a dir to write to"),
+    (lambda: CheckpointConfig(keep_last=0), r"CheckpointConfig.keep_last=0 must be an int >= 1"),
+    (lambda: RunConfig(log_every=-1), r"RunConfig.log_every=-1 must be an int >= 0"),
+    (lambda: RunConfig(progress="auto"), r"RunConfig.progress='auto' must be True, False or None"),
+    (lambda: RunConfig(callbacks=["wandb"]), r"RunConfig.callbacks\[0\]='wandb' must be one of"),
+])
+def test_bad_config_groups_name_the_field(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
 
 
 def test_embedded_ray_is_shut_down_after_fit_and_after_a_failure():
@@ -127,7 +154,8 @@ from distopt.optim import adam
 from trainer_task import loss, make_data, make_model
 def broken():
     raise RuntimeError("broken builder")
-kw = dict(loss=loss, data=make_data(), optimizer=adam(1e-3), global_batch_size=16, num_workers=1, log_every=0)
+kw = dict(loss=loss, data=make_data(), optimizer=adam(1e-3), global_batch_size=16,
+          scaling=distopt.ScalingConfig(num_workers=1), run=distopt.RunConfig(log_every=0))
 distopt.Trainer(model=make_model, **kw).fit(steps=2)
 print("after fit:", ray.is_initialized())
 try:
@@ -135,22 +163,23 @@ try:
 except distopt.WorkerError:
     print("after failure:", ray.is_initialized())
 """
-    here = os.path.dirname(__file__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = os.pathsep.join([here, os.path.dirname(here)])  # this checkout's distopt, not another install's
     done = subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "PYTHONPATH": here})
+                          env={**os.environ, "PYTHONPATH": paths})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "after fit: False" in done.stdout and "after failure: False" in done.stdout
 
 
 def test_bf16_wire_and_bf16_autocast_train_close_to_fp32():
     fp32 = _fit(address="local")
-    for kw in ({"grad_wire_dtype": torch.bfloat16}, {"mixed_precision": "bf16"}):
+    for kw in ({"wire": torch.bfloat16}, {"mixed_precision": "bf16"}):
         low = _fit(address="local", **kw)
         assert low.history[-1]["loss"] < low.history[0]["loss"]
         for name, value in fp32.state_dict.items():
             assert low.state_dict[name].dtype == torch.float32  # master weights stay fp32
             torch.testing.assert_close(low.state_dict[name], value, rtol=0.05, atol=0.05)
     with pytest.raises(ValueError, match="grad_wire_dtype=torch.float64 must be None"):
-        _fit(address="local", grad_wire_dtype=torch.float64)
+        _fit(address="local", wire=torch.float64)
     with pytest.raises(ValueError, match="mixed_precision='fp8' must be None or 'bf16'"):
         _fit(address="local", mixed_precision="fp8")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import distopt
+from distopt import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from distopt.checkpoint import CheckpointError, list_checkpoints, step_dir, verify
 from distopt.optim import adam
 from distopt.runtime.faults import Fault
@@ -21,17 +22,19 @@ from trainer_task import loss, make_data, make_model
 BATCH = 12  # divisible by 1, 2 and 3 workers
 
 
-def _trainer(address="local", **kw):
-    kw = {"num_workers": 2, "zero_stage": 1, **kw}
+def _trainer(address="local", workers=2, zero_stage=1, faults=(), **checkpoint):
+    """``checkpoint``: CheckpointConfig fields."""
     return distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2, weight_decay=0.01),
-                           global_batch_size=BATCH, seed=0, log_every=0, ray_address=address,
-                           collective_timeout_s=5, **kw)
+                           global_batch_size=BATCH, zero_stage=zero_stage, seed=0,
+                           scaling=ScalingConfig(num_workers=workers, ray_address=address),
+                           failure=FailureConfig(collective_timeout_s=5, faults=faults),
+                           checkpoint=CheckpointConfig(**checkpoint), run=RunConfig(log_every=0))
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    result = _trainer(checkpoint_dir=root, checkpoint_every=4, keep_last=3).fit(steps=12)
+    result = _trainer(dir=root, every=4, keep_last=3).fit(steps=12)
     return root, result
 
 
@@ -42,7 +45,7 @@ def test_checkpoints_are_written_verified_and_pruned(saved, tmp_path):
         manifest = verify(folder)
         assert manifest["world_size"] == 2 and manifest["next_step"] == int(folder.name.split("-")[1])
     more = tmp_path / "more"
-    _trainer(checkpoint_dir=more, checkpoint_every=2, keep_last=2).fit(steps=8)
+    _trainer(dir=more, every=2, keep_last=2).fit(steps=8)
     assert list_checkpoints(more) == [step_dir(more, 8), step_dir(more, 6)]
 
 
@@ -54,7 +57,7 @@ def test_the_writer_process_writes_what_the_writer_thread_writes(saved, tmp_path
     monkeypatch.setattr(worker_module, "make_writer",
                         lambda device, checkpointing: ProcessWriter() if checkpointing else ShardWriter())
     root, _ = saved
-    _trainer(checkpoint_dir=tmp_path, checkpoint_every=4, keep_last=3).fit(steps=12)
+    _trainer(dir=tmp_path, every=4, keep_last=3).fit(steps=12)
     assert list_checkpoints(tmp_path) == [step_dir(tmp_path, s) for s in (12, 8, 4)]
     for step in (4, 8, 12):
         theirs, ours = step_dir(root, step), step_dir(tmp_path, step)
@@ -66,7 +69,7 @@ def test_the_writer_process_writes_what_the_writer_thread_writes(saved, tmp_path
 @pytest.mark.parametrize("workers,stage", [(1, 0), (2, 1), (3, 2)])
 def test_resume_from_a_two_worker_checkpoint_on_any_world_size(saved, workers, stage):
     root, uninterrupted = saved
-    resumed = _trainer(num_workers=workers, zero_stage=stage, resume_from=step_dir(root, 8)).fit(steps=12)
+    resumed = _trainer(workers=workers, zero_stage=stage, resume_from=step_dir(root, 8)).fit(steps=12)
     assert [h["step"] for h in resumed.history] == [9, 10, 11, 12]
     for name, value in uninterrupted.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[name], value, rtol=1e-5, atol=1e-6)
@@ -97,7 +100,7 @@ def test_damaged_checkpoints_are_refused_and_skipped(saved, tmp_path):
 def test_worker_killed_while_writing_a_checkpoint(ray_cluster, saved, tmp_path):
     _, clean = saved
     root = tmp_path / "killed"
-    result = _trainer(address=None, checkpoint_dir=root, checkpoint_every=4,
+    result = _trainer(address=None, dir=root, every=4,
                       faults=(Fault(rank=1, step=7, phase="checkpoint"),)).fit(steps=12)
     assert all(torch.equal(result.state_dict[k], clean.state_dict[k]) for k in clean.state_dict)
     assert [f["step"] for f in result.failures] == [8]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import distopt
+from distopt import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from distopt.checkpoint import step_dir
 from distopt.optim import adam, constant
 from distopt.runtime.faults import Fault
@@ -15,12 +16,15 @@ from trainer_task import decay_split, hybrid_split, loss, make_data, make_model,
 STEPS, BATCH = 8, 12
 
 
-def _fit(groups, address="local", optimizer=None, steps=STEPS, **kw):
-    kw = {"num_workers": 2, "zero_stage": 1, "collective_timeout_s": 10, **kw}
-    trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(),
-                              optimizer=optimizer or adam(1e-2, weight_decay=0.1, decoupled=True),
-                              global_batch_size=BATCH, param_groups=groups, seed=0, log_every=0,
-                              ray_address=address, **kw)
+def _fit(groups, address="local", optimizer=None, steps=STEPS, workers=2, zero_stage=1, faults=(),
+         checkpoint_dir=None, resume_from=None):
+    trainer = distopt.Trainer(
+        model=make_model, loss=loss, data=make_data(),
+        optimizer=optimizer or adam(1e-2, weight_decay=0.1, decoupled=True), global_batch_size=BATCH, param_groups=groups, seed=0, zero_stage=zero_stage,
+        scaling=ScalingConfig(num_workers=workers, ray_address=address),
+        failure=FailureConfig(collective_timeout_s=4 if faults else 10, replace_timeout_s=20, faults=faults),
+        checkpoint=CheckpointConfig(dir=checkpoint_dir, every=4 if checkpoint_dir else 0, resume_from=resume_from),
+        run=RunConfig(log_every=0))
     return trainer.fit(steps=steps)
 
 
@@ -57,7 +61,7 @@ def test_decay_groups_match_torch_adamw_with_the_same_groups(ray_cluster, stage)
 
 @pytest.mark.parametrize("workers,stage", [(1, 0), (2, 1), (3, 2)])
 def test_muon_beside_adamw_matches_torch_muon_plus_adamw(workers, stage):
-    _close(_fit(hybrid_split, num_workers=workers, zero_stage=stage), reference_groups(_torch_hybrid, STEPS, BATCH))
+    _close(_fit(hybrid_split, workers=workers, zero_stage=stage), reference_groups(_torch_hybrid, STEPS, BATCH))
 
 
 def test_a_scheduled_rate_is_scaled_by_a_groups_lr():
@@ -120,17 +124,16 @@ def _muon_on_a_bias(model):
 def test_bad_param_groups_fail_before_any_worker_starts(fn, exc, match):
     with pytest.raises(exc, match=match):
         distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
-                        global_batch_size=BATCH, param_groups=fn, ray_address="local")
+                        global_batch_size=BATCH, param_groups=fn, scaling=ScalingConfig(ray_address="local"))
 
 
 @pytest.fixture(scope="module")
 def hybrid_clean(ray_cluster):
-    return _fit(hybrid_split, address=None, collective_timeout_s=4, replace_timeout_s=20)
+    return _fit(hybrid_split, address=None)
 
 
 def test_sigkill_mid_update_with_muon_beside_adamw_costs_no_bit(hybrid_clean):
-    result = _fit(hybrid_split, address=None, collective_timeout_s=4, replace_timeout_s=20,
-                  faults=(Fault(rank=1, step=4, phase="shard_update"),))
+    result = _fit(hybrid_split, address=None, faults=(Fault(rank=1, step=4, phase="shard_update"),))
     assert all(torch.equal(result.state_dict[k], v) for k, v in hybrid_clean.state_dict.items())
     assert [h["loss"] for h in result.history] == [h["loss"] for h in hybrid_clean.history]
     assert len(result.failures) == 1
@@ -139,13 +142,13 @@ def test_sigkill_mid_update_with_muon_beside_adamw_costs_no_bit(hybrid_clean):
 @pytest.fixture(scope="module")
 def hybrid_saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid")
-    return root, _fit(hybrid_split, checkpoint_dir=root, checkpoint_every=4, steps=12)
+    return root, _fit(hybrid_split, checkpoint_dir=root, steps=12)
 
 
 @pytest.mark.parametrize("workers,stage", [(1, 1), (3, 2)])
 def test_a_two_worker_hybrid_checkpoint_resumes_on_one_and_three_workers(hybrid_saved, workers, stage):
     root, uninterrupted = hybrid_saved
-    resumed = _fit(hybrid_split, num_workers=workers, zero_stage=stage, resume_from=step_dir(root, 8), steps=12)
+    resumed = _fit(hybrid_split, workers=workers, zero_stage=stage, resume_from=step_dir(root, 8), steps=12)
     assert [h["step"] for h in resumed.history] == [9, 10, 11, 12]
     for name, value in uninterrupted.state_dict.items():
         torch.testing.assert_close(resumed.state_dict[name], value, rtol=1e-5, atol=1e-6)

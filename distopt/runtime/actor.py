@@ -10,6 +10,7 @@ import socket
 import ray
 
 from distopt.runtime.config import TrainConfig
+from distopt.runtime.evaluation import EvalReport
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.worker import StepReport, Worker
 
@@ -56,6 +57,9 @@ class WorkerActor:
 
     def run_step(self, step: int) -> StepReport:
         return self.worker.run_step(step)
+
+    def evaluate(self, step: int) -> EvalReport:
+        return self.worker.evaluate(step)
 
     def checkpoint(self, steps_done: int) -> list[dict]:
         return self.worker.checkpoint(steps_done, wait=True)

@@ -18,6 +18,7 @@ import queue
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -169,8 +170,9 @@ def lower_priority() -> None:
 class Coordinator:
     """Driver side: collect records per step; finish a checkpoint once its step committed."""
 
-    def __init__(self, root: str, keep_last: int) -> None:
-        self.root, self.keep_last = root, keep_last
+    def __init__(self, root: str, keep_last: int,
+                 on_written: Callable[[int, str], None] = lambda step, path: None) -> None:
+        self.root, self.keep_last, self.on_written = root, keep_last, on_written
         self.records: dict[int, dict[int, dict]] = {}
         self.written: list[int] = []
 
@@ -200,6 +202,7 @@ class Coordinator:
             self.written.append(step)
             del self.records[step]
             ckpt.prune(self.root, self.keep_last)
+            self.on_written(step, str(folder))
 
     def forget_after(self, committed_step: int) -> None:
         """Drop records of steps that never committed (a failed attempt's writes)."""

@@ -1,17 +1,36 @@
-"""Everything a run needs, checked on the driver before any worker starts."""
+"""Everything a run needs, checked on the driver before any worker starts.
+
+:class:`TrainConfig` holds the Trainer's own arguments and its Scaling, Failure and
+Checkpoint groups (:mod:`distopt.runtime.groups`, where every default of theirs is
+written); it is shipped to every worker. The groups' fields read through it under the
+names the runtime uses (``config.num_workers`` is ``config.scaling.num_workers``).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
 from distopt.optim.plan import shard_count
 from distopt.optim.rules import Rule, check_rule
 from distopt.runtime.param_groups import check_on_meta
+from distopt.runtime.groups import CheckpointConfig, FailureConfig, ScalingConfig
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+class _In:
+    """A read-only view of a group's field, e.g. ``num_workers = _In("scaling")``."""
+
+    def __init__(self, group: str, name: str | None = None) -> None:
+        self.group, self.name = group, name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(getattr(obj, self.group), self.name)
 
 
 @dataclass(frozen=True)
@@ -24,33 +43,41 @@ class TrainConfig:
     optimizer: Rule
     global_batch_size: int
     param_groups: Callable[[Any], Any] | None = None  # model -> torch-style groups
-    num_workers: int = 2
-    use_gpu: bool = False
     zero_stage: int = 1
     seed: int = 0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = None
-    bucket_bytes: int = 25 * 2**20
+    mixed_precision: str | None = None  # "bf16": forward/backward under autocast, fp32 master weights
+    eval_data: Any = None  # map-style dataset evaluated on the committed weights
+    eval_every: int = 0  # steps between evaluations; 0: only at the end of fit (with eval_data)
+    eval_fn: Callable | None = None  # (model, batch) -> loss or (loss, metrics); None: the training loss
+    eval_batch_size: int | None = None  # samples per evaluation batch; None: one worker's micro-batch
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     last_bucket_bytes: int = 2**20  # the last layers' bucket, reduced first (DDP's first bucket)
     overlap: bool = True  # reduce gradient buckets during backward
-    grad_wire_dtype: Any = None  # torch.bfloat16 / torch.float16: gradients narrowed on the wire
-    mixed_precision: str | None = None  # "bf16": forward/backward under autocast, fp32 master weights
-    num_cpus_per_worker: float = 1
-    placement_strategy: str = "PACK"
-    collective_timeout_s: float = 60.0
-    placement_timeout_s: float = 30.0
-    max_failures: int = 3  # 0 turns fault tolerance (and its in-memory redundancy) off
-    min_workers: int = 1
-    replace_timeout_s: float = 30.0
-    spare_workers: int = 0  # idle workers with the model built, ready to take a lost rank
-    step_timeout_s: float = 300.0
-    grow_back: bool = True  # after a shrink, take ranks back when their bundles can be placed again
-    shared_memory: bool = True  # ranks on one host keep the redundancy in /dev/shm instead of sending it
-    replica_log_depth: int = REPLICA_LOG_DEPTH  # on one host: logged gradient steps (memory) vs copy per step
-    faults: tuple = ()  # distopt.runtime.faults.Fault records, for chaos tests
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end of fit
-    keep_last: int = 3
+
+    num_workers = _In("scaling")
+    use_gpu = _In("scaling")
+    num_cpus_per_worker = _In("scaling", "cpus_per_worker")
+    placement_strategy = _In("scaling")
+    placement_timeout_s = _In("scaling")
+    bucket_bytes = _In("scaling")
+    grad_wire_dtype = _In("scaling")
+    max_failures = _In("failure")
+    min_workers = _In("failure")
+    replace_timeout_s = _In("failure")
+    spare_workers = _In("failure")
+    step_timeout_s = _In("failure")
+    collective_timeout_s = _In("failure")
+    grow_back = _In("failure")
+    shared_memory = _In("failure")
+    replica_log_depth = _In("failure")
+    faults = _In("failure")
+    checkpoint_dir = _In("checkpoint", "dir")
+    checkpoint_every = _In("checkpoint", "every")
+    keep_last = _In("checkpoint")
 
     @property
     def fault_tolerant(self) -> bool:
@@ -58,9 +85,14 @@ class TrainConfig:
         return self.max_failures > 0
 
     def __post_init__(self) -> None:
+        for name, cls in (("scaling", ScalingConfig), ("failure", FailureConfig), ("checkpoint", CheckpointConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name} must be a distopt.{cls.__name__}, got {type(getattr(self, name)).__name__}: "
+                                f"write {name}=distopt.{cls.__name__}(...)")
         _check_callables(self)
         _check_counts(self)
         _check_batch(self)
+        _check_eval(self)
 
     @property
     def per_rank_batch(self) -> int:
@@ -68,9 +100,20 @@ class TrainConfig:
         return self.global_batch_size // self.num_workers
 
     @property
+    def eval_chunk(self) -> int:
+        """Samples per evaluation batch: fixed for the run, whatever the world size becomes."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return self.global_batch_size // (self.num_workers * self.gradient_accumulation_steps)
+
+    @property
     def backend(self) -> str:
         """The collective backend: NCCL for GPU workers, gloo otherwise."""
         return "nccl" if self.use_gpu else "gloo"
+
+
+def _is_map_style(data: Any) -> bool:
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__")
 
 
 def _check_callables(c: TrainConfig) -> None:
@@ -79,7 +122,7 @@ def _check_callables(c: TrainConfig) -> None:
                         f"pass the class or a factory (model=MyNet), not an instance")
     if not callable(c.loss):
         raise TypeError("loss must be a callable (model, batch) -> scalar tensor or (loss, metrics)")
-    if not (hasattr(c.data, "__len__") and hasattr(c.data, "__getitem__")):
+    if not _is_map_style(c.data):
         raise TypeError(f"data must be a map-style dataset (__len__ and __getitem__), got {type(c.data).__name__}")
     check_rule(c.optimizer)
     if c.param_groups is not None:
@@ -90,7 +133,7 @@ def _check_callables(c: TrainConfig) -> None:
 
 
 def _check_counts(c: TrainConfig) -> None:
-    for name in ("global_batch_size", "num_workers", "gradient_accumulation_steps", "bucket_bytes"):
+    for name in ("global_batch_size", "gradient_accumulation_steps"):
         value = getattr(c, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
@@ -99,32 +142,29 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"seed={c.seed!r} must be an int")
     if c.max_grad_norm is not None and not c.max_grad_norm > 0:
         raise ValueError(f"max_grad_norm={c.max_grad_norm!r} must be > 0, or None for no clipping")
-    if c.grad_wire_dtype not in (None, torch.bfloat16, torch.float16):
-        raise ValueError(f"grad_wire_dtype={c.grad_wire_dtype!r} must be None, torch.bfloat16 or torch.float16")
     if c.mixed_precision not in (None, "bf16"):
         raise ValueError(f"mixed_precision={c.mixed_precision!r} must be None or 'bf16'")
-    if c.placement_strategy not in STRATEGIES:
-        raise ValueError(f"placement_strategy={c.placement_strategy!r} must be one of {STRATEGIES}")
-    if not c.num_cpus_per_worker > 0:
-        raise ValueError(f"num_cpus_per_worker={c.num_cpus_per_worker!r} must be > 0")
-    if not isinstance(c.max_failures, int) or c.max_failures < 0:
-        raise ValueError(f"max_failures={c.max_failures!r} must be an int >= 0 (0: no fault tolerance)")
-    if not isinstance(c.shared_memory, bool):
-        raise ValueError(f"shared_memory={c.shared_memory!r} must be True or False")
-    check_depth(c.replica_log_depth)
-    if not isinstance(c.spare_workers, int) or c.spare_workers < 0:
-        raise ValueError(f"spare_workers={c.spare_workers!r} must be an int >= 0")
-    if c.spare_workers and not c.fault_tolerant:
-        raise ValueError("spare_workers needs fault tolerance: set max_failures >= 1")
-    if not isinstance(c.checkpoint_every, int) or c.checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every={c.checkpoint_every!r} must be an int >= 0 (0: only at the end)")
-    if not isinstance(c.keep_last, int) or c.keep_last < 1:
-        raise ValueError(f"keep_last={c.keep_last!r} must be an int >= 1")
-    if not isinstance(c.min_workers, int) or not 1 <= c.min_workers <= c.num_workers:
-        raise ValueError(f"min_workers={c.min_workers!r} must be an int in [1, num_workers={c.num_workers}]")
-    for name in ("collective_timeout_s", "placement_timeout_s", "replace_timeout_s", "step_timeout_s"):
-        if not getattr(c, name) > 0:
-            raise ValueError(f"{name}={getattr(c, name)!r} must be > 0 seconds")
+    if c.min_workers > c.num_workers:
+        raise ValueError(f"FailureConfig.min_workers={c.min_workers} is more than ScalingConfig.num_workers="
+                         f"{c.num_workers}: use a min_workers in [1, {c.num_workers}]")
+
+
+def _check_eval(c: TrainConfig) -> None:
+    if not isinstance(c.eval_every, int) or isinstance(c.eval_every, bool) or c.eval_every < 0:
+        raise ValueError(f"eval_every={c.eval_every!r} must be an int >= 0 (0: evaluate only at the end)")
+    if c.eval_data is None:
+        if c.eval_every or c.eval_fn is not None or c.eval_batch_size is not None:
+            raise ValueError("eval_every, eval_fn and eval_batch_size need eval_data=: pass the held-out "
+                             "map-style dataset to evaluate on")
+        return
+    if not _is_map_style(c.eval_data) or len(c.eval_data) == 0:
+        raise TypeError(f"eval_data must be a non-empty map-style dataset (__len__ and __getitem__), "
+                        f"got {type(c.eval_data).__name__}")
+    if c.eval_fn is not None and not callable(c.eval_fn):
+        raise TypeError(f"eval_fn must be a callable (model, batch) -> loss or (loss, metrics), "
+                        f"got {type(c.eval_fn).__name__}")
+    if c.eval_batch_size is not None and (not isinstance(c.eval_batch_size, int) or c.eval_batch_size < 1):
+        raise ValueError(f"eval_batch_size={c.eval_batch_size!r} must be a positive int, or None")
 
 
 def _check_batch(c: TrainConfig) -> None:

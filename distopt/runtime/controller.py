@@ -19,6 +19,7 @@ from distopt.runtime import policy
 from distopt.runtime.checkpointing import Coordinator
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.errors import TrainingError, WorkerLost
+from distopt.runtime.evaluation import combine
 from distopt.runtime.policy import Outcome, WorkerStatus
 from distopt.runtime.worker import StepReport
 
@@ -40,15 +41,27 @@ class Controller:
     """Drives a worker group through ``steps``; ``on_commit(entry)`` sees each committed step."""
 
     def __init__(self, group: Any, config: TrainConfig, on_commit: Callable[[dict], None],
-                 committed_updates: int = 0, on_rewind: Callable[[int], None] = lambda step: None) -> None:
+                 committed_updates: int = 0, on_rewind: Callable[[int], None] = lambda step: None,
+                 events: Any = None) -> None:
         self.group, self.config, self.on_commit, self.on_rewind = group, config, on_commit, on_rewind
+        self.events = events  # ``fire(hook, record)``: on_eval, on_checkpoint, on_failure (callbacks.Callbacks)
         self.history: list[dict] = []
         self.failures: list[dict] = []
         self.growths: list[dict] = []  # one record per growth back after a shrink
         self.committed_updates = committed_updates
         self.world_size = config.num_workers
         self.episodes = 0  # recoveries and growths begun: a worker's offer is kept within one
-        self.checkpoints = Coordinator(config.checkpoint_dir, config.keep_last) if config.checkpoint_dir else None
+        self.steps = 0  # the run's last step (for the evaluation at the end)
+        self.committed_step = 0
+        self.checkpoints = Coordinator(config.checkpoint_dir, config.keep_last, self._written) \
+            if config.checkpoint_dir else None
+
+    def _fire(self, hook: str, record: dict) -> None:
+        if self.events is not None:
+            self.events.fire(hook, record)
+
+    def _written(self, step: int, path: str) -> None:
+        self._fire("on_checkpoint", {"step": step, "path": path})
 
     def _shard_ranks(self) -> int:
         return shard_count(self.world_size, self.config.zero_stage)
@@ -63,9 +76,18 @@ class Controller:
             self.checkpoints.add(self.group.checkpoint(steps))
             self.checkpoints.finish(steps, self._shard_ranks())
         return self.checkpoints.written
+
+    def settle(self) -> None:
+        """After the run was stopped from the driver: let background writes end and finish the
+        checkpoints of committed steps, without calling the callbacks again."""
+        self.events = None
+        if self.checkpoints is not None:
+            self.checkpoints.add(self.group.flush_checkpoints())
+            self.checkpoints.finish(self.committed_step, self._shard_ranks())
+
     def run(self, start: int, steps: int) -> None:
         """Run 0-based steps ``start .. steps-1``, recovering from failures on the way."""
-        k = start
+        k, self.steps, self.committed_step = start, steps, start
         while k < steps:
             if self.world_size < self.config.num_workers and self.config.grow_back:
                 k = self._maybe_grow(k)
@@ -74,11 +96,17 @@ class Controller:
             statuses = [o.status for o in outcomes]
             decision = self._decide(statuses, can_replace=True)
             if decision.action == "continue":
-                self._commit(k, [o.report for o in outcomes], time.perf_counter() - t0)
+                entry = self._commit(k, [o.report for o in outcomes], time.perf_counter() - t0)
                 refill_spares = getattr(self.group, "refill_spares", None)
                 if refill_spares is not None:  # a recovery used spares: their successors start now
                     refill_spares()
                 k += 1
+                resume = self._evaluate(k, entry) if self._eval_due(k) else k
+                if resume == k:  # else the run went back to a checkpoint: the step is redone
+                    self.history.append(entry)
+                    self.on_commit(entry)
+                    self._fire("on_step_end", entry)
+                k = resume
                 continue
             k = self._recover(k, outcomes, decision, detect_s=time.perf_counter() - t0)
 
@@ -114,14 +142,37 @@ class Controller:
         return policy.decide(statuses, len(self.failures), c.max_failures, c.min_workers, c.global_batch_size,
                              c.gradient_accumulation_steps, can_replace)
 
-    def _commit(self, k: int, reports: list[StepReport], wall: float) -> None:
-        self.committed_updates = reports[0].updates
+    def _commit(self, k: int, reports: list[StepReport], wall: float) -> dict:
+        """Commit 0-based step ``k``; its history entry, kept once any evaluation after it is in."""
+        self.committed_updates, self.committed_step = reports[0].updates, k + 1
         if self.checkpoints is not None:
             self.checkpoints.add([r for rep in reports for r in rep.checkpoints])
             self.checkpoints.finish(k + 1, self._shard_ranks())
-        entry = history_entry(k + 1, reports, wall, self.config.global_batch_size)
-        self.history.append(entry)
-        self.on_commit(entry)
+        return history_entry(k + 1, reports, wall, self.config.global_batch_size)
+
+    def _eval_due(self, done: int) -> bool:
+        c = self.config
+        return c.eval_data is not None and (done == self.steps or bool(c.eval_every and done % c.eval_every == 0))
+
+    def _evaluate(self, done: int, entry: dict) -> int:
+        """Evaluate the weights after ``done`` committed steps into ``entry``; the 0-based step
+        to run next: ``done``, or an earlier one when a failure sent the run back to a checkpoint.
+
+        A failure is recovered as one before step ``done + 1`` would be (the committed state
+        is the same), then the evaluation runs again.
+        """
+        while True:
+            t0 = time.perf_counter()
+            outcomes = self.group.run_eval(done)
+            decision = self._decide([o.status for o in outcomes], can_replace=True)
+            if decision.action == "continue":
+                record = combine(done, [o.report for o in outcomes], time.perf_counter() - t0)
+                entry.update({k: v for k, v in record.items() if k != "step"})
+                self._fire("on_eval", record)
+                return done
+            resume = self._recover(done, outcomes, decision, time.perf_counter() - t0, phase="evaluation")
+            if resume != done:
+                return resume
 
     def _recover(self, k: int, outcomes, decision: policy.Decision, detect_s: float,
                  origin: list[int | None] | None = None, phase: str | None = None) -> int:
@@ -185,8 +236,8 @@ class Controller:
         good = self._newest_checkpoint(k)
         if good is None:
             self._record(k, outcomes, nodes, decision, detect_s, replace_s, 0.0, phase)
-            raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint_dir= and "
-                            f"checkpoint_every= to survive this)", self.failures)
+            raise RunFailed(f"step {k + 1}: {lost}; no checkpoint to fall back on (pass checkpoint="
+                            f"distopt.CheckpointConfig(dir=..., every=...) to survive this)", self.failures)
         start = good.manifest["next_step"]
 
         def restarting(d: policy.Decision) -> policy.Decision:
@@ -207,7 +258,7 @@ class Controller:
                                                       phase)
             replace_s = time.perf_counter() - t0
         self.world_size = decision.world_size
-        self.committed_updates = good.manifest["optimizer_step"]
+        self.committed_updates, self.committed_step = good.manifest["optimizer_step"], start
         self.history = [h for h in self.history if h["step"] <= start]
         self.on_rewind(start)
         if self.checkpoints is not None:
@@ -247,6 +298,7 @@ class Controller:
                       "action": decision.action, "world_size": decision.world_size,
                       "detect_s": detect_s, "replace_s": replace_s, "restore_s": restore_s}
             self.failures.append(record)
+            self._fire("on_failure", record)
             log.warning("step %d: rank %s failed (%s, seen in %s); %s -> %d workers, detect %.2fs replace %.2fs "
                         "restore %.2fs", k + 1, rank, record["cause"], observed, decision.action,
                         decision.world_size, detect_s, replace_s, restore_s)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 # "recovery": while re-forming the group after another rank's failure.
 # "setup": a fresh replacement for the rank, while it starts (see the module docstring).
-PHASES = ("data", "compute", "grad_collective", "shard_update", "param_gather", "checkpoint", "recovery", "setup")
+# "eval": while evaluating on the weights after ``step`` committed steps.
+PHASES = ("data", "compute", "grad_collective", "shard_update", "param_gather", "checkpoint", "recovery", "setup",
+          "eval")
 ACTIONS = ("kill", "stop")
 
 

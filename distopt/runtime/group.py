@@ -80,6 +80,10 @@ class RayWorkerGroup:
         """
         return outcomes([a.run_step.remote(step) for a in self.actors], self.config)
 
+    def run_eval(self, step: int) -> list[Outcome]:
+        """Evaluate on every actor after ``step`` committed steps; one :class:`Outcome` per rank."""
+        return outcomes([a.evaluate.remote(step) for a in self.actors], self.config)
+
     # --- recovery -------------------------------------------------------------------
     def _add_spare(self, bundle: int) -> None:
         self.incarnations += 1  # a spare never fires an injected fault

@@ -39,6 +39,11 @@ class LocalWorkerGroup:
         reports = self._call(f"step {step}", lambda w: w.run_step(step), self.workers)
         return [Outcome(WorkerStatus(r.rank), r) for r in reports]
 
+    def run_eval(self, step: int) -> list[Outcome]:
+        """Evaluate on every rank after ``step`` committed steps; any failure raises."""
+        reports = self._call(f"evaluation after step {step}", lambda w: w.evaluate(step), self.workers)
+        return [Outcome(WorkerStatus(r.rank), r) for r in reports]
+
     def checkpoint(self, steps_done: int) -> list[dict]:
         """Every rank writes its part now and waits; their file records."""
         return [r for rs in self._call("checkpoint", lambda w: w.checkpoint(steps_done, wait=True), self.workers)

@@ -11,9 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH
 from distopt.optim.rules import Rule
+from distopt.runtime.callbacks import CallbackError
+from distopt.runtime.loggers import resolve_callbacks
 from distopt.runtime.config import TrainConfig
+from distopt.runtime.groups import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, group_or_default
 from distopt.runtime.checkpointing import load_for_resume
 from distopt.runtime.controller import Controller, RunFailed
 from distopt.runtime.param_groups import check_resume
@@ -47,86 +49,48 @@ class Trainer:
             ``distopt.optim.decay_groups`` or ``distopt.optim.muon_groups``. Every trainable
             parameter must be in one group. A group's number ``lr`` under a scheduled rule
             scales the schedule by ``lr / schedule.lr``. None: one group.
-        num_workers: data-parallel ranks (Ray actors).
-        use_gpu: one GPU per worker, CUDA tensors and NCCL (with ``ray_address="local"``
-            the threads share this process's GPUs over gloo).
         zero_stage: 0 (replicated state), 1 (sharded state) or 2 (sharded state and gradients).
         seed: model initialisation and sampling seed.
         gradient_accumulation_steps: micro-batches per worker per step.
         max_grad_norm: clip the global gradient norm (None: off).
-        log_every: plain log line every N steps when not on a terminal (0: silent).
-        out_dir: write ``metrics.jsonl``, ``loss.png`` and ``summary.json`` here.
-        progress: progress bar on/off (None: only when stderr is a terminal).
-        ray_address: None starts an embedded loopback cluster; ``"auto"`` or
-            ``"ray://host:port"`` joins one; ``"local"`` runs without Ray (threads).
-        num_cpus_per_worker, placement_strategy: Ray placement of each worker.
-        collective_timeout_s: seconds a collective may block before the step fails.
-        bucket_bytes: cap on one gradient bucket (one collective each, overlapped with backward).
-        grad_wire_dtype: ``torch.bfloat16``/``torch.float16`` to send gradients narrowed
-            (summed in fp32 on arrival); None sends fp32.
         mixed_precision: ``"bf16"`` runs forward and backward under bf16 autocast; weights,
             gradients and optimizer state stay fp32.
-        max_failures: worker failures survived before the run gives up; 0 turns fault
-            tolerance (and its in-memory redundancy) off.
-        min_workers: fewest workers a shrink may leave when no replacement can be placed.
-        replace_timeout_s: seconds to wait for a replacement worker before shrinking.
-        spare_workers: idle workers kept with the model built, each ready to take a lost
-            rank at once (they hold their resources the whole run).
-        step_timeout_s: a step that takes longer counts its silent workers as hung.
-        grow_back: after a shrink, bring the group back towards ``num_workers`` when the
-            dropped ranks' resources return (checked between steps, never waiting).
-        shared_memory: workers on one host keep the fault-tolerance redundancy in shared
-            memory (``/dev/shm``) instead of sending it and snapshotting every step; False
-            takes the across-hosts path everywhere (so does ``DISTOPT_SHM=0``).
-        replica_log_depth: with shared memory, each worker logs ``depth + 1`` steps of
-            gradient shards and copies ``1/depth`` of its shard per step where its holder
-            can read them: higher is faster and takes more memory (``distopt.ft.replica_log``).
-        faults: ``distopt.runtime.faults.Fault`` records that kill or stop workers on
-            purpose (chaos testing).
-        checkpoint_dir: write checkpoints here (``step-N`` folders); one at the end of ``fit``.
-        checkpoint_every: also every N steps, written in the background (0: only at the end).
-        keep_last: complete checkpoints kept; older ones are removed.
-        resume_from: a checkpoint folder, or a checkpoint root (the newest that verifies);
-            any ``num_workers`` and ``zero_stage`` may resume it.
+        eval_data: held-out map-style dataset, evaluated on the committed weights, sharded over
+            the workers (None: no evaluation).
+        eval_every: evaluate every N steps and at the end of ``fit`` (0: only at the end).
+        eval_fn: ``(model, batch) -> loss`` or ``(loss, metrics)``, each a mean over the batch
+            (None: the training ``loss``); run under ``torch.no_grad()`` with the model in eval mode.
+        eval_batch_size: samples per evaluation batch (None: one worker's micro-batch). The
+            batches do not depend on the world size, so any worker count gives the same bits.
+        scaling: :class:`~distopt.runtime.groups.ScalingConfig`: workers, GPUs, placement, Ray address.
+        failure: :class:`~distopt.runtime.groups.FailureConfig`: failures survived and how.
+        checkpoint: :class:`~distopt.runtime.groups.CheckpointConfig`: folder, period, resume.
+        run: :class:`~distopt.runtime.groups.RunConfig`: output folder, log lines, progress, callbacks.
 
     Raises:
         TypeError, ValueError: bad arguments, before anything starts.
     """
 
     def __init__(self, model: Callable[[], Any], loss: Callable, data: Any, optimizer: Rule,
-                 global_batch_size: int, param_groups: Callable[[Any], Any] | None = None, num_workers: int = 2, use_gpu: bool = False, zero_stage: int = 1,
-                 seed: int = 0, gradient_accumulation_steps: int = 1, max_grad_norm: float | None = None,
-                 log_every: int = 10, out_dir: str | None = None, progress: bool | None = None,
-                 ray_address: str | None = None, num_cpus_per_worker: float = 1, placement_strategy: str = "PACK",
-                 collective_timeout_s: float = 60.0, placement_timeout_s: float = 30.0,
-                 bucket_bytes: int = 25 * 2**20, grad_wire_dtype: Any = None, mixed_precision: str | None = None,
-                 max_failures: int = 3, min_workers: int = 1,
-                 replace_timeout_s: float = 30.0, spare_workers: int = 0, step_timeout_s: float = 300.0,
-                 grow_back: bool = True, shared_memory: bool = True, replica_log_depth: int = REPLICA_LOG_DEPTH,
-                 faults: tuple = (),
-                 checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
-                 resume_from: str | None = None) -> None:
+                 global_batch_size: int, param_groups: Callable[[Any], Any] | None = TrainConfig.param_groups,
+                 zero_stage: int = TrainConfig.zero_stage, seed: int = TrainConfig.seed,
+                 gradient_accumulation_steps: int = TrainConfig.gradient_accumulation_steps,
+                 max_grad_norm: float | None = TrainConfig.max_grad_norm,
+                 mixed_precision: str | None = TrainConfig.mixed_precision, eval_data: Any = TrainConfig.eval_data,
+                 eval_every: int = TrainConfig.eval_every, eval_fn: Callable | None = TrainConfig.eval_fn,
+                 eval_batch_size: int | None = TrainConfig.eval_batch_size, scaling: ScalingConfig | None = None,
+                 failure: FailureConfig | None = None, checkpoint: CheckpointConfig | None = None,
+                 run: RunConfig | None = None) -> None:
+        self.run = group_or_default("run", run)
+        self.callbacks = resolve_callbacks(self.run.callbacks, self.run.out_dir)
         self.config = TrainConfig(
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
             param_groups=param_groups,
-            num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
-            gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-            bucket_bytes=bucket_bytes, grad_wire_dtype=grad_wire_dtype, mixed_precision=mixed_precision,
-            num_cpus_per_worker=num_cpus_per_worker,
-            placement_strategy=placement_strategy, collective_timeout_s=collective_timeout_s,
-            placement_timeout_s=placement_timeout_s, max_failures=max_failures, min_workers=min_workers,
-            replace_timeout_s=replace_timeout_s, spare_workers=spare_workers, step_timeout_s=step_timeout_s,
-            grow_back=grow_back, shared_memory=shared_memory, replica_log_depth=replica_log_depth,
-            faults=tuple(faults),
-            checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
-            keep_last=keep_last)
-        if not isinstance(log_every, int) or log_every < 0:
-            raise ValueError(f"log_every={log_every!r} must be an int >= 0 (0: no log lines)")
-        if checkpoint_every and checkpoint_dir is None:
-            raise ValueError(f"checkpoint_every={checkpoint_every} needs a checkpoint_dir to write to")
-        self.resume_from = None if resume_from is None else str(resume_from)
-        self.log_every, self.out_dir, self.progress = log_every, out_dir, progress
-        self.ray_address = ray_address
+            zero_stage=zero_stage, seed=seed, gradient_accumulation_steps=gradient_accumulation_steps,
+            max_grad_norm=max_grad_norm, mixed_precision=mixed_precision, eval_data=eval_data,
+            eval_every=eval_every, eval_fn=eval_fn, eval_batch_size=eval_batch_size,
+            scaling=group_or_default("scaling", scaling), failure=group_or_default("failure", failure),
+            checkpoint=group_or_default("checkpoint", checkpoint))
 
     def fit(self, steps: int) -> FitResult:
         """Train until the step count reaches ``steps``; returns weights, history, failures.
@@ -136,14 +100,16 @@ class Trainer:
             WorkerError: user code raised in a worker (rank and traceback in the message).
             WorkerLost: a worker died (fault tolerance arrives in a later milestone).
             PlacementError: the cluster cannot hold the workers.
+            CallbackError: a callback raised; the run stopped after the step it was called for.
         """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be a positive int")
-        resume = load_for_resume(self.resume_from) if self.resume_from else None  # a bad checkpoint fails here
+        resume_from = self.config.checkpoint.resume_from
+        resume = load_for_resume(resume_from) if resume_from else None  # a bad checkpoint fails here
         if resume is not None:
             c = self.config
             check_resume(resume.manifest.get("param_groups"), c.param_groups, c.model, c.optimizer)
-        with _Cluster(self.ray_address, self.config) as cluster:
+        with _Cluster(self.config.scaling.ray_address, self.config) as cluster:
             group = cluster.group()
             try:
                 return self._loop(group, steps, resume)
@@ -156,20 +122,30 @@ class Trainer:
         if resume is not None:
             group.load(resume.model_state, resume.optimizer_state)
             start, updates = resume.manifest["next_step"], resume.manifest["optimizer_step"]
-        run_log = RunLog(max(steps - start, 0), c.global_batch_size, self.out_dir, self.log_every, self.progress)
-        controller = Controller(group, c, run_log.record, committed_updates=updates, on_rewind=run_log.rewind)
+        r = self.run
+        run_log = RunLog(max(steps - start, 0), c.global_batch_size, r.out_dir, r.log_every, r.progress)
+        controller = Controller(group, c, run_log.record, committed_updates=updates, on_rewind=run_log.rewind,
+                                events=self.callbacks)
         try:
             controller.run(start, steps)
             controller.finish(max(steps, start))
+        except CallbackError:
+            controller.settle()  # writes of committed steps finish; nothing half-written is listed
+            run_log.close()
+            raise
         except RunFailed:
             run_log.close()
             raise
         infos = group.info()
+        evals = [h for h in controller.history if "eval_loss" in h]
         summary = run_log.close({
             "state_bytes_per_worker": infos[0]["state_bytes"], "state_bytes_unsharded": infos[0]["state_bytes_unsharded"],
             "num_params": infos[0]["num_params"], "num_workers": len(infos), "zero_stage": c.zero_stage,
-            "nodes": len({i.get("node_id") for i in infos}), "failures": len(controller.failures)})
-        return FitResult(group.state_dict(), controller.history, controller.failures, summary, controller.growths)
+            "nodes": len({i.get("node_id") for i in infos}), "failures": len(controller.failures),
+            **({"eval_loss": evals[-1]["eval_loss"]} if evals else {})})
+        result = FitResult(group.state_dict(), controller.history, controller.failures, summary, controller.growths)
+        self.callbacks.fire("on_fit_end", result)
+        return result
 
 
 class _Cluster:

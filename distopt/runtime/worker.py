@@ -22,6 +22,7 @@ from distopt.optim.params import plan_params
 from distopt.optim.sharded import ShardedOptimizer
 from distopt.runtime import sampling
 from distopt.runtime.param_groups import model_groups
+from distopt.runtime.evaluation import EvalReport, eval_batches
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire
 from distopt.runtime.writer_process import make_writer
@@ -240,6 +241,32 @@ class Worker:
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, self._last_step_s,
                           info.grad_norm, info.skipped, info.step, written)
+
+    def evaluate(self, step: int) -> EvalReport:
+        """Evaluate this rank's batches of ``eval_data`` on the weights after ``step`` committed
+        steps, without gradients, in eval mode, leaving the random state as it was."""
+        start = time.perf_counter()
+        c = self.config
+        self._step = step
+        self._inject("eval")
+        fn = c.eval_fn or c.loss
+        out = []
+        was_training = self.model.training
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=c.mixed_precision == "bf16"):
+            self.model.eval()
+            try:
+                for index, lo, hi in eval_batches(len(c.eval_data), c.eval_chunk, self.rank, self.world_size):
+                    result = fn(self.model, _to_device(fetch(c.eval_data, list(range(lo, hi))), self.device))
+                    y, extra = (result[0], result[1] if len(result) > 1 else {}) if isinstance(result, tuple) \
+                        else (result, {})
+                    out.append((index, hi - lo, {"loss": _scalar(y, "eval loss"),
+                                                 **{k: _scalar(v, f"eval metric {k!r}") for k, v in extra.items()}}))
+            finally:
+                self.model.train(was_training)
+        batches = [(i, n, {k: float(v) for k, v in values.items()}) for i, n, values in out]  # one device wait
+        return EvalReport(self.rank, step, batches, time.perf_counter() - start)
 
     def _backward(self, batch: Any, micro_batches: int) -> tuple[torch.Tensor, dict]:
         # Gradients accumulate straight into the optimizer's bucket memory (no second copy);
