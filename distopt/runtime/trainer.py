@@ -6,6 +6,7 @@ reports as data, and commits k when all are in. Ray is set up here and torn down
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH
 from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.checkpointing import load_for_resume
+from distopt.runtime.compiled import CompiledFactory
 from distopt.runtime.controller import Controller, RunFailed
 from distopt.runtime.progress import RunLog
 
@@ -82,6 +84,8 @@ class Trainer:
         keep_last: complete checkpoints kept; older ones are removed.
         resume_from: a checkpoint folder, or a checkpoint root (the newest that verifies);
             any ``num_workers`` and ``zero_stage`` may resume it.
+        compile: ``torch.compile`` each worker's model (in place: parameter names and
+            ``state_dict`` keys stay the model's own); the first step pays the compilation.
 
     Raises:
         TypeError, ValueError: bad arguments, before anything starts.
@@ -99,7 +103,7 @@ class Trainer:
                  grow_back: bool = True, shared_memory: bool = True, replica_log_depth: int = REPLICA_LOG_DEPTH,
                  faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
-                 resume_from: str | None = None) -> None:
+                 resume_from: str | None = None, compile: bool = False) -> None:
         self.config = TrainConfig(
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
             num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
@@ -113,6 +117,10 @@ class Trainer:
             faults=tuple(faults),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
             keep_last=keep_last)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be True or False")
+        if compile:  # compiled where each worker builds it; the factory stays picklable
+            self.config = dataclasses.replace(self.config, model=CompiledFactory(self.config.model))
         if not isinstance(log_every, int) or log_every < 0:
             raise ValueError(f"log_every={log_every!r} must be an int >= 0 (0: no log lines)")
         if checkpoint_every and checkpoint_dir is None:
