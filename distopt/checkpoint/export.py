@@ -8,7 +8,6 @@ rename, fsync the folder.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -16,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from distopt.checkpoint.format import TMP_MARK, fsync_dir
+from distopt.checkpoint.format import atomic_path
 
 
 def export_safetensors(model_state: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -40,18 +39,9 @@ def export_safetensors(model_state: Mapping[str, torch.Tensor], path: str | os.P
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map str to str: convert values with str()")
     tensors = _separate_cpu(model_state)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
