@@ -65,7 +65,8 @@ def report(args: argparse.Namespace, result, before: float, after: float, sample
     summary = dict(result.summary or {})
     history = result.history
     num_params = sum(t.numel() for t in result.state_dict.values())
-    steps_per_s = summary.get("steps_per_s") or len(history) / sum(e["time_s"] for e in history)
+    steps_s = sum(e["time_s"] for e in history)
+    steps_per_s = len(history) / steps_s
     tokens_per_s = steps_per_s * args.batch_size * args.block
     lines = [
         "",
@@ -76,14 +77,15 @@ def report(args: argparse.Namespace, result, before: float, after: float, sample
         f"speed             {tokens_per_s:,.0f} tokens/s ({steps_per_s:.2f} steps/s)",
         state_bytes_line(summary, num_params, args.workers, args.zero_stage),
         f"recovered failures {len(result.failures)}",
-        f"time              {fit_s:.1f} s training, {time.monotonic() - STARTED:.1f} s in all (imports, data, Ray)",
+        f"time              {steps_s:.1f} s in steps, {fit_s:.1f} s in fit (workers' start included), "
+        f"{time.monotonic() - STARTED:.1f} s in all (imports, data, Ray)",
         f"output            {os.path.abspath(args.out)}",
         f"sample            {sample!r}",
     ]
     print("\n".join(lines), flush=True)
     return {"steps": len(history), "heldout_loss_before": before, "heldout_loss_after": after,
             "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-            "tokens_per_s": tokens_per_s, "num_params": num_params, "fit_s": fit_s,
+            "tokens_per_s": tokens_per_s, "num_params": num_params, "steps_s": steps_s, "fit_s": fit_s,
             "state_bytes_per_worker": summary.get("state_bytes_per_worker"),
             "state_bytes_unsharded": summary.get("state_bytes_unsharded"), "sample": sample}
 
