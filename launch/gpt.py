@@ -164,15 +164,20 @@ def split_text(files: list[Path], max_bytes: int | None = None) -> tuple[torch.T
         files: text files in a fixed order.
         max_bytes: stop reading once the two parts together hold this many bytes (None: all).
     """
-    parts: tuple[list[bytes], list[bytes]] = ([], [])
+    train: list[bytes] = []
+    held_out: list[bytes] = []
     total = 0
     for i, path in enumerate(files):
         text = path.read_bytes()
-        parts[i % HELD_OUT_EVERY == 0].append(text)
+        (held_out if i % HELD_OUT_EVERY == 0 else train).append(text)
         total += len(text)
         if max_bytes is not None and total >= max_bytes:
             break
-    return tuple(torch.frombuffer(bytearray(b"".join(p)), dtype=torch.uint8) for p in parts)  # type: ignore[return-value]
+    return _bytes_tensor(train), _bytes_tensor(held_out)
+
+
+def _bytes_tensor(parts: list[bytes]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8) if parts else torch.empty(0, dtype=torch.uint8)
 
 
 def datasets(block_size: int = GPTConfig.block_size, max_bytes: int | None = None,
