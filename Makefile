@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 # present) keeps whatever CUDA build the range in pyproject.toml resolves to.
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: run test bench install clean
+.PHONY: run demo test bench install clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml | $(VPY)
 
 install: $(STAMP)
 
+# A small GPT learns Python from the standard library's source (~2 min on 2 cores).
 run: $(STAMP)
+	$(VPY) launch/run_gpt.py
+
+# The smaller example: a convnet on noisy 8x8 digits (~20 s).
+demo: $(STAMP)
 	$(VPY) launch/demo.py
 
 test: $(STAMP)

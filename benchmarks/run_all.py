@@ -3,6 +3,7 @@
     python -m benchmarks.run_all            # everything (make bench), ~17 minutes on 2 cores
     python -m benchmarks.run_all --quick    # a smoke run, a few minutes
     python -m benchmarks.run_all --only step --only faults
+    python -m benchmarks.run_all --only compile    # the GPT's step, eager against torch.compile
 
 Results accumulate in ``benchmarks/results.json``: ``--only`` refreshes the named
 benchmarks and keeps the others' last results (each section says which command and date
@@ -22,16 +23,20 @@ from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_ta
 
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
 # the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer);
-# "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes).
-ORDER = ["update", "collectives", "memory", "peak_memory", "step", "muon", "faults", "precision", "scale", "gpu"]
+# "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes);
+# "muon" is bench_muon.py; "compile" is bench_compile.py (the make-run GPT's step, eager against torch.compile).
+ORDER = ["update", "collectives", "memory", "peak_memory", "step", "muon", "faults", "precision", "compile", "scale",
+         "gpu"]
 DEFAULT = list(ORDER)
-SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "muon", "faults", "precision", "scale", "gpu"]
+SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "muon", "faults", "precision", "compile",
+            "scale", "gpu"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
           "memory": "4. Memory and traffic", "peak_memory": "4b. Peak resident memory per worker",
           "muon": "5. Muon sharded by whole matrices",
           "faults": "Fault tolerance (recovery, overhead, checkpoints)",
-          "precision": "Mixed precision: the demo's loss curve", "scale": "6. Scale: the cost model",
+          "precision": "Mixed precision: the demo's loss curve", "compile": "torch.compile: the GPT's step",
+          "scale": "6. Scale: the cost model",
           "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
 
@@ -205,6 +210,8 @@ def write_markdown(results: dict, argv: list[str], wall_s: float) -> str:
             lines += [_section(name, results[name], figures.get(name)), ""]
     lines += ["## Where the time goes (from the numbers above)", ""] + [f"- {x}" for x in _findings(results)]
     lines += ["", "## Not measured here", ""] + [f"- {x}" for x in NOT_MEASURED] + [""]
+    with open(os.path.join(HERE, "NOTES.md"), encoding="utf-8") as f:  # hand-written; kept across runs
+        lines += [f.read()]
     path = os.path.join(HERE, "RESULTS.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -19,9 +19,8 @@ from typing import Any, Sequence
 
 from distopt.runtime.groups import GROUPS
 from launch.inputs import UsageError, resolve_data, resolve_loss, resolve_model
-from distopt.runtime.config import TrainConfig
 from launch.options import (SPLITS, TRAINER_KEYS, add_group_options, add_optimizer_options, add_trainer_options,
-                            as_toml, group_kwargs, load_config)
+                            as_toml, group_kwargs, load_config, trainer_default)
 
 PROG = "distopt train"
 EXAMPLES = """\
@@ -188,7 +187,7 @@ def build_trainer_kwargs(args: argparse.Namespace) -> dict:
 def describe(args: argparse.Namespace, kwargs: dict) -> str:
     """The run's options as TOML, defaults included, for --dry-run: ``--config`` reads it back."""
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "dry_run")}
-    defaults = {name: getattr(TrainConfig, name) for name in TRAINER_KEYS}  # the Trainer's, written there
+    defaults = {name: trainer_default(name) for name in TRAINER_KEYS}  # the Trainer's, written there
     header = f"# {PROG}: {args.steps} steps, {len(kwargs['data'])} samples\n"
     values.update({k: v for k, v in defaults.items() if k not in values})
     return header + as_toml(values, {t: kwargs[t] for t in GROUPS})

@@ -10,7 +10,6 @@ fresh model and measures held-out accuracy, which climbs from chance (~10%) to o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,8 +23,7 @@ import torch  # noqa: E402  (after the path set-up above)
 
 import distopt  # noqa: E402
 from launch import demo_task  # noqa: E402
-
-ADAM_BYTES_PER_PARAM = 8  # two fp32 moments per parameter
+from launch.report import state_bytes_line, write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,21 +55,6 @@ def heldout_accuracy(state_dict: dict | None, seed: int) -> float:
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return demo_task.accuracy(model, demo_task.heldout_data())
-
-
-def state_bytes_line(summary: dict, num_params: int, workers: int, zero_stage: int) -> str:
-    """Optimizer state held per worker against an unsharded copy, from the run's summary."""
-    per_worker = summary.get("state_bytes_per_worker")
-    unsharded = summary.get("state_bytes_unsharded")
-    note = ""
-    if unsharded is None:
-        unsharded = ADAM_BYTES_PER_PARAM * num_params
-        note = f" (unsharded figure computed here: {ADAM_BYTES_PER_PARAM} B x {num_params:,} parameters)"
-    if per_worker is None:
-        return f"optimizer state   per worker not reported by the Trainer; unsharded {unsharded:,} B{note}"
-    share = per_worker / unsharded if unsharded else float("nan")
-    return (f"optimizer state   {per_worker:,} B per worker vs {unsharded:,} B unsharded "
-            f"({share:.0%}; ZeRO-{zero_stage}, {workers} workers){note}")
 
 
 def report(args: argparse.Namespace, result, acc_before: float, acc_after: float, wall_s: float) -> dict:
@@ -106,18 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer = distopt.Trainer(
         model=demo_task.make_model, loss=demo_task.loss, data=demo_task.train_data(),
         optimizer=distopt.optim.adam(lr=args.lr), global_batch_size=args.batch_size,
-        num_workers=args.workers, use_gpu=False, zero_stage=args.zero_stage, seed=args.seed,
-        log_every=args.log_every, out_dir=args.out,
-        mixed_precision="bf16" if args.precision == "bf16" else None,
-        grad_wire_dtype=torch.bfloat16 if args.precision == "bf16" else None)
+        zero_stage=args.zero_stage, seed=args.seed, mixed_precision="bf16" if args.precision == "bf16" else None,
+        scaling=distopt.ScalingConfig(num_workers=args.workers,
+                                      grad_wire_dtype="bfloat16" if args.precision == "bf16" else None),
+        run=distopt.RunConfig(out_dir=args.out, log_every=args.log_every))
     result = trainer.fit(steps=args.steps)
     acc_before = heldout_accuracy(None, args.seed)
     acc_after = heldout_accuracy(result.state_dict, args.seed)
     figures = report(args, result, acc_before, acc_after, time.monotonic() - STARTED)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "demo.json"), "w", encoding="utf-8") as f:
-        json.dump(figures, f, indent=2)
-        f.write("\n")
+    write_json(args.out, "demo.json", figures)
     return 0
 
 

@@ -15,7 +15,6 @@ import inspect
 import re
 from typing import Any
 
-from distopt.runtime.config import TrainConfig
 from distopt.runtime.groups import GROUPS, STRATEGIES, WIRE_DTYPES, toml_fields
 from launch.inputs import UsageError
 
@@ -30,6 +29,7 @@ TRAINER_KEYS = {  # distopt.Trainer's own arguments beyond the code, the batch a
     "mixed_precision": "'bf16': forward and backward under bf16 autocast",
     "eval_every": "evaluate every N steps and at the end (0: only at the end)",
     "eval_batch_size": "samples per evaluation batch",
+    "compile": "torch.compile each worker's model",
 }
 
 
@@ -66,9 +66,20 @@ def add_trainer_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--global_batch_size", metavar="N", type=INT, default=64, help="samples per step (default: 64)")
     kinds = {"max_grad_norm": FLOAT, "mixed_precision": str}
     for name, text in TRAINER_KEYS.items():
-        default = getattr(TrainConfig, name)
+        default = trainer_default(name)
+        shown = f"(default: {'none' if default is None else default})"
+        if isinstance(default, bool):
+            t.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{text} {shown}")
+            continue
         t.add_argument(f"--{name}", metavar=name.split("_")[-1].upper(), type=kinds.get(name, INT),
-                       default=argparse.SUPPRESS, help=f"{text} (default: {'none' if default is None else default})")
+                       default=argparse.SUPPRESS, help=f"{text} {shown}")
+
+
+def trainer_default(name: str) -> Any:
+    """The default of the Trainer's argument ``name``, as its signature writes it."""
+    from distopt.runtime.trainer import Trainer
+    return inspect.signature(Trainer).parameters[name].default
 
 
 def add_optimizer_options(p: argparse.ArgumentParser) -> None:

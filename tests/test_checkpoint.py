@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import struct
@@ -11,6 +10,8 @@ import warnings
 import msgpack
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from distopt.checkpoint import (
     CheckpointError, build_manifest, export_safetensors, full_state_from_shards, latest_valid, list_checkpoints,
@@ -370,18 +371,31 @@ def test_safetensors_export_round_trips(tmp_path):
     state = {"w": torch.randn(3, 4), "b": torch.randn(4, dtype=torch.float64), "h": torch.randn(5).bfloat16(),
              "n": torch.tensor(3, dtype=torch.int64), "mask": torch.tensor([True, False]), "e": torch.zeros(0)}
     path = export_safetensors(state, tmp_path / "model.safetensors", metadata={"step": "3"})
-    raw = path.read_bytes()
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + size])
-    assert size % 8 == 0 and header["__metadata__"] == {"step": "3"}
-    assert header["h"]["dtype"] == "BF16" and header["w"] == {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}
-    assert len(raw) == 8 + size + max(e["data_offsets"][1] for n, e in header.items() if n != "__metadata__")
-    back = read_safetensors(path)
-    assert list(back) == list(state)
+    with safe_open(path, framework="pt") as f:  # the reference reader
+        assert f.metadata() == {"step": "3"} and sorted(f.keys()) == sorted(state)
+    back = load_file(path)
+    assert back.keys() == state.keys() and read_safetensors(path).keys() == state.keys()
     assert all(back[n].dtype == t.dtype and torch.equal(back[n], t) for n, t in state.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary file left
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="bad.safetensors is not a well-formed safetensors file"):
         read_safetensors(tmp_path / "bad.safetensors")
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        export_safetensors(state, tmp_path / "x.safetensors", metadata={"step": 3})
+
+
+def test_exported_weights_load_under_the_models_own_names(tmp_path):
+    """A model with tied weights (two names, one tensor) and a buffer: every state_dict name
+    is in the file, and load_state_dict(strict=True) takes it back."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 7, bias=False))
+    model[2].weight = model[0].weight
+    path = export_safetensors(model.state_dict(), tmp_path / "model.safetensors")
+    weights = load_file(path)
+    assert weights.keys() == model.state_dict().keys()
+    fresh = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 7, bias=False))
+    fresh.load_state_dict(weights)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
 def test_sgd_state_round_trips_with_and_without_momentum(tmp_path, groups):

@@ -91,8 +91,37 @@ def test_bar_on_a_terminal_redraws_one_line():
     run(log, 40)
     text = stream.getvalue()
     assert text.startswith("\r") and text.endswith("\n") and text.count("\n") == 1
-    final = text.rstrip("\n").split("\r")[-1].rstrip()
-    assert final == f"step 40/40 [{'#' * 20}] loss 9.095e-13  128 samples/s  ETA 0:00:00"
+    final = text.rstrip("\n").split("\r")[-1]
+    assert final.startswith("step: 100%") and "40/40" in final
+    assert final.rstrip().endswith("loss 9.095e-13  128 samples/s]")
+
+
+def test_integers_show_as_integers():
+    stream = io.StringIO()
+    log = RunLog(2, 64, None, log_every=1, show_bar=False, stream=stream)
+    log.record({"step": 1, "loss": 0.5, "time_s": 0.5, "world_size": 2, "tokens": 4096, "acc": 1.0})
+    line = stream.getvalue()
+    assert "world_size 2  " in line and "tokens 4096  " in line and "acc 1.0000" in line
+
+
+def test_evaluation_metrics_show_when_a_record_carries_them():
+    stream = io.StringIO()
+    log = RunLog(30, 64, None, log_every=10, show_bar=False, stream=stream)
+    for e in entries(30)[:7]:
+        log.record(e)
+    log.record({"step": 7, "eval_loss": 1.25, "eval_samples": 512})  # off the log period: printed all the same
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("step 7/30  eval_loss 1.2500  eval_samples 512  ")
+    tty = FakeTTY()
+    bar = RunLog(30, 64, None, log_every=10, show_bar=True, stream=tty)
+    for e in entries(30)[:7]:
+        bar.record(e)
+    bar.record({"step": 7, "eval_loss": 1.25})
+    bar.record(entries(30)[7])
+    assert bar._bar.n == 8  # the evaluation record moved the bar by no step
+    bar.close()
+    assert "loss 0.0039  eval_loss 1.2500  128 samples/s" in tty.getvalue().split("\r")[-1]
+    assert "step 7/30  eval_loss" not in tty.getvalue()  # a bar, not plain lines
 
 
 def test_summary_of_an_empty_run(tmp_path):
@@ -137,3 +166,16 @@ def test_rewind_forgets_later_steps_in_memory_and_on_disk(tmp_path):
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in log.entries] == [1, 2, 3, 4, 5, 6]
     assert summary["steps"] == 6
+
+
+def test_bar_counts_steps_of_this_run_through_a_rewind():
+    log = RunLog(4, 64, None, log_every=0, show_bar=True, stream=FakeTTY())
+    steps = [dict(e, step=e["step"] + 100) for e in entries(4)]  # resumed at step 100
+    for e in steps[:3]:
+        log.record(e)
+    log.rewind(101)
+    assert log._bar.n == 1
+    for e in steps[1:]:
+        log.record(e)
+    assert log._bar.n == 4 == log._bar.total
+    log.close()

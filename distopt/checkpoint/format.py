@@ -8,13 +8,14 @@ whole new one, never a part.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
 import uuid
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -119,31 +120,38 @@ def digest_of_digests(tensors: Sequence[dict]) -> str:
 
 
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> int:
-    """Write ``chunks`` to ``path`` atomically and durably.
-
-    Temporary name in the same folder, write, flush, fsync, rename over ``path``, fsync the
-    folder. A crash leaves either the old file or the new one, plus at most a temporary
-    file that :func:`distopt.checkpoint.prune` removes.
+    """Write ``chunks`` to ``path`` atomically and durably (see :func:`atomic_path`).
 
     Returns:
         The bytes written.
     """
+    size = 0
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            size += memoryview(chunk).nbytes
+    return size
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; on a clean exit it replaces ``path``.
+
+    On exit: fsync the file, rename it over ``path``, fsync the folder. A crash leaves
+    either the old file or the new one, plus at most a temporary file that
+    :func:`distopt.checkpoint.prune` removes; an exception removes the temporary file.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    size = 0
     try:
-        with open(tmp, "xb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                size += memoryview(chunk).nbytes
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return size
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

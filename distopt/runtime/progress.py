@@ -1,10 +1,11 @@
 """RunLog: what the driver shows and keeps of a run, one history entry per step.
 
 Per step it appends a line to ``out_dir/metrics.jsonl`` (flushed, so a crashed or killed
-run keeps every step it finished), redraws a one-line progress bar on a terminal, or
-prints a plain line every ``log_every`` steps where stderr is a file or a pipe (a ``\\r``
-bar would fill a log with one enormous line). At the end it writes ``summary.json`` and
-a loss plot. It runs on the driver only and never imports ray.
+run keeps every step it finished), moves a ``tqdm`` progress bar on a terminal, or prints
+a plain line every ``log_every`` steps where stderr is a file or a pipe (a redrawn bar
+would fill a log with carriage returns). A record that carries evaluation metrics (keys
+starting with ``eval_``) is shown as soon as it arrives, and the bar keeps its latest
+values. At the end it writes ``summary.json`` and a loss plot. Driver only; no Ray.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import time
 import warnings
 from typing import Any, Mapping, TextIO
 
-BAR_WIDTH = 20
-RECENT = 20  # steps averaged for the rate and ETA: recent, so the slow first step fades
+from tqdm import tqdm
+
+RECENT = 20  # steps averaged for the plain lines' rate and ETA: recent, so the slow first step fades
 REDRAW_S = 0.1  # at most ten bar redraws a second, however fast the steps are
+EVAL_PREFIX = "eval_"  # evaluation metrics: shown whenever a record carries them
 STANDARD_KEYS = ("step", "loss", "time_s", "committed_at", "samples_per_s", "data_s", "compute_s", "comm_s", "update_s",
                  "grad_norm", "skipped")
 
@@ -52,11 +55,15 @@ class RunLog:
         self.show_bar = _isatty(self._out()) if show_bar is None else bool(show_bar)
         self.entries: list[dict] = []
         self._recent: collections.deque = collections.deque(maxlen=RECENT)
-        self._last_record = self._started = time.monotonic()
-        self._last_draw = -math.inf
-        self._bar_len = 0
+        self._last_record = time.monotonic()
+        self._evals: dict[str, Any] = {}  # the latest evaluation metrics, kept on the bar
+        self._loss: Any = None  # the latest training loss, kept on the bar through evaluation records
         self._summary: dict | None = None
         self._jsonl = None
+        self._bar: tqdm | None = None
+        if self.show_bar:
+            self._bar = tqdm(total=total_steps, file=self._out(), unit="step", mininterval=REDRAW_S,
+                             dynamic_ncols=True, leave=True, desc="step")
         if out_dir is not None:
             os.makedirs(out_dir, exist_ok=True)
             self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8")
@@ -68,9 +75,9 @@ class RunLog:
         """Keep one step's history entry, write it to the JSONL file and update the display.
 
         Args:
-            entry: a dict with at least ``step`` and ``loss``; ``time_s`` (the step's wall
-                time) is measured here when absent. Tensor and NumPy scalars are stored as
-                numbers.
+            entry: a dict with at least ``step``, and ``loss`` for a training step; ``time_s``
+                (the step's wall time) is measured here when absent. Tensor and NumPy
+                scalars are stored as numbers.
         """
         if self._summary is not None:
             raise RuntimeError("RunLog.record() after close(): make a new RunLog for a new run")
@@ -79,16 +86,21 @@ class RunLog:
         entry.setdefault("time_s", now - self._last_record)
         self._last_record = now
         self.entries.append(entry)
-        self._recent.append(float(entry["time_s"]))
+        if "loss" in entry:  # a training step; an evaluation-only record says nothing of the step rate
+            self._recent.append(float(entry["time_s"]))
+            self._loss = entry["loss"]
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(entry, default=str) + "\n")
             self._jsonl.flush()
-        self._display(entry, now)
+        self._display(entry)
 
     def rewind(self, step: int) -> None:
         """Forget the entries after ``step`` (the run went back to a checkpoint and redoes
         them); ``metrics.jsonl`` is rewritten to match."""
         self.entries = [e for e in self.entries if int(e["step"]) <= step]
+        if self._bar is not None:
+            self._bar.n = sum(1 for e in self.entries if "loss" in e)
+            self._bar.refresh()
         if self._jsonl is not None:
             self._jsonl.seek(0)
             self._jsonl.truncate()
@@ -96,43 +108,42 @@ class RunLog:
                 self._jsonl.write(json.dumps(e, default=str) + "\n")
             self._jsonl.flush()
 
-    def _display(self, entry: dict, now: float) -> None:
+    def _display(self, entry: dict) -> None:
         step = int(entry["step"])
-        last = step >= self.total_steps
-        if self.show_bar:
-            if last or now - self._last_draw >= REDRAW_S:
-                self._draw_bar(entry)
-                self._last_draw = now
-        elif self.log_every and (step % self.log_every == 0 or last):
+        evals = {k: v for k, v in entry.items() if k.startswith(EVAL_PREFIX) and _is_number(v)}
+        self._evals.update(evals)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            # Counted in steps done by this run (a resumed run's step numbers start past 0);
+            # an evaluation-only record adds none.
+            self._bar.update(1 if "loss" in entry else 0)
+            if evals:
+                self._bar.refresh()
+        elif self.log_every and (step % self.log_every == 0 or step >= self.total_steps or evals):
             self._out().write(self._line(entry) + "\n")
             self._out().flush()
 
+    def _postfix(self) -> str:
+        """The bar's tail: the step's loss, the latest evaluation metrics, samples/s."""
+        parts = [f"loss {_num(self._loss)}"] + [f"{k} {_num(v)}" for k, v in self._evals.items()]
+        samples_s = self._rates()[1]
+        return "  ".join(parts + [f"{samples_s:,.0f} samples/s"])
+
     def _rates(self) -> tuple[float, float, float]:
         """Recent seconds per step, samples per second, and seconds left."""
-        step_s = sum(self._recent) / len(self._recent)
+        step_s = sum(self._recent) / len(self._recent) if self._recent else 0.0
         done = int(self.entries[-1]["step"])
         left = max(0, self.total_steps - done) * step_s
         return step_s, (self.global_batch_size / step_s if step_s > 0 else 0.0), left
 
-    def _draw_bar(self, entry: dict) -> None:
-        step = int(entry["step"])
-        filled = BAR_WIDTH if self.total_steps == 0 else min(BAR_WIDTH, BAR_WIDTH * step // self.total_steps)
-        _, samples_s, left = self._rates()
-        text = (f"step {step}/{self.total_steps} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] "
-                f"loss {_num(entry.get('loss'))}  {samples_s:,.0f} samples/s  ETA {_clock(left)}")
-        # Pad over the tail of a longer previous line: \r returns the cursor but erases nothing.
-        pad = " " * max(0, self._bar_len - len(text))
-        self._bar_len = len(text)
-        self._out().write("\r" + text + pad)
-        self._out().flush()
-
     def _line(self, entry: dict) -> str:
         step_s, samples_s, left = self._rates()
-        parts = [f"step {int(entry['step'])}/{self.total_steps}", f"loss {_num(entry.get('loss'))}"]
+        parts = [f"step {int(entry['step'])}/{self.total_steps}"]
+        if "loss" in entry:
+            parts.append(f"loss {_num(entry['loss'])}")
         if entry.get("grad_norm") is not None:
             parts.append(f"grad_norm {_num(entry['grad_norm'])}")
-        parts += [f"{k} {_num(v)}" for k, v in entry.items()
-                  if k not in STANDARD_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        parts += [f"{k} {_num(v)}" for k, v in entry.items() if k not in STANDARD_KEYS and _is_number(v)]
         parts += [f"{samples_s:,.0f} samples/s", f"{step_s:.3f} s/step", f"ETA {_clock(left)}"]
         return "  ".join(parts)
 
@@ -151,9 +162,8 @@ class RunLog:
         """
         if self._summary is not None:
             return dict(self._summary)
-        if self.show_bar and self._bar_len:
-            self._out().write("\n")
-            self._out().flush()
+        if self._bar is not None:
+            self._bar.close()
         if self._jsonl is not None:
             self._jsonl.close()
         self._summary = {**summarize(self.entries, self.global_batch_size), **dict(extra or {})}
@@ -233,9 +243,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _num(value: Any) -> str:
-    if not isinstance(value, (int, float)):
+    """A metric as shown: integers as they are, other numbers with 4 decimals or in e-notation."""
+    if not _is_number(value):
         return "-"
+    if isinstance(value, int):
+        return str(value)
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4f}"
     return f"{value:.3e}"

@@ -6,6 +6,7 @@ reports as data, and commits k when all are in. Ray is set up here and torn down
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from distopt.runtime.loggers import resolve_callbacks
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.groups import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, group_or_default
 from distopt.runtime.checkpointing import load_for_resume
+from distopt.runtime.compiled import CompiledFactory
 from distopt.runtime.controller import Controller, RunFailed
 from distopt.runtime.param_groups import check_resume
 from distopt.runtime.progress import RunLog
@@ -66,6 +68,8 @@ class Trainer:
         failure: :class:`~distopt.runtime.groups.FailureConfig`: failures survived and how.
         checkpoint: :class:`~distopt.runtime.groups.CheckpointConfig`: folder, period, resume.
         run: :class:`~distopt.runtime.groups.RunConfig`: output folder, log lines, progress, callbacks.
+        compile: ``torch.compile`` each worker's model (in place: parameter names and
+            ``state_dict`` keys stay the model's own); the first step pays the compilation.
 
     Raises:
         TypeError, ValueError: bad arguments, before anything starts.
@@ -78,7 +82,8 @@ class Trainer:
                  max_grad_norm: float | None = TrainConfig.max_grad_norm,
                  mixed_precision: str | None = TrainConfig.mixed_precision, eval_data: Any = TrainConfig.eval_data,
                  eval_every: int = TrainConfig.eval_every, eval_fn: Callable | None = TrainConfig.eval_fn,
-                 eval_batch_size: int | None = TrainConfig.eval_batch_size, scaling: ScalingConfig | None = None,
+                 eval_batch_size: int | None = TrainConfig.eval_batch_size, compile: bool = False,
+                 scaling: ScalingConfig | None = None,
                  failure: FailureConfig | None = None, checkpoint: CheckpointConfig | None = None,
                  run: RunConfig | None = None) -> None:
         self.run = group_or_default("run", run)
@@ -91,6 +96,10 @@ class Trainer:
             eval_every=eval_every, eval_fn=eval_fn, eval_batch_size=eval_batch_size,
             scaling=group_or_default("scaling", scaling), failure=group_or_default("failure", failure),
             checkpoint=group_or_default("checkpoint", checkpoint))
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be True or False")
+        if compile:  # compiled where each worker builds it; the factory stays picklable
+            self.config = dataclasses.replace(self.config, model=CompiledFactory(self.config.model))
 
     def fit(self, steps: int) -> FitResult:
         """Train until the step count reaches ``steps``; returns weights, history, failures.
