@@ -24,16 +24,18 @@ from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_ta
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
 # the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer);
 # "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes);
-# "muon" is bench_muon.py; "compile" is bench_compile.py (the make-run GPT's step, eager against torch.compile).
-ORDER = ["update", "collectives", "memory", "peak_memory", "step", "muon", "faults", "precision", "compile", "scale",
-         "gpu"]
+# "muon" is bench_muon.py, "recipes" bench_recipes.py; "compile" is bench_compile.py (the
+# make-run GPT's step, eager against torch.compile).
+ORDER = ["update", "collectives", "memory", "peak_memory", "step", "muon", "recipes", "faults", "precision", "compile",
+         "scale", "gpu"]
 DEFAULT = list(ORDER)
-SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "muon", "faults", "precision", "compile",
-            "scale", "gpu"]
+SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "muon", "recipes", "faults", "precision",
+            "compile", "scale", "gpu"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
           "memory": "4. Memory and traffic", "peak_memory": "4b. Peak resident memory per worker",
           "muon": "5. Muon sharded by whole matrices",
+          "recipes": "5b. Recipes on the GPT: AdamW, decay groups, Muon + AdamW",
           "faults": "Fault tolerance (recovery, overhead, checkpoints)",
           "precision": "Mixed precision: the demo's loss curve", "compile": "torch.compile: the GPT's step",
           "scale": "6. Scale: the cost model",
