@@ -111,7 +111,7 @@ def test_evaluation_metrics_show_when_a_record_carries_them():
         log.record(e)
     log.record({"step": 7, "eval_loss": 1.25, "eval_samples": 512})  # off the log period: printed all the same
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("step 7/30  eval_loss 1.2500  eval_samples 512  ")
+    assert len(lines) == 1 and lines[0].startswith("step 7/30  eval_loss 1.2500  128 samples/s")  # eval_samples: jsonl only
     tty = FakeTTY()
     bar = RunLog(30, 64, None, log_every=10, show_bar=True, stream=tty)
     for e in entries(30)[:7]:

@@ -25,7 +25,7 @@ RECENT = 20  # steps averaged for the plain lines' rate and ETA: recent, so the 
 REDRAW_S = 0.1  # at most ten bar redraws a second, however fast the steps are
 EVAL_PREFIX = "eval_"  # evaluation metrics: shown whenever a record carries them
 STANDARD_KEYS = ("step", "loss", "time_s", "committed_at", "samples_per_s", "data_s", "compute_s", "comm_s", "update_s",
-                 "grad_norm", "skipped")
+                 "grad_norm", "skipped", "eval_samples", "eval_s")  # (the last two: in metrics.jsonl only)
 
 
 class RunLog:
@@ -110,7 +110,8 @@ class RunLog:
 
     def _display(self, entry: dict) -> None:
         step = int(entry["step"])
-        evals = {k: v for k, v in entry.items() if k.startswith(EVAL_PREFIX) and _is_number(v)}
+        evals = {k: v for k, v in entry.items()
+                 if k.startswith(EVAL_PREFIX) and k not in STANDARD_KEYS and _is_number(v)}
         self._evals.update(evals)
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
