@@ -11,6 +11,7 @@ import os
 import socket
 import time
 
+import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import ProcessGroupGloo
 
@@ -106,3 +107,47 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def existing_group(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup, str, float | None, dist.Store | None]:
+    """A group torch.distributed already formed (None: the default group), with its code path
+    ("nccl" or "gloo"), its timeout in seconds and its store (None where torch hides them).
+
+    Raises:
+        RuntimeError: ``group`` is None and the default group is not initialised.
+        ValueError: ``group`` is not a process group, or its backend is neither gloo nor NCCL.
+    """
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "comm=None uses torch.distributed's default process group, which is not initialised: "
+                "call torch.distributed.init_process_group(backend='gloo' or 'nccl') first, or pass a "
+                "Communicator")
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group={group!r} is not a process group this process belongs to: pass one "
+                         f"torch.distributed.new_group returned on a member rank, or None for the default group")
+    backend, timeout_s = _backend_and_timeout(group)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, ValueError, KeyError, RuntimeError):  # private API: absent or no store
+        store = None
+    return group, backend, timeout_s, store
+
+
+def _backend_and_timeout(group: dist.ProcessGroup) -> tuple[str, float | None]:
+    """The code path ("nccl" or "gloo") for ``group``'s tensors, and its timeout in seconds
+    (None where this torch does not expose it; the group still enforces it)."""
+    name = str(dist.get_backend(group))  # "gloo", "nccl", or per device: "cpu:gloo,cuda:nccl"
+    per_device = dict(part.split(":") for part in name.split(",")) if ":" in name else {"cpu": name, "cuda": name}
+    if per_device.get("cuda") == "nccl":
+        backend, device = "nccl", "cuda"
+    elif per_device.get("cpu") == "gloo":
+        backend, device = "gloo", "cpu"
+    else:
+        raise ValueError(f"the group's backend is {name!r}: wrap a 'gloo' or 'nccl' group "
+                         f"(torch.distributed.init_process_group(backend='gloo' or 'nccl'))")
+    try:
+        return backend, group._get_backend(torch.device(device)).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # private API, absent in some torch versions
+        return backend, None

@@ -23,7 +23,7 @@ from distopt.collectives import compression
 from distopt.collectives.pairwise import Pairwise
 from distopt.collectives.pending import Pending, completed, then
 from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
-from distopt.collectives.rendezvous import connect_store, make_group, validate
+from distopt.collectives.rendezvous import connect_store, existing_group, make_group, validate
 # Low-precision sums can overflow before the division, so those are divided first.
 _PREDIVIDE = (torch.float16, torch.bfloat16)
 
@@ -102,24 +102,10 @@ class TorchCommunicator:
             ValueError: this process is not a member of ``group``, or its backend is
                 neither gloo nor NCCL.
         """
-        if group is None:
-            if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
-                    "comm=None uses torch.distributed's default process group, which is not initialised: "
-                    "call torch.distributed.init_process_group(backend='gloo' or 'nccl') first, or pass a "
-                    "Communicator")
-            group = dist.group.WORLD
-        if not isinstance(group, dist.ProcessGroup):
-            raise ValueError(f"group={group!r} is not a process group this process belongs to: pass one "
-                             f"torch.distributed.new_group returned on a member rank, or None for the default group")
-        backend, timeout_s = _backend_and_timeout(group)
+        group, backend, timeout_s, store = existing_group(group)
         comm = cls.__new__(cls)
         comm._setup(group.rank(), group.size(), backend, timeout_s, local=group.size() == 1)
-        comm._pg, comm._owns_group = group, False
-        try:
-            comm._store = dist.distributed_c10d._get_default_store()
-        except (AttributeError, ValueError, KeyError, RuntimeError):  # private API: absent or no store
-            comm._store = None
+        comm._pg, comm._owns_group, comm._store = group, False, store
         return comm
 
     def _setup(self, rank: int, world_size: int, backend: str, timeout_s: float | None, local: bool) -> None:
@@ -365,24 +351,6 @@ class TorchCommunicator:
 
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
-
-
-def _backend_and_timeout(group: dist.ProcessGroup) -> tuple[str, float | None]:
-    """The code path ("nccl" or "gloo") for ``group``'s tensors, and its timeout in seconds
-    (None where this torch does not expose it; the group still enforces it)."""
-    name = str(dist.get_backend(group))  # "gloo", "nccl", or per device: "cpu:gloo,cuda:nccl"
-    per_device = dict(part.split(":") for part in name.split(",")) if ":" in name else {"cpu": name, "cuda": name}
-    if per_device.get("cuda") == "nccl":
-        backend, device = "nccl", "cuda"
-    elif per_device.get("cpu") == "gloo":
-        backend, device = "gloo", "cpu"
-    else:
-        raise ValueError(f"the group's backend is {name!r}: wrap a 'gloo' or 'nccl' group "
-                         f"(torch.distributed.init_process_group(backend='gloo' or 'nccl'))")
-    try:
-        return backend, group._get_backend(torch.device(device)).options._timeout.total_seconds()
-    except (AttributeError, RuntimeError):  # private API, absent in some torch versions
-        return backend, None
 
 
 def _check_contiguous(t: torch.Tensor, name: str) -> None:
