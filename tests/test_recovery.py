@@ -161,8 +161,9 @@ def _lost_mid_step(rule, phase, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_shrink_from_three_to_two_ranks_keeps_the_math(stage):
-    rule, total = "adamw", 8
+@pytest.mark.parametrize("rule", ["adamw", "muon_adamw"])
+def test_shrink_from_three_to_two_ranks_keeps_the_math(stage, rule):
+    total = 8
     same = lambda k: _grads(k, 0)  # every rank sees the global gradient: the mean is independent of N
 
     def uninterrupted(comm):
