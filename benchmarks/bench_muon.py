@@ -29,7 +29,7 @@ from benchmarks.common import ProcessPair, goal, goals_table, md_table, median, 
 # bfloat16 matrix products run emulated on these CPUs (seconds per update at width 128), so
 # the matrices stay small; on a GPU the same code runs at any width.
 LAYERS, WIDTH, QUICK_WIDTH = 4, 128, 64
-STEPS, QUICK_STEPS = 5, 2
+STEPS, QUICK_STEPS = 9, 2
 
 
 def shapes(width: int) -> list[tuple[int, int]]:
