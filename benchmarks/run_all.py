@@ -27,10 +27,10 @@ from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_ta
 # "muon" is bench_muon.py, "recipes" bench_recipes.py; "compile" is bench_compile.py (the
 # make-run GPT's step, eager against torch.compile).
 ORDER = ["update", "collectives", "memory", "peak_memory", "step", "muon", "recipes", "faults", "precision", "compile",
-         "scale", "gpu"]
+         "scale", "gpu", "gpu_gpt"]
 DEFAULT = list(ORDER)
 SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "muon", "recipes", "faults", "precision",
-            "compile", "scale", "gpu"]
+            "compile", "scale", "gpu", "gpu_gpt"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
           "memory": "4. Memory and traffic", "peak_memory": "4b. Peak resident memory per worker",
@@ -39,7 +39,8 @@ TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "upda
           "faults": "Fault tolerance (recovery, overhead, checkpoints)",
           "precision": "Mixed precision: the demo's loss curve", "compile": "torch.compile: the GPT's step",
           "scale": "6. Scale: the cost model",
-          "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision"}
+          "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision",
+          "gpu_gpt": "GPU: a GPT-2-small-sized step against fused AdamW, and peak memory per rank"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
 
 
