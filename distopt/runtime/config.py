@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from distopt.data import kind_of
 from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH, check_depth
 from distopt.optim.plan import shard_count
 from distopt.optim.rules import Rule, check_rule
@@ -49,6 +50,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end of fit
     keep_last: int = 3
+    num_data_workers: int = 0  # background loader processes per worker (0: load on the training thread)
+    prefetch: int = 2  # steps each loader process keeps ready
 
     @property
     def fault_tolerant(self) -> bool:
@@ -77,8 +80,7 @@ def _check_callables(c: TrainConfig) -> None:
                         f"pass the class or a factory (model=MyNet), not an instance")
     if not callable(c.loss):
         raise TypeError("loss must be a callable (model, batch) -> scalar tensor or (loss, metrics)")
-    if not (hasattr(c.data, "__len__") and hasattr(c.data, "__getitem__")):
-        raise TypeError(f"data must be a map-style dataset (__len__ and __getitem__), got {type(c.data).__name__}")
+    kind_of(c.data)  # a map-style dataset, a stream, shards, Ray Data or a module-level factory
     check_rule(c.optimizer)
 
 
@@ -115,6 +117,11 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"keep_last={c.keep_last!r} must be an int >= 1")
     if not isinstance(c.min_workers, int) or not 1 <= c.min_workers <= c.num_workers:
         raise ValueError(f"min_workers={c.min_workers!r} must be an int in [1, num_workers={c.num_workers}]")
+    if not isinstance(c.num_data_workers, int) or isinstance(c.num_data_workers, bool) or c.num_data_workers < 0:
+        raise ValueError(f"num_data_workers={c.num_data_workers!r} must be an int >= 0 (0: load on the training "
+                         f"thread)")
+    if not isinstance(c.prefetch, int) or isinstance(c.prefetch, bool) or c.prefetch < 1:
+        raise ValueError(f"prefetch={c.prefetch!r} must be an int >= 1 (steps each loader process keeps ready)")
     for name in ("collective_timeout_s", "placement_timeout_s", "replace_timeout_s", "step_timeout_s"):
         if not getattr(c, name) > 0:
             raise ValueError(f"{name}={getattr(c, name)!r} must be > 0 seconds")
@@ -128,6 +135,8 @@ def _check_batch(c: TrainConfig) -> None:
         raise ValueError(
             f"global_batch_size={c.global_batch_size} is not divisible by num_workers * gradient_accumulation_steps"
             f" = {c.num_workers} * {c.gradient_accumulation_steps} = {split}: use a multiple of {split} (e.g. {hint})")
+    if kind_of(c.data) != "map":
+        return  # streams and factories are checked where they are read, on the workers
     n = len(c.data)
     if n < c.global_batch_size:
         raise ValueError(f"dataset has {n} samples, fewer than one global batch of {c.global_batch_size}: "

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from distopt.data import kind_of, positions
 from distopt.ft.replica_log import DEPTH as REPLICA_LOG_DEPTH
 from distopt.optim.rules import Rule
 from distopt.runtime.config import TrainConfig
@@ -38,7 +39,10 @@ class Trainer:
     Args:
         model: zero-arg callable returning an ``nn.Module``; every worker seeds then calls it.
         loss: ``(model, batch) -> loss`` or ``(loss, metrics_dict)``; ``loss`` a scalar tensor.
-        data: map-style dataset; a batch is ``default_collate([data[i] for i in indices])``.
+        data: a map-style dataset (a batch is ``default_collate([data[i] for i in indices])``),
+            a torch ``IterableDataset``, ``distopt.data.shards(paths, read)``, a
+            ``ray.data.Dataset``, or a zero-argument module-level factory of one of them
+            (called on each worker); the order each is read in is in the README ("Data").
         optimizer: ``distopt.optim.adam(...)`` or ``distopt.optim.sgd(...)``.
         global_batch_size: samples per step over all workers and micro-batches.
         num_workers: data-parallel ranks (Ray actors).
@@ -81,7 +85,10 @@ class Trainer:
         checkpoint_every: also every N steps, written in the background (0: only at the end).
         keep_last: complete checkpoints kept; older ones are removed.
         resume_from: a checkpoint folder, or a checkpoint root (the newest that verifies);
-            any ``num_workers`` and ``zero_stage`` may resume it.
+            any ``num_workers`` and ``zero_stage`` may resume it (a stream at the next sample).
+        num_data_workers: background loader processes per worker (0: batches are read on
+            the training thread when the step needs them).
+        prefetch: steps each loader process keeps ready (pinned memory on a GPU).
 
     Raises:
         TypeError, ValueError: bad arguments, before anything starts.
@@ -99,7 +106,7 @@ class Trainer:
                  grow_back: bool = True, shared_memory: bool = True, replica_log_depth: int = REPLICA_LOG_DEPTH,
                  faults: tuple = (),
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, keep_last: int = 3,
-                 resume_from: str | None = None) -> None:
+                 resume_from: str | None = None, num_data_workers: int = 0, prefetch: int = 2) -> None:
         self.config = TrainConfig(
             model=model, loss=loss, data=data, optimizer=optimizer, global_batch_size=global_batch_size,
             num_workers=num_workers, use_gpu=use_gpu, zero_stage=zero_stage, seed=seed,
@@ -112,7 +119,7 @@ class Trainer:
             grow_back=grow_back, shared_memory=shared_memory, replica_log_depth=replica_log_depth,
             faults=tuple(faults),
             checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir), checkpoint_every=checkpoint_every,
-            keep_last=keep_last)
+            keep_last=keep_last, num_data_workers=num_data_workers, prefetch=prefetch)
         if not isinstance(log_every, int) or log_every < 0:
             raise ValueError(f"log_every={log_every!r} must be an int >= 0 (0: no log lines)")
         if checkpoint_every and checkpoint_dir is None:
@@ -133,6 +140,9 @@ class Trainer:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be a positive int")
         resume = load_for_resume(self.resume_from) if self.resume_from else None  # a bad checkpoint fails here
+        if resume is not None:  # a stream resumed from a map-style run's checkpoint (or back) fails here too
+            positions.for_resume(kind_of(self.config.data), resume.manifest.get("data_position"),
+                                 resume.manifest["next_step"], f"checkpoint {self.resume_from}")
         with _Cluster(self.ray_address, self.config) as cluster:
             group = cluster.group()
             try:
@@ -142,12 +152,14 @@ class Trainer:
 
     def _loop(self, group: Any, steps: int, resume: Any) -> FitResult:
         c = self.config
-        start, updates = 0, 0
+        start, updates, position = 0, 0, None
         if resume is not None:
             group.load(resume.model_state, resume.optimizer_state)
             start, updates = resume.manifest["next_step"], resume.manifest["optimizer_step"]
+            position = resume.manifest.get("data_position")
         run_log = RunLog(max(steps - start, 0), c.global_batch_size, self.out_dir, self.log_every, self.progress)
-        controller = Controller(group, c, run_log.record, committed_updates=updates, on_rewind=run_log.rewind)
+        controller = Controller(group, c, run_log.record, committed_updates=updates, on_rewind=run_log.rewind,
+                                position=position)
         try:
             controller.run(start, steps)
             controller.finish(max(steps, start))

@@ -1,0 +1,76 @@
+"""Loading in the background: loader processes that prepare a rank's next steps while the
+current one computes.
+
+A torch ``DataLoader`` runs ``num_data_workers`` processes over :class:`StepStream`, which
+yields the rank's micro-batches step after step from a start (step, read position); loader
+process ``w`` of ``W`` makes steps ``start + w``, ``start + w + W``, ..., and the DataLoader
+hands them back in step order, ``prefetch`` per process ahead, in pinned memory when the rank
+computes on a GPU. A stream (an ``IterableDataset``, Ray Data) is read by one loader process:
+it has no random access, so a second would have to read everything the first does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distopt.data.errors import LoaderDied
+from distopt.data.positions import Position
+
+
+class StepStream(IterableDataset):
+    """A rank's steps from ``start`` on: ``{"step", "position", "next", "batches"}`` dicts."""
+
+    def __init__(self, source: Any, start: int, position: Position | None, rank: int, world_size: int) -> None:
+        self.source, self.start, self.position, self.rank, self.world_size = source, start, position, rank, world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        me, every = (info.id, info.num_workers) if info is not None else (0, 1)
+        step, position = self.start, self.position
+        while True:
+            if (step - self.start) % every == me:
+                batches, after = self.source.batches(step, position, self.rank, self.world_size)
+                yield {"step": step, "position": position, "next": after, "batches": batches}
+            else:  # another loader process makes this step: only its end position is needed here
+                after = self.source.next_position(step, position)
+            step, position = step + 1, after
+
+
+class Prefetcher:
+    """The background loader of one rank; restarted wherever the steps asked for jump."""
+
+    def __init__(self, source: Any, num_data_workers: int, prefetch: int, pin_memory: bool) -> None:
+        self.source, self.prefetch, self.pin_memory = source, prefetch, pin_memory
+        self.workers = num_data_workers if source.cheap_positions else 1
+        self._it: Any = None
+        self._expect: tuple | None = None  # (step, position, rank, world size) the loader makes next
+
+    def get(self, step: int, position: Position | None, rank: int, world_size: int) -> tuple[list, Position | None]:
+        """Step ``step``'s micro-batches and the position after it.
+
+        Raises:
+            LoaderDied: a loader process died.
+            Exception: what the dataset raised in a loader process (its message kept).
+        """
+        if self._it is None or self._expect != (step, position, rank, world_size):
+            self.close()
+            loader = DataLoader(StepStream(self.source, step, position, rank, world_size), batch_size=None,
+                                num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory)
+            self._it = iter(loader)
+        try:
+            item = next(self._it)
+        except RuntimeError as e:
+            if "exited unexpectedly" in str(e):  # the DataLoader's own word for a dead loader process
+                self.close()
+                raise LoaderDied(f"a background loader process died: {e}") from e
+            raise
+        self._expect = (step + 1, item["next"], rank, world_size)
+        return item["batches"], item["next"]
+
+    def close(self) -> None:
+        """Stop the loader processes."""
+        it, self._it, self._expect = self._it, None, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
