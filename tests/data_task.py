@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from distopt.data import shards
 from trainer_task import make_data
 
 N = 90  # not a multiple of the test batches: steps cross epoch ends mid-batch
@@ -29,6 +28,15 @@ def loss(model: torch.nn.Module, batch: torch.Tensor):
     batch = batch["row"] if isinstance(batch, dict) else batch
     x, y = batch[:, :5].float(), batch[:, 5:8].float()
     return torch.nn.functional.mse_loss(model(x), y), {"ids": batch[:, 8].sum()}
+
+
+def slow_loss(model: torch.nn.Module, batch: torch.Tensor):
+    """:func:`loss`, a second slower on a batch of 12 rows (the whole global batch of the
+    shrink tests, on their one remaining worker): the freed worker's successor has time to start."""
+    import time
+    if len(batch) == 12:
+        time.sleep(1.0)
+    return loss(model, batch)
 
 
 class RowStream(IterableDataset):
@@ -97,27 +105,18 @@ def read_changes_at_3(path: str):
         yield row[:2] if i == 3 else row
 
 
-def make_shards_in(folder: str):
-    """A factory of ``shards`` (the tests point DATA_TEST_DIR at their folder)."""
-    return shards(sorted(str(p) for p in Path(folder).glob("*.npy")), read_npy, shuffle_buffer=8)
-
-
-def shards_factory():
-    return make_shards_in(os.environ["DATA_TEST_DIR"])
-
-
 class DiesInLoader(Dataset):
     """Map-style rows whose loader process kills itself once, on reading row ``at``
-    (a marker file in ``DATA_TEST_DIR`` makes it once per test)."""
+    (a marker file in ``folder`` makes it once per test)."""
 
-    def __init__(self, at: int = 5) -> None:
-        self.data, self.at = rows(), at
+    def __init__(self, folder: str, at: int = 5) -> None:
+        self.data, self.at, self.folder = rows(), at, folder
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        marker = Path(os.environ["DATA_TEST_DIR"]) / "loader-died"
+        marker = Path(self.folder) / "loader-died"
         if i == self.at and get_worker_info() is not None and not marker.exists():
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
