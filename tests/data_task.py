@@ -61,6 +61,10 @@ def make_stream() -> RowStream:
     return RowStream()
 
 
+def not_a_dataset() -> int:
+    return 5
+
+
 def make_short_stream() -> RowStream:
     return RowStream(10)
 
@@ -121,3 +125,24 @@ class DiesInLoader(Dataset):
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.data[i]
+
+
+READS: list = []  # (path, record) of every record CountingShard gave out, in this process
+
+
+class CountingShard:
+    """A shard of rows that logs which records are read."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.rows = path, np.load(path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        READS.append((self.path, i))
+        return self.rows[i]
+
+
+def read_counting(path: str) -> CountingShard:
+    return CountingShard(path)
