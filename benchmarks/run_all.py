@@ -22,15 +22,17 @@ from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_ta
 
 # Run order (the cost model's check needs step, collectives and update first). "faults" is
 # the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer);
-# "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes).
-ORDER = ["update", "collectives", "memory", "peak_memory", "step", "faults", "precision", "scale", "gpu"]
+# "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes);
+# "data" is bench_data.py (background loading against torch's DataLoader, shard read throughput).
+ORDER = ["update", "collectives", "memory", "peak_memory", "step", "faults", "precision", "data", "scale", "gpu"]
 DEFAULT = list(ORDER)
-SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "faults", "precision", "scale", "gpu"]
+SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "faults", "precision", "data", "scale", "gpu"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
           "memory": "4. Memory and traffic", "peak_memory": "4b. Peak resident memory per worker",
           "faults": "Fault tolerance (recovery, overhead, checkpoints)",
-          "precision": "Mixed precision: the demo's loss curve", "scale": "6. Scale: the cost model",
+          "precision": "Mixed precision: the demo's loss curve",
+          "data": "Data loading: background loaders and shard reads", "scale": "6. Scale: the cost model",
           "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision"}
 RESULTS_JSON = os.path.join(HERE, "results.json")
 
