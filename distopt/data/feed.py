@@ -14,6 +14,7 @@ import torch
 from distopt.data.kinds import build
 from distopt.data.loader import Prefetcher
 from distopt.data.positions import Position
+from distopt.data.samples import map_tensors
 from distopt.data.sources import make_source
 
 
@@ -56,10 +57,4 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with its tensors on ``device`` (asynchronous copies from pinned memory)."""
     if device.type == "cpu":
         return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))

@@ -42,6 +42,17 @@ class StructureCheck:
         return sample
 
 
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (dicts, lists and tuples rebuilt)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def rank_share(samples: list, rank: int, world_size: int) -> list:
     """Rank ``rank``'s contiguous ``1/world_size`` of a global batch's samples."""
     per_rank = len(samples) // world_size
