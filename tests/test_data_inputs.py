@@ -77,9 +77,10 @@ def test_shards_with_fewer_samples_than_one_global_batch(tmp_path):
         _fit(shards(data_task.write_shards(tmp_path, (3, 4)), data_task.read_npy))
 
 
-def test_a_reader_that_raises_names_the_shard_and_record(paths):
+@pytest.mark.parametrize("loaders", [0, 1])
+def test_a_reader_that_raises_names_the_shard_and_record(paths, loaders):
     with pytest.raises(WorkerError, match=r"shard '.*shard-00\d.npy' record 5: the reader raised OSError: disk error"):
-        _fit(shards(paths, data_task.read_fails_at_5))
+        _fit(shards(paths, data_task.read_fails_at_5), num_data_workers=loaders)
 
 
 def test_a_sample_of_another_structure_names_the_shard_and_record(paths):

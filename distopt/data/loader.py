@@ -66,10 +66,8 @@ class Prefetcher:
             self._it = Receiver(loader, self.prefetch, self.pin_memory)
         try:
             item = self._it.get()
-        except RuntimeError as e:
-            if "exited unexpectedly" in str(e):  # the DataLoader's own word for a dead loader process
-                self.close()
-                raise LoaderDied(f"a background loader process died: {e}") from e
+        except BaseException:
+            self.close()
             raise
         self._expect = (step + 1, item["next"], rank, world_size)
         return item["batches"], item["next"]
@@ -89,17 +87,30 @@ class Receiver:
         self._pin = pin
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._it = iter(loader)  # the loader processes start here
-        self._thread = threading.Thread(target=self._serve, name="data-receiver", daemon=True)
+        self._lock = threading.Lock()
+        self._it: Any = None
+        self._thread = threading.Thread(target=self._serve, args=(loader,), name="data-receiver", daemon=True)
         self._thread.start()
 
-    def _serve(self) -> None:
+    def _serve(self, loader: DataLoader) -> None:
+        # The loader processes start here, off the main thread: torch then installs no SIGCHLD
+        # handler, which would raise a loader's death wherever the main thread happens to be;
+        # the death is seen here instead (within the DataLoader's 5 s status check) and handed on.
+        try:
+            it = iter(loader)
+        except BaseException as e:
+            self._queue.put((False, e))
+            return
+        with self._lock:
+            self._it = it
+        if self._stop.is_set():
+            self._shut()
         while not self._stop.is_set():
             try:
-                item = next(self._it)
+                item = next(it)
                 item = (True, map_tensors(item, torch.Tensor.pin_memory) if self._pin else item)
             except BaseException as e:  # (a dead loader process, the dataset's error): the caller raises it
-                item = (False, e)
+                item = (False, _death(it, e))
             while not self._stop.is_set():
                 try:
                     self._queue.put(item, timeout=0.1)
@@ -119,6 +130,27 @@ class Receiver:
     def close(self) -> None:
         """Stop the thread and the loader processes (the thread exits once its wait ends)."""
         self._stop.set()
-        shutdown = getattr(self._it, "_shutdown_workers", None)
+        self._shut()
+
+    def _shut(self) -> None:
+        with self._lock:
+            it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _death(it: Any, error: BaseException) -> BaseException:
+    """``error``, or :class:`LoaderDied` when a loader process is gone: a death shows up as
+    whatever the hand-over was doing (the DataLoader's own report, a reset connection while
+    fetching a batch's shared memory from the dead process)."""
+    dead = []
+    for w in getattr(it, "_workers", []):
+        w.join(timeout=0.5)  # (a live one just waits out the timeout; this is the failure path)
+        if w.exitcode is not None:
+            dead.append((w.pid, w.exitcode))
+    if not dead and not str(error).startswith("DataLoader worker (pid"):
+        return error
+    died = LoaderDied(f"background loader process(es) (pid, exit code) {dead} died: {type(error).__name__}: {error}")
+    died.__cause__ = error
+    return died
