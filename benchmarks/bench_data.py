@@ -180,9 +180,10 @@ def reading_rows(result: dict) -> list[list[str]]:
 
 def markdown(result: dict) -> str:
     """The RESULTS.md section."""
-    lo, rd = result["loading"], result["reading"]
+    lo, rd, m = result["loading"], result["reading"], result.get("meta", {})
     return "\n\n".join([
-        f"Part 1: one worker, an MLP step of {lo['compute_ms']:.1f} ms compute (batch {BATCH}, width {WIDTH}), "
+        f"Measured on {m.get('cores', '?')} cores ({m.get('cpu', '?')}), torch {m.get('torch', '?')}; CPU "
+        f"training only. Part 1: one worker, an MLP step of {lo['compute_ms']:.1f} ms compute (batch {BATCH}, width {WIDTH}), "
         f"{lo['steps']} steps, medians over all but the first 5. distopt `num_workers=1` is the loader-process "
         f"count (`num_data_workers`), torch's its `DataLoader(num_workers=...)`; both prefetch 2 batches per "
         f"process. Training runs {lo.get('threads', '?')} torch threads, leaving a core to the loader process. "

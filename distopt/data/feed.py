@@ -26,8 +26,10 @@ class Feed:
         dataset, self.kind = build(data)
         self.source = make_source(dataset, self.kind, seed, global_batch_size, accumulation_steps)
         self.device = device
+        # Ray Data streams its blocks in the background itself, and a forked loader process
+        # could not use the worker's Ray connection: it is read on the training thread.
         self._loader = Prefetcher(self.source, num_data_workers, prefetch, device.type == "cuda") \
-            if num_data_workers > 0 else None
+            if num_data_workers > 0 and self.kind != "ray" else None
         self._positions: dict[int, Position | None] = {}
 
     def batches(self, step: int, position: Position | None, rank: int, world_size: int
