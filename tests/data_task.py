@@ -23,6 +23,11 @@ def rows(n: int = N) -> torch.Tensor:
     return torch.cat([x, y, torch.arange(n, dtype=torch.float32)[:, None]], dim=1)
 
 
+def make_rows() -> torch.Tensor:
+    """A factory of a map-style dataset (a tensor: ``len`` and ``[i]``)."""
+    return rows()
+
+
 def loss(model: torch.nn.Module, batch: torch.Tensor):
     """MSE of the task on a batch of rows; the metric is the sum of the rows' ids."""
     batch = batch["row"] if isinstance(batch, dict) else batch

@@ -45,6 +45,14 @@ def test_sigkill_mid_run_gives_the_same_bits(data, kind, phase, loaders):
     assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace")]
 
 
+def test_every_worker_lost_goes_back_to_the_checkpoint_and_its_read_position(data, tmp_path):
+    kinds, clean, _ = data
+    faults = (Fault(rank=0, step=5, phase="compute"), Fault(rank=1, step=5, phase="compute"))
+    result = _fit(kinds["shards"](), faults=faults, max_failures=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    assert all("restart from checkpoint" in f["action"] for f in result.failures), result.failures
+    _same(result, clean["shards"])
+
+
 @pytest.mark.parametrize("kind", ["iterable", "shards"])
 def test_a_shrink_and_a_grow_keep_the_order(data, kind):
     kinds, _, streams = data

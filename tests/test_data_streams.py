@@ -80,6 +80,12 @@ def test_a_two_worker_checkpoint_resumes_on_one_and_three_workers_at_the_next_sa
         _close(resumed, expected.state_dict, [h["loss"] for h in expected.history])
 
 
+def test_a_factory_of_a_map_style_dataset_gives_the_datasets_bits():
+    direct, built = _fit(data_task.rows()), _fit(data_task.make_rows)
+    assert all(torch.equal(direct.state_dict[k], built.state_dict[k]) for k in direct.state_dict)
+    assert [h["loss"] for h in direct.history] == [h["loss"] for h in built.history]
+
+
 def test_a_map_style_checkpoint_does_not_resume_a_stream(tmp_path):
     _fit(data_task.rows(), steps=2, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="holds no read position"):
