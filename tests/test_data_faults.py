@@ -31,13 +31,16 @@ def _same(a, b):
 def data(tmp_path_factory, ray_cluster):
     folder = tmp_path_factory.mktemp("shards")
     paths = data_task.write_shards(folder)
-    kinds = {"iterable": data_task.RowStream, "shards": lambda: distopt.data.shards(paths, data_task.read_npy, 8)}
+    kinds = {"iterable": data_task.RowStream, "shards": lambda: distopt.data.shards(paths, data_task.read_npy, 8),
+             "factory": lambda: data_task.make_stream}  # built on each worker, never pickled
     streams = {"iterable": iterable_stream(data_task.RowStream(), 3), "shards": shards_stream(paths, 8, 0, 3)}
-    return kinds, {kind: _fit(make()) for kind, make in kinds.items()}, streams
+    clean = {kind: _fit(kinds[kind]()) for kind in ("iterable", "shards")}
+    return kinds, {**clean, "factory": clean["iterable"]}, streams
 
 
 @pytest.mark.parametrize("kind,phase,loaders", [("iterable", "data", 0), ("iterable", "param_gather", 1),
-                                                ("shards", "compute", 0), ("shards", "grad_collective", 2)])
+                                                ("shards", "compute", 0), ("shards", "grad_collective", 2),
+                                                ("factory", "shard_update", 0)])
 def test_sigkill_mid_run_gives_the_same_bits(data, kind, phase, loaders):
     kinds, clean, _ = data
     result = _fit(kinds[kind](), faults=(Fault(rank=1, step=4, phase=phase),), num_data_workers=loaders)
@@ -89,3 +92,6 @@ def test_ray_data_on_the_embedded_cluster(ray_cluster):
     for name, value in weights.items():
         torch.testing.assert_close(result.state_dict[name], value, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close([h["loss"] for h in result.history], losses, rtol=1e-5, atol=1e-6)
+    killed = _fit(ds, num_cpus_per_worker=0.5, faults=(Fault(rank=1, step=4, phase="compute"),))
+    _same(killed, result)
+    assert [(f["rank"], f["step"], f["action"]) for f in killed.failures] == [(1, 5, "replace")]
