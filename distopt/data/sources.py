@@ -43,8 +43,8 @@ class StreamSource:
     cheap_positions = False  # the next position is known only by reading the stream
 
     def __init__(self, stream: Any, global_batch_size: int, accumulation_steps: int) -> None:
-        self.reader, self.batch, self.accumulation = StreamReader(stream, global_batch_size), global_batch_size, \
-            accumulation_steps
+        self.reader = StreamReader(stream, global_batch_size)
+        self.batch, self.accumulation = global_batch_size, accumulation_steps
 
     def batches(self, step: int, position: Position | None, rank: int, world_size: int) -> tuple[list, Position]:
         samples, after = self.reader.read(at(step, position), self.batch)
@@ -60,8 +60,8 @@ class ShardSource:
     cheap_positions = True
 
     def __init__(self, data: Any, seed: int, global_batch_size: int, accumulation_steps: int) -> None:
-        self.reader, self.batch, self.accumulation = ShardReader(data, seed, global_batch_size), global_batch_size, \
-            accumulation_steps
+        self.reader = ShardReader(data, seed, global_batch_size)
+        self.batch, self.accumulation = global_batch_size, accumulation_steps
 
     def batches(self, step: int, position: Position | None, rank: int, world_size: int) -> tuple[list, Position]:
         position, per_rank = at(step, position), self.batch // world_size
