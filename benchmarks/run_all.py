@@ -25,12 +25,13 @@ from benchmarks.common import (HERE, bucket_count, git_state, goal_row, goals_ta
 # the fault-tolerance benchmark (bench_faults.py, Ray Train's TorchTrainer as the peer);
 # "peak_memory" is bench_peak_memory.py (each configuration's ranks as fresh processes);
 # "muon" is bench_muon.py, "recipes" bench_recipes.py; "compile" is bench_compile.py (the
-# make-run GPT's step, eager against torch.compile).
+# make-run GPT's step, eager against torch.compile); "data" is bench_data.py (background
+# loading against torch's DataLoader, shard read throughput).
 ORDER = ["update", "collectives", "memory", "peak_memory", "step", "muon", "recipes", "faults", "precision", "compile",
-         "scale", "gpu", "gpu_gpt"]
+         "data", "scale", "gpu", "gpu_gpt"]
 DEFAULT = list(ORDER)
 SECTIONS = ["step", "collectives", "update", "memory", "peak_memory", "muon", "recipes", "faults", "precision",
-            "compile", "scale", "gpu", "gpu_gpt"]
+            "compile", "data", "scale", "gpu", "gpu_gpt"]
 MODULES = {"update": bench_update, "collectives": bench_collectives, "memory": bench_memory, "step": bench_step}
 TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "update": "3. The update kernel",
           "memory": "4. Memory and traffic", "peak_memory": "4b. Peak resident memory per worker",
@@ -38,7 +39,7 @@ TITLES = {"step": "1. Step time", "collectives": "2. The allreduce layer", "upda
           "recipes": "5b. Recipes on the GPT: AdamW, decay groups, Muon + AdamW",
           "faults": "Fault tolerance (recovery, overhead, checkpoints)",
           "precision": "Mixed precision: the demo's loss curve", "compile": "torch.compile: the GPT's step",
-          "scale": "6. Scale: the cost model",
+          "data": "Data loading: background loaders and shard reads", "scale": "6. Scale: the cost model",
           "gpu": "GPU: update kernel, NCCL, one-GPU step, mixed precision",
           "gpu_gpt": "GPU: a GPT-2-small-sized step against fused AdamW, and peak memory per rank"}
 RESULTS_JSON = os.path.join(HERE, "results.json")

@@ -30,6 +30,8 @@ TRAINER_KEYS = {  # distopt.Trainer's own arguments beyond the code, the batch a
     "eval_every": "evaluate every N steps and at the end (0: only at the end)",
     "eval_batch_size": "samples per evaluation batch",
     "compile": "torch.compile each worker's model",
+    "num_data_workers": "background loader processes per worker (0: load on the training thread)",
+    "prefetch": "steps each loader process keeps ready",
 }
 
 

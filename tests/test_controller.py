@@ -43,7 +43,7 @@ class ScriptedGroup:
         self.calls: list[tuple] = []
         self.episodes: list[int] = []  # the episode each regroup or grow belonged to
 
-    def run_step(self, k: int) -> list[Outcome]:
+    def run_step(self, k: int, position=None) -> list[Outcome]:
         self.calls.append(("step", k))
         dead = self.fail_step.pop(k, None)
         return _ok(self.world, k) if dead is None else _lost(self.world, dead, "allgather")

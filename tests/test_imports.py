@@ -94,11 +94,13 @@ LAYERS = {  # DESIGN.md's table: layer -> its modules, in order (a layer imports
     "optim": ("distopt.optim",),
     "ft": ("distopt.ft",),
     "checkpoint": ("distopt.checkpoint",),
+    "data": ("distopt.data",),
     "runtime": ("distopt.runtime",),
 }
 ALLOWED = {"gradients": set(), "collectives": set(), "optim": {"gradients", "collectives"},
            "ft": {"optim", "collectives", "gradients"}, "checkpoint": {"optim", "collectives", "gradients"},
-           "runtime": {"gradients", "collectives", "optim", "ft", "checkpoint"}}
+           "data": set(),  # torch only
+           "runtime": {"gradients", "collectives", "optim", "ft", "checkpoint", "data"}}
 
 
 def _layer(module: str) -> str | None:

@@ -19,6 +19,8 @@ Keys (all required unless marked optional):
     model           file record of ``model.bin``: v2 the weights no parameter holds, v1 all
     shards          file record per shard rank (``plan["world_size"]`` of them): the state
                     fields, then (v2) ``"param"``, the rank's slice of the parameters
+    data_position   optional: a stream's read position at ``next_step`` (``{"epoch", "shard",
+                    "offset"}``, ints; see ``distopt.data.positions``); absent for map-style data
     extra           optional: small user data (msgpack-able)
     manifest_sha256 sha256 of the msgpack of every other key, in order (added on packing)
 
@@ -44,7 +46,7 @@ _FIELDS: dict[str, type] = {
     "optimizer_step": int, "plan": dict, "rule": dict, "params": list, "state_fields": list,
 }
 _FILES: dict[str, type] = {"model": dict, "shards": list}
-_OPTIONAL: dict[str, type] = {"extra": dict, "model_keys": list, "param_groups": list}
+_OPTIONAL: dict[str, type] = {"extra": dict, "model_keys": list, "param_groups": list, "data_position": dict}
 _PLAN_KEYS = {"world_size", "align", "numels", "offsets", "buckets", "total"}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 CHECKSUM_KEY = "manifest_sha256"

@@ -5,10 +5,13 @@ each method forwards to the worker, adding what only the actor knows (its node, 
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import ray
 
+from distopt.data import LoaderDied
 from distopt.runtime.config import TrainConfig
 from distopt.runtime.evaluation import EvalReport
 from distopt.runtime.faults import maybe_fire
@@ -55,8 +58,12 @@ class WorkerActor:
         self.worker.rejoin(host, port, group_name, rank, world_size, local_host=local_address(loopback),
                            replica_distance=replica_distance)
 
-    def run_step(self, step: int) -> StepReport:
-        return self.worker.run_step(step)
+    def run_step(self, step: int, position: dict | None = None) -> StepReport:
+        try:
+            return self.worker.run_step(step, position)
+        except LoaderDied:  # the rank cannot go on: its death is a worker failure, recovered as one
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise
 
     def evaluate(self, step: int) -> EvalReport:
         return self.worker.evaluate(step)

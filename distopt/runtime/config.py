@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from distopt.data import kind_of
 from distopt.optim.plan import shard_count
 from distopt.optim.rules import Rule, check_rule
 from distopt.runtime.param_groups import check_on_meta
@@ -57,6 +58,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     last_bucket_bytes: int = 2**20  # the last layers' bucket, reduced first (DDP's first bucket)
     overlap: bool = True  # reduce gradient buckets during backward
+    num_data_workers: int = 0  # background loader processes per worker (0: load on the training thread)
+    prefetch: int = 2  # steps each loader process keeps ready
 
     num_workers = _In("scaling")
     use_gpu = _In("scaling")
@@ -122,8 +125,7 @@ def _check_callables(c: TrainConfig) -> None:
                         f"pass the class or a factory (model=MyNet), not an instance")
     if not callable(c.loss):
         raise TypeError("loss must be a callable (model, batch) -> scalar tensor or (loss, metrics)")
-    if not _is_map_style(c.data):
-        raise TypeError(f"data must be a map-style dataset (__len__ and __getitem__), got {type(c.data).__name__}")
+    kind_of(c.data)  # a map-style dataset, a stream, shards, Ray Data or a module-level factory
     check_rule(c.optimizer)
     if c.param_groups is not None:
         if not callable(c.param_groups):
@@ -148,6 +150,11 @@ def _check_counts(c: TrainConfig) -> None:
         raise ValueError(f"FailureConfig.min_workers={c.min_workers} is more than ScalingConfig.num_workers="
                          f"{c.num_workers}: use a min_workers in [1, {c.num_workers}]")
 
+    if not isinstance(c.num_data_workers, int) or isinstance(c.num_data_workers, bool) or c.num_data_workers < 0:
+        raise ValueError(f"num_data_workers={c.num_data_workers!r} must be an int >= 0 (0: load on the training "
+                         f"thread)")
+    if not isinstance(c.prefetch, int) or isinstance(c.prefetch, bool) or c.prefetch < 1:
+        raise ValueError(f"prefetch={c.prefetch!r} must be an int >= 1 (steps each loader process keeps ready)")
 
 def _check_eval(c: TrainConfig) -> None:
     if not isinstance(c.eval_every, int) or isinstance(c.eval_every, bool) or c.eval_every < 0:
@@ -175,6 +182,8 @@ def _check_batch(c: TrainConfig) -> None:
         raise ValueError(
             f"global_batch_size={c.global_batch_size} is not divisible by num_workers * gradient_accumulation_steps"
             f" = {c.num_workers} * {c.gradient_accumulation_steps} = {split}: use a multiple of {split} (e.g. {hint})")
+    if kind_of(c.data) != "map":
+        return  # streams and factories are checked where they are read, on the workers
     n = len(c.data)
     if n < c.global_batch_size:
         raise ValueError(f"dataset has {n} samples, fewer than one global batch of {c.global_batch_size}: "

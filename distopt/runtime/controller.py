@@ -42,13 +42,14 @@ class Controller:
 
     def __init__(self, group: Any, config: TrainConfig, on_commit: Callable[[dict], None],
                  committed_updates: int = 0, on_rewind: Callable[[int], None] = lambda step: None,
-                 events: Any = None) -> None:
+                 events: Any = None, position: dict | None = None) -> None:
         self.group, self.config, self.on_commit, self.on_rewind = group, config, on_commit, on_rewind
         self.events = events  # ``fire(hook, record)``: on_eval, on_checkpoint, on_failure (callbacks.Callbacks)
         self.history: list[dict] = []
         self.failures: list[dict] = []
         self.growths: list[dict] = []  # one record per growth back after a shrink
         self.committed_updates = committed_updates
+        self.position = position  # a stream's committed read position (None: map-style data, or step 0)
         self.world_size = config.num_workers
         self.episodes = 0  # recoveries and growths begun: a worker's offer is kept within one
         self.steps = 0  # the run's last step (for the evaluation at the end)
@@ -92,7 +93,7 @@ class Controller:
             if self.world_size < self.config.num_workers and self.config.grow_back:
                 k = self._maybe_grow(k)
             t0 = time.perf_counter()
-            outcomes = self.group.run_step(k)
+            outcomes = self.group.run_step(k, self.position)
             statuses = [o.status for o in outcomes]
             decision = self._decide(statuses, can_replace=True)
             if decision.action == "continue":
@@ -145,6 +146,7 @@ class Controller:
     def _commit(self, k: int, reports: list[StepReport], wall: float) -> dict:
         """Commit 0-based step ``k``; its history entry, kept once any evaluation after it is in."""
         self.committed_updates, self.committed_step = reports[0].updates, k + 1
+        self.position = committed_position(k, reports)
         if self.checkpoints is not None:
             self.checkpoints.add([r for rep in reports for r in rep.checkpoints])
             self.checkpoints.finish(k + 1, self._shard_ranks())
@@ -259,6 +261,7 @@ class Controller:
             replace_s = time.perf_counter() - t0
         self.world_size = decision.world_size
         self.committed_updates, self.committed_step = good.manifest["optimizer_step"], start
+        self.position = good.manifest.get("data_position")
         self.history = [h for h in self.history if h["step"] <= start]
         self.on_rewind(start)
         if self.checkpoints is not None:
@@ -311,6 +314,19 @@ class Controller:
         lost = [o.status.rank for o in outcomes if o.status.dead or o.status.hung]
         self._record(k, outcomes, self._nodes(), decision, 0.0, 0.0, 0.0, phase) if lost else None
         raise RunFailed(f"step {k + 1}: {decision.reason}; ranks lost {lost}", self.failures)
+
+
+def committed_position(k: int, reports: list[StepReport]) -> dict | None:
+    """The read position after step ``k``, which every rank computed alike.
+
+    Raises:
+        RuntimeError: the ranks disagree (the stream's order is not deterministic).
+    """
+    found = {repr(r.position) for r in reports}
+    if len(found) > 1:
+        raise RuntimeError(f"step {k + 1}: the ranks ended at different read positions {sorted(found)}: the "
+                           f"stream does not yield the same samples on every worker (seed its shuffling)")
+    return reports[0].position
 
 
 def history_entry(step: int, reports: list[StepReport], wall: float, batch: int) -> dict:

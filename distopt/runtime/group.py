@@ -72,13 +72,14 @@ class RayWorkerGroup:
         return [call(r, a, host, port, name) for r, a in enumerate(self.actors)]
 
     # --- steps ----------------------------------------------------------------------
-    def run_step(self, step: int) -> list[Outcome]:
-        """Run 0-based ``step`` on every actor; one :class:`Outcome` per rank, in rank order.
+    def run_step(self, step: int, position: dict | None = None) -> list[Outcome]:
+        """Run 0-based ``step`` from read ``position`` on every actor; one :class:`Outcome`
+        per rank, in rank order.
 
         Waits at most ``step_timeout_s``; once a rank has failed, the others get
         ``collective_timeout_s`` plus a margin to report before they count as hung.
         """
-        return outcomes([a.run_step.remote(step) for a in self.actors], self.config)
+        return outcomes([a.run_step.remote(step, position) for a in self.actors], self.config)
 
     def run_eval(self, step: int) -> list[Outcome]:
         """Evaluate on every actor after ``step`` committed steps; one :class:`Outcome` per rank."""

@@ -34,9 +34,10 @@ class LocalWorkerGroup:
             except Exception as e:
                 raise WorkerError(rank, "setup", f"{type(e).__name__}: {e}", e) from e
 
-    def run_step(self, step: int) -> list[Outcome]:
-        """Run 0-based ``step`` on every rank; any failure raises (threads cannot be replaced)."""
-        reports = self._call(f"step {step}", lambda w: w.run_step(step), self.workers)
+    def run_step(self, step: int, position: dict | None = None) -> list[Outcome]:
+        """Run 0-based ``step`` from read ``position`` on every rank; any failure raises
+        (threads cannot be replaced)."""
+        reports = self._call(f"step {step}", lambda w: w.run_step(step, position), self.workers)
         return [Outcome(WorkerStatus(r.rank), r) for r in reports]
 
     def run_eval(self, step: int) -> list[Outcome]:

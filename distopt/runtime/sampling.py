@@ -1,41 +1,4 @@
-"""The sampling contract (DESIGN.md): which dataset indices every rank uses at every step.
+"""The map-style sampling contract now lives in :mod:`distopt.data.sampling` (kept importable here)."""
+from distopt.data.sampling import global_indices, micro_batches, rank_indices, steps_per_epoch
 
-Pure functions of (dataset length, global batch, seed, step, rank, world size), so any
-run can be replayed, checked against one process, or redone after a failure without
-iterator state.
-"""
-from __future__ import annotations
-
-import torch
-
-
-def steps_per_epoch(n: int, global_batch_size: int) -> int:
-    """Full global batches in one pass over ``n`` samples (the tail is dropped)."""
-    return n // global_batch_size
-
-
-def global_indices(n: int, global_batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The ``global_batch_size`` indices of 0-based ``step``.
-
-    Epoch ``e = step // steps_per_epoch`` visits
-    ``torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))``; the step takes
-    the slice at ``(step % steps_per_epoch) * global_batch_size``.
-    """
-    per_epoch = steps_per_epoch(n, global_batch_size)
-    if per_epoch < 1:
-        raise ValueError(f"dataset has {n} samples, fewer than one global batch of {global_batch_size}")
-    epoch, position = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    start = position * global_batch_size
-    return perm[start:start + global_batch_size]
-
-
-def rank_indices(n: int, global_batch_size: int, seed: int, step: int, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s contiguous ``global_batch_size / world_size`` share of the step's indices."""
-    per_rank = global_batch_size // world_size
-    return global_indices(n, global_batch_size, seed, step)[rank * per_rank:(rank + 1) * per_rank]
-
-
-def micro_batches(indices: torch.Tensor, accumulation_steps: int) -> list[list[int]]:
-    """Split one rank's indices into equal contiguous micro-batches."""
-    return [chunk.tolist() for chunk in indices.chunk(accumulation_steps)]
+__all__ = ["steps_per_epoch", "global_indices", "rank_indices", "micro_batches"]

@@ -87,8 +87,10 @@ class RunFields:
         self._fields: dict = {}
         self._loose: list[str] = []  # model keys no parameter holds (model.bin)
 
-    def get(self, opt, model: torch.nn.Module, seed: int, next_step: int) -> tuple[dict, list[str]]:
-        """The fields of a checkpoint after ``next_step`` steps, and the model keys to copy."""
+    def get(self, opt, model: torch.nn.Module, seed: int, next_step: int,
+            data_position: dict | None = None) -> tuple[dict, list[str]]:
+        """The fields of a checkpoint after ``next_step`` steps (a stream's read position then,
+        when given), and the model keys to copy."""
         held = self._for
         if held is None or held[0]() is not opt or held[1] is not opt.rule or held[2]() is not model \
                 or held[3] != seed:
@@ -97,8 +99,11 @@ class RunFields:
                                                 next_step=next_step, model_state=model.state_dict())
             self._loose = [key for key, source in self._fields["model_keys"] if not source]
             self._for = (weakref.ref(opt), opt.rule, weakref.ref(model), seed)
-        return {**self._fields, "next_step": next_step, "optimizer_step": opt.step_count,
-                "param_groups": state_io.group_hyperparameters(opt)}, self._loose
+        fields = {**self._fields, "next_step": next_step, "optimizer_step": opt.step_count,
+                  "param_groups": state_io.group_hyperparameters(opt)}
+        if data_position is not None:
+            fields["data_position"] = data_position
+        return fields, self._loose
 
 
 def shard_parts(opt, rank: int) -> dict[str, list[torch.Tensor]] | None:
@@ -119,7 +124,8 @@ class Snapshot(NamedTuple):
 
 
 def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, with_model: bool,
-             buffers: Buffers | None = None, live: bool = False, run_fields: RunFields | None = None) -> Snapshot:
+             buffers: Buffers | None = None, live: bool = False, run_fields: RunFields | None = None,
+             data_position: dict | None = None) -> Snapshot:
     """What a checkpoint needs from this rank: its shard, and on rank 0 the rest.
 
     The shard is this rank's state and its slice of the parameters, so the ranks copy the
@@ -146,7 +152,7 @@ def snapshot(opt, model: torch.nn.Module, rank: int, seed: int, next_step: int, 
             shard = (buffers or Buffers()).copy(parts, like.dtype, like.device)
     if not with_model:
         return Snapshot(shard, None, None, reader)
-    fields, loose = (run_fields or RunFields()).get(opt, model, seed, next_step)
+    fields, loose = (run_fields or RunFields()).get(opt, model, seed, next_step, data_position)
     model_state = model.state_dict() if loose else {}
     # Copied where they live (a GPU copy takes microseconds); a GPU rank's writer process moves them to the host.
     rest = {k: (buffers.take(f"model/{k}", v.shape, v.dtype, v.device).copy_(v) if buffers is not None

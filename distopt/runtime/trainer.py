@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from distopt.data import kind_of, positions
 from distopt.optim.rules import Rule
 from distopt.runtime.callbacks import CallbackError
 from distopt.runtime.loggers import resolve_callbacks
@@ -43,7 +44,10 @@ class Trainer:
     Args:
         model: zero-arg callable returning an ``nn.Module``; every worker seeds then calls it.
         loss: ``(model, batch) -> loss`` or ``(loss, metrics_dict)``; ``loss`` a scalar tensor.
-        data: map-style dataset; a batch is ``default_collate([data[i] for i in indices])``.
+        data: a map-style dataset (a batch is ``default_collate([data[i] for i in indices])``),
+            a torch ``IterableDataset``, ``distopt.data.shards(paths, read)``, a
+            ``ray.data.Dataset``, or a zero-argument module-level factory of one of them
+            (called on each worker); the order each is read in is in the README ("Data").
         optimizer: ``distopt.optim.adam(...)``, ``sgd(...)`` or ``muon(...)``: the groups' default rule.
         global_batch_size: samples per step over all workers and micro-batches.
         param_groups: a module-level function ``model -> groups`` (torch-style dicts with
@@ -70,6 +74,9 @@ class Trainer:
         run: :class:`~distopt.runtime.groups.RunConfig`: output folder, log lines, progress, callbacks.
         compile: ``torch.compile`` each worker's model (in place: parameter names and
             ``state_dict`` keys stay the model's own); the first step pays the compilation.
+        num_data_workers: background loader processes per worker (0: batches are read on
+            the training thread when the step needs them).
+        prefetch: steps each loader process keeps ready (pinned memory on a GPU).
 
     Raises:
         TypeError, ValueError: bad arguments, before anything starts.
@@ -82,7 +89,9 @@ class Trainer:
                  max_grad_norm: float | None = TrainConfig.max_grad_norm,
                  mixed_precision: str | None = TrainConfig.mixed_precision, eval_data: Any = TrainConfig.eval_data,
                  eval_every: int = TrainConfig.eval_every, eval_fn: Callable | None = TrainConfig.eval_fn,
-                 eval_batch_size: int | None = TrainConfig.eval_batch_size, compile: bool = False,
+                 eval_batch_size: int | None = TrainConfig.eval_batch_size,
+                 num_data_workers: int = TrainConfig.num_data_workers, prefetch: int = TrainConfig.prefetch,
+                 compile: bool = False,
                  scaling: ScalingConfig | None = None,
                  failure: FailureConfig | None = None, checkpoint: CheckpointConfig | None = None,
                  run: RunConfig | None = None) -> None:
@@ -94,6 +103,7 @@ class Trainer:
             zero_stage=zero_stage, seed=seed, gradient_accumulation_steps=gradient_accumulation_steps,
             max_grad_norm=max_grad_norm, mixed_precision=mixed_precision, eval_data=eval_data,
             eval_every=eval_every, eval_fn=eval_fn, eval_batch_size=eval_batch_size,
+            num_data_workers=num_data_workers, prefetch=prefetch,
             scaling=group_or_default("scaling", scaling), failure=group_or_default("failure", failure),
             checkpoint=group_or_default("checkpoint", checkpoint))
         if not isinstance(compile, bool):
@@ -118,6 +128,9 @@ class Trainer:
         if resume is not None:
             c = self.config
             check_resume(resume.manifest.get("param_groups"), c.param_groups, c.model, c.optimizer)
+            # a stream resumed from a map-style run's checkpoint (or back) fails here too
+            positions.for_resume(kind_of(c.data), resume.manifest.get("data_position"),
+                                 resume.manifest["next_step"], f"checkpoint {resume_from}")
         with _Cluster(self.config.scaling.ray_address, self.config) as cluster:
             group = cluster.group()
             try:
@@ -127,14 +140,15 @@ class Trainer:
 
     def _loop(self, group: Any, steps: int, resume: Any) -> FitResult:
         c = self.config
-        start, updates = 0, 0
+        start, updates, position = 0, 0, None
         if resume is not None:
             group.load(resume.model_state, resume.optimizer_state)
             start, updates = resume.manifest["next_step"], resume.manifest["optimizer_step"]
+            position = resume.manifest.get("data_position")
         r = self.run
         run_log = RunLog(max(steps - start, 0), c.global_batch_size, r.out_dir, r.log_every, r.progress)
         controller = Controller(group, c, run_log.record, committed_updates=updates, on_rewind=run_log.rewind,
-                                events=self.callbacks)
+                                events=self.callbacks, position=position)
         try:
             controller.run(start, steps)
             controller.finish(max(steps, start))

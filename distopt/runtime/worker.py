@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset, default_collate
 
 from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
+from distopt.data import Feed
 from distopt.ft import Redundancy, recovery
 from distopt.optim.hooks import StepHooks
 from distopt.optim.params import plan_params
 from distopt.optim.sharded import ShardedOptimizer
-from distopt.runtime import sampling
 from distopt.runtime.param_groups import model_groups
 from distopt.runtime.evaluation import EvalReport, eval_batches
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
@@ -46,6 +45,7 @@ class StepReport:
     skipped: bool = False
     updates: int = 0  # optimizer updates applied so far
     checkpoints: list = field(default_factory=list)  # finished background checkpoint writes
+    position: dict | None = None  # read position after the step (streams; None for map-style data)
 
 
 class Worker:
@@ -69,6 +69,9 @@ class Worker:
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        # After the model: a data factory that draws random numbers must not change the initial weights.
+        self.feed = Feed(config.data, config.seed, config.global_batch_size, config.gradient_accumulation_steps,
+                         self.device, config.num_data_workers, config.prefetch)
         self.comm: Communicator | None = None
         self.optimizer: ShardedOptimizer | None = None
         self.ft: Redundancy | None = None  # the fault-tolerance layer on the optimizer's hooks
@@ -204,8 +207,11 @@ class Worker:
         self.rank, self.world_size = rank, world_size
         self.connect(host, port, group_name, local_host, replica_distance)
 
-    def run_step(self, step: int) -> StepReport:
-        """Compute this rank's gradients for 0-based ``step``, then the sharded update."""
+    def run_step(self, step: int, position: dict | None = None) -> StepReport:
+        """Compute this rank's gradients for 0-based ``step``, then the sharded update.
+
+        ``position`` is the committed read position of a stream at the step's start (None
+        for map-style data, or at step 0); the report carries the position after it."""
         start = time.perf_counter()
         c = self.config
         self._step = step
@@ -214,14 +220,10 @@ class Worker:
         self._inject("data")
         if self.ft is not None:
             self.ft.commit(self.optimizer.step_count)  # the controller sends a step once the last one committed
-        indices = sampling.rank_indices(len(c.data), c.global_batch_size, c.seed, step, self.rank, self.world_size)
-        losses, metrics, data_s = [], {}, 0.0
-        chunks = sampling.micro_batches(indices, c.gradient_accumulation_steps)
+        chunks, after, data_s = self.feed.batches(step, position, self.rank, self.world_size)
+        losses, metrics = [], {}
         self.optimizer.zero_grad()
-        for m, chunk in enumerate(chunks):
-            t0 = time.perf_counter()
-            batch = _to_device(fetch(c.data, chunk), self.device)
-            data_s += time.perf_counter() - t0
+        for m, batch in enumerate(chunks):
             self._inject("compute")
             # Buckets reduce while the last micro-batch's backward runs (all at step without overlap).
             reduce_now = c.overlap and m == len(chunks) - 1
@@ -240,7 +242,7 @@ class Worker:
         self._last_step_s = time.perf_counter() - start
         return StepReport(self.rank, step, sum(losses) / len(losses), {k: v / len(losses) for k, v in metrics.items()},
                           data_s, compute_s, info.comm_s, info.update_s, self._last_step_s,
-                          info.grad_norm, info.skipped, info.step, written)
+                          info.grad_norm, info.skipped, info.step, written, after)
 
     def evaluate(self, step: int) -> EvalReport:
         """Evaluate this rank's batches of ``eval_data`` on the weights after ``step`` committed
@@ -297,7 +299,8 @@ class Worker:
         # The last write's memory is reused unless that write still runs (checkpoint_every=1).
         reuse = None if self._writer.busy() else self._buffers
         snap = snapshot(self.optimizer, self.model, self.rank, c.seed, steps_done, self.rank == 0, reuse,
-                        live=self._writer.reads_live, run_fields=self._run_fields)
+                        live=self._writer.reads_live, run_fields=self._run_fields,
+                        data_position=self.feed.position_at(steps_done))
         if snap.shard is not None or snap.model is not None:
             self._writer.start(c.checkpoint_dir, steps_done, self.rank, snap.shard, snap.model, snap.fields, snap.live)
         return self._writer.drain(wait=True) if wait else []
@@ -332,6 +335,7 @@ class Worker:
         """Release the collective group and the checkpoint writer's thread."""
         self._leave_group()
         self._writer.close()
+        self.feed.close()
 
     def _leave_group(self) -> None:
         if self.comm is not None and hasattr(self.comm, "close"):  # in-process groups may not close
@@ -368,18 +372,6 @@ def _local_host(host: str) -> str | None:
     return "127.0.0.1" if host in ("127.0.0.1", "localhost") else None
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if device.type == "cpu":
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _add_metrics(into: dict, extra: dict) -> dict:
     return {**into, **{k: into[k] + v if k in into else v for k, v in extra.items()}}
 
@@ -392,13 +384,3 @@ def _scalar(v: Any, what: str) -> Any:
         return v.detach().reshape(())
     return float(v)
 
-
-def fetch(data: Any, indices: list[int]) -> Any:
-    """``default_collate([data[i] for i in indices])``, in one indexing call where the dataset allows."""
-    if isinstance(data, TensorDataset):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return [t[idx] for t in data.tensors]  # what default_collate gives: a list, rows stacked
-    getitems = getattr(data, "__getitems__", None)
-    if getitems is not None:  # torch's batched-fetch protocol
-        return default_collate(getitems(list(indices)))
-    return default_collate([data[i] for i in indices])
