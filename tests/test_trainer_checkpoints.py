@@ -155,7 +155,7 @@ def test_each_rank_writes_its_slice_of_the_weights_and_rank_0_the_buffers(tmp_pa
     out = run_ranks(groups(2), body)
     coordinator = Coordinator(root, keep_last=3)
     coordinator.add([r for records, _ in out for r in records])
-    coordinator.finish(7, shard_ranks=2)
+    coordinator.finish(7)
     assert coordinator.written == [2, 4, 6]
     for step, expected in zip((2, 4, 6), out[0][1]):
         ckpt = load_checkpoint(step_dir(root, step))

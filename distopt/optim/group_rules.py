@@ -15,7 +15,7 @@ one buffer per element and an AdamW group two.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 

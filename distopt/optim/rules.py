@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 

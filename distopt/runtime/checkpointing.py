@@ -181,8 +181,10 @@ class Coordinator:
         for r in records:
             self.records.setdefault(r["step"], {})[r["rank"]] = r
 
-    def finish(self, committed_step: int, shard_ranks: int) -> None:
-        """Write the manifest of every checkpoint at or before ``committed_step`` that is whole."""
+    def finish(self, committed_step: int) -> None:
+        """Write the manifest of every checkpoint at or before ``committed_step`` that is whole:
+        every shard of the plan that wrote it (rank 0's record names it; the group may have
+        shrunk or grown since)."""
         for step in sorted(s for s in self.records if s <= committed_step):
             recs = self.records[step]
             errors = [r["error"] for r in recs.values() if "error" in r]
@@ -193,9 +195,12 @@ class Coordinator:
             if any(r.get("complete") for r in recs.values()):
                 del self.records[step]
                 continue
-            if 0 not in recs or any(r not in recs or "shard" not in recs[r] for r in range(shard_ranks)):
+            if "fields" not in recs.get(0, {}):
                 continue  # still being written
             head = recs[0]
+            shard_ranks = head["fields"]["plan"]["world_size"]
+            if any(r not in recs or "shard" not in recs[r] for r in range(shard_ranks)):
+                continue
             shards = [recs[r]["shard"] for r in range(shard_ranks)]
             folder = ckpt.step_dir(self.root, step)
             ckpt.write_manifest(folder, ckpt.build_manifest(step, head["fields"], head["model"], shards))

@@ -64,18 +64,15 @@ class Controller:
     def _written(self, step: int, path: str) -> None:
         self._fire("on_checkpoint", {"step": step, "path": path})
 
-    def _shard_ranks(self) -> int:
-        return shard_count(self.world_size, self.config.zero_stage)
-
     def finish(self, steps: int) -> list[int]:
         """After the last step: wait for checkpoint writes, write the final one; steps checkpointed."""
         if self.checkpoints is None:
             return []
         self.checkpoints.add(self.group.flush_checkpoints())
-        self.checkpoints.finish(steps, self._shard_ranks())
+        self.checkpoints.finish(steps)
         if steps not in self.checkpoints.written and not _exists(self.config.checkpoint_dir, steps):
             self.checkpoints.add(self.group.checkpoint(steps))
-            self.checkpoints.finish(steps, self._shard_ranks())
+            self.checkpoints.finish(steps)
         return self.checkpoints.written
 
     def settle(self) -> None:
@@ -84,7 +81,7 @@ class Controller:
         self.events = None
         if self.checkpoints is not None:
             self.checkpoints.add(self.group.flush_checkpoints())
-            self.checkpoints.finish(self.committed_step, self._shard_ranks())
+            self.checkpoints.finish(self.committed_step)
 
     def run(self, start: int, steps: int) -> None:
         """Run 0-based steps ``start .. steps-1``, recovering from failures on the way."""
@@ -149,7 +146,7 @@ class Controller:
         self.position = committed_position(k, reports)
         if self.checkpoints is not None:
             self.checkpoints.add([r for rep in reports for r in rep.checkpoints])
-            self.checkpoints.finish(k + 1, self._shard_ranks())
+            self.checkpoints.finish(k + 1)
         return history_entry(k + 1, reports, wall, self.config.global_batch_size)
 
     def _eval_due(self, done: int) -> bool:
@@ -277,7 +274,7 @@ class Controller:
             return None
         # The survivors' finished writes may complete a checkpoint whose manifest is not out yet.
         self.checkpoints.add(self.group.flush_checkpoints())
-        self.checkpoints.finish(committed, self._shard_ranks())
+        self.checkpoints.finish(committed)
         try:
             return load_for_resume(self.config.checkpoint_dir)
         except (CheckpointError, FileNotFoundError):

@@ -16,6 +16,8 @@ import torch
 from distopt.collectives.base import Communicator
 from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.data import Feed
+from distopt.data.feed import to_device
+from distopt.data.sampling import fetch
 from distopt.ft import Redundancy, recovery
 from distopt.optim.hooks import StepHooks
 from distopt.optim.params import plan_params
@@ -260,7 +262,7 @@ class Worker:
             self.model.eval()
             try:
                 for index, lo, hi in eval_batches(len(c.eval_data), c.eval_chunk, self.rank, self.world_size):
-                    result = fn(self.model, _to_device(fetch(c.eval_data, list(range(lo, hi))), self.device))
+                    result = fn(self.model, to_device(fetch(c.eval_data, list(range(lo, hi))), self.device))
                     y, extra = (result[0], result[1] if len(result) > 1 else {}) if isinstance(result, tuple) \
                         else (result, {})
                     out.append((index, hi - lo, {"loss": _scalar(y, "eval loss"),
