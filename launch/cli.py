@@ -175,7 +175,7 @@ def build_trainer_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"model": resolve_model(args.model), "loss": resolve_loss(args.loss), "data": resolve_data(args.data),
               "optimizer": build_optimizer(args), "global_batch_size": args.global_batch_size}
     if args.eval_data:
-        kwargs["eval_data"] = resolve_data(args.eval_data, "--eval_data")
+        kwargs["eval_data"] = resolve_data(args.eval_data, "--eval_data", streams=False)
     if args.eval_fn:
         kwargs["eval_fn"] = resolve_loss(args.eval_fn, "--eval_fn")
     if args.param_groups:
@@ -188,7 +188,9 @@ def describe(args: argparse.Namespace, kwargs: dict) -> str:
     """The run's options as TOML, defaults included, for --dry-run: ``--config`` reads it back."""
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "dry_run")}
     defaults = {name: trainer_default(name) for name in TRAINER_KEYS}  # the Trainer's, written there
-    header = f"# {PROG}: {args.steps} steps, {len(kwargs['data'])} samples\n"
+    data = kwargs["data"]
+    size = f"{len(data)} samples" if hasattr(data, "__len__") and hasattr(data, "__getitem__") else "a stream"
+    header = f"# {PROG}: {args.steps} steps, {size}\n"
     values.update({k: v for k, v in defaults.items() if k not in values})
     return header + as_toml(values, {t: kwargs[t] for t in GROUPS})
 

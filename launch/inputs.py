@@ -79,22 +79,34 @@ def resolve_loss(spec: str, option: str = "--loss") -> Callable[..., Any]:
     return obj
 
 
-def resolve_data(spec: str, option: str = "--data") -> Any:
-    """The dataset named by ``--data`` (or ``--eval_data``): the object itself, or what a
-    zero-arg callable returns."""
+def resolve_data(spec: str, option: str = "--data", streams: bool = True) -> Any:
+    """The dataset named by ``--data`` (or ``--eval_data``, ``streams=False``): the object
+    itself, or what a zero-arg callable returns (a map-style dataset, or with ``streams``
+    a torch ``IterableDataset``, ``distopt.data.shards(...)`` or a ``ray.data.Dataset``)."""
     obj = resolve(spec, option)
-    if callable(obj) and not _is_dataset(obj):
+    if callable(obj) and not _is_dataset(obj) and not _is_stream(obj):
         try:
             obj = obj()
         except Exception as e:
             raise UsageError(f"{option} {spec!r}: calling it raised {type(e).__name__}: {e}; it must take no "
                              f"arguments and return a dataset") from e
+    if streams and _is_stream(obj):
+        return obj
     if not _is_dataset(obj):
+        also = ", a torch IterableDataset, distopt.data.shards(...) or a ray.data.Dataset" if streams else ""
         raise UsageError(f"{option} {spec!r} gave a {type(obj).__name__}: distopt needs a map-style dataset "
-                         f"(with __len__ and __getitem__), e.g. a torch.utils.data.TensorDataset")
+                         f"(with __len__ and __getitem__), e.g. a torch.utils.data.TensorDataset{also}")
     if len(obj) == 0:
         raise UsageError(f"{option} {spec!r} is empty: it must hold samples (--data: one global batch at least)")
     return obj
+
+
+def _is_stream(obj: Any) -> bool:
+    from distopt.data import STREAMS, kind_of
+    try:
+        return kind_of(obj) in STREAMS
+    except TypeError:
+        return False
 
 
 def _is_dataset(obj: Any) -> bool:

@@ -51,3 +51,14 @@ def not_a_dataset() -> int:
 
 
 empty = torch.utils.data.TensorDataset(torch.zeros(0, 4))
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A stream of 64 samples shaped like :func:`make_dataset`'s."""
+
+    def __iter__(self):
+        data = make_dataset()
+        return iter(data[i] for i in range(len(data)))
+
+
+stream = Stream()

@@ -356,3 +356,11 @@ def test_param_groups_and_muon_from_toml(tmp_path):
     kwargs = cli.build_trainer_kwargs(parse("--config", str(path)))
     assert kwargs["param_groups"].keywords["rule"].lr == 0.03 and kwargs["optimizer"].decoupled
     assert cli.build_optimizer(parse("--optimizer.name", "muon")).name == "muon"
+
+
+def test_data_may_be_a_stream_or_shards(tmp_path):
+    from torch.utils.data import IterableDataset
+    kwargs = cli.build_trainer_kwargs(parse("--data", "cli_fixture_module:stream"))
+    assert isinstance(kwargs["data"], IterableDataset)
+    with pytest.raises(UsageError, match="map-style dataset"):  # evaluation takes map-style data only
+        cli.build_trainer_kwargs(parse("--eval_data", "cli_fixture_module:stream"))
