@@ -59,8 +59,9 @@ def test_trainer_compile_trains_to_the_eager_weights():
 
     def fit(compile: bool) -> dict:
         trainer = distopt.Trainer(model=gpt.ModelFactory(TINY), loss=gpt.loss, data=data, optimizer=adam(1e-2),
-                                  global_batch_size=8, num_workers=1, ray_address="local", log_every=0,
-                                  max_failures=0, compile=compile)
+                                  global_batch_size=8, compile=compile,
+                                  scaling=distopt.ScalingConfig(num_workers=1, ray_address="local"),
+                                  failure=distopt.FailureConfig(max_failures=0), run=distopt.RunConfig(log_every=0))
         return trainer.fit(steps=3).state_dict
 
     eager = fit(False)

@@ -20,7 +20,9 @@ BATCH = 12
 def _fit(data, steps=4, **kw):
     kw = {"num_workers": 2, **kw}
     return distopt.Trainer(model=make_model, loss=data_task.loss, data=data, optimizer=adam(1e-2),
-                           global_batch_size=BATCH, **grouped(log_every=0, ray_address="local", **kw)).fit(steps=steps)
+                           global_batch_size=BATCH,
+                           # a rank that raised leaves its peer in a collective until this timeout
+                           **grouped(log_every=0, ray_address="local", collective_timeout_s=5, **kw)).fit(steps=steps)
 
 
 @pytest.fixture

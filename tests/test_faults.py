@@ -36,8 +36,10 @@ def _same(a, b):
     return all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-@pytest.mark.parametrize("phase", ["data", "compute", "grad_collective", "shard_update", "param_gather"])
-@pytest.mark.parametrize("stage", [1, 2])
+# Each phase once, the stages taking turns: every phase at every stage is killed in-process,
+# bit for bit, by tests/test_recovery.py; these are the same kills as real SIGKILLs on Ray.
+@pytest.mark.parametrize("stage, phase", [(1, "data"), (2, "compute"), (1, "grad_collective"), (2, "shard_update"),
+                                          (1, "param_gather"), (2, "param_gather")])
 def test_sigkill_at_each_phase_costs_no_step_and_no_bit(clean, stage, phase):
     t0 = time.monotonic()
     result = _fit(stage, faults=(Fault(rank=1, step=4, phase=phase),))
