@@ -150,7 +150,7 @@ class ReplicaLog:
         self.own = _Area(window.mine, lay, depth)
         self.left = _Area(window.peer, lay, depth)  # the left neighbour's, this rank its holder
         self.bytes = _Area.nbytes(lay, depth) - sum(lay.sizes) * lay.dtype.itemsize  # (a gradient shard it had)
-        self._sources = [self._pieces_of(opt.shard_params, opt.shard_state, j) for j in range(depth)]
+        self._sources = [self._pieces_of(opt.shard_params, opt.shard_state, j)[0] for j in range(depth)]
         self._spare = depth
         self._refreshed: int | None = None
         self._ahead: tuple[int, Future | None] | None = None  # the background copy: its update, its job
@@ -266,8 +266,8 @@ class ReplicaLog:
                 raise RecoveryError(f"{what}: chunk {j} was copied at update {since}, past the commit {committed}")
             if not self.chunks[j]:
                 continue
-            p, st = self._pieces_of(params, state, j, split=True)
-            torch._foreach_copy_(self._pieces_of(params, state, j), self._pieces(area.chunks[slot], j))
+            flat, p, st = self._pieces_of(params, state, j)
+            torch._foreach_copy_(flat, self._pieces(area.chunks[slot], j))
             for step in range(since + 1, committed + 1):
                 s = step % slots
                 if int(area.steps[s]) != step:
@@ -278,16 +278,15 @@ class ReplicaLog:
                                      rank, [lo for _, lo, _ in self.chunks[j]])
 
     # --- views ----------------------------------------------------------------------
-    def _pieces_of(self, params: list[torch.Tensor], state: dict, j: int, split: bool = False):
-        """Chunk ``j`` of per-bucket ``params`` and each state field: a flat list of the pieces
-        kept, or (``split``) the parameters' pieces and a state dict of pieces (empty where
-        the bucket's rule keeps no such field)."""
+    def _pieces_of(self, params: list[torch.Tensor], state: dict, j: int):
+        """Chunk ``j`` of per-bucket ``params`` and each state field, as the flat list of the
+        pieces kept (each field's back to back, as a chunk slot holds them), the parameters'
+        pieces, and a state dict of pieces (empty where the bucket's rule keeps no such field)."""
         fields = [params] + [state[f] for f in self.names]
         cut = [[t[b][lo:hi] if self.kept[b][k] else t[b][:0] for b, lo, hi in self.chunks[j]]
                for k, t in enumerate(fields)]
-        if split:
-            return cut[0], dict(zip(self.names, cut[1:]))
-        return [t for k, c in enumerate(cut) for (b, _, _), t in zip(self.chunks[j], c) if self.kept[b][k]]
+        flat = [t for k, c in enumerate(cut) for (b, _, _), t in zip(self.chunks[j], c) if self.kept[b][k]]
+        return flat, cut[0], dict(zip(self.names, cut[1:]))
 
     def _pieces(self, slot: list[torch.Tensor], j: int) -> list[torch.Tensor]:
         """Chunk ``j`` laid out in one chunk slot: each field's kept pieces back to back."""

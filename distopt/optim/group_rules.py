@@ -55,7 +55,9 @@ class GroupRules:
         self.bucket_fields = [self.group_fields[g] for g in self.bucket_group]
         self.bucket_whole = [now[g].whole_matrices for g in self.bucket_group]
         self._at: dict[int, list[Rule]] = {}
-        self._kept: dict[Rule, tuple[str, ...]] = {}
+        # Per distinct rule: its state's NamedTuple class and the fields it keeps (made once,
+        # since learning the fields builds a state).
+        self._shape: dict[Rule, tuple[type, tuple[str, ...]]] = {}
         self._mats: dict[tuple[int, int], list[tuple[int, int, torch.Size]]] = {}
 
     def _made(self) -> list[Rule]:
@@ -75,9 +77,9 @@ class GroupRules:
                 raise KeyError(f"update {step} is older than the {HISTORY} updates whose hyperparameters are kept")
             rules = self._made()
             for g, r in enumerate(rules):
-                if r not in self._kept:  # (building a rule's state once per distinct rule)
-                    self._kept[r] = fields_of(r)
-                if not set(self._kept[r]) <= set(self.group_fields[g]):
+                if r not in self._shape:
+                    self._shape[r] = (type(r.init([])), fields_of(r))
+                if not set(self._shape[r][1]) <= set(self.group_fields[g]):
                     raise ValueError(f"param group {g}'s hyperparameters now need optimizer state it was built "
                                      f"without (e.g. SGD momentum turned on from 0): give the group a nonzero value "
                                      f"at construction")
@@ -126,9 +128,8 @@ class GroupRules:
             rule = rules[key[0]]
             cut: Callable[[list], list] = (lambda ts: [ts[i] for i in idx]) if not rule.whole_matrices else \
                 (lambda ts: [m for i in idx for m in self._views(ts[i], rank, buckets[i], starts[i])])
-            fields = rule.init([])._fields
-            kept = self._kept.get(rule) or fields_of(rule)
-            rule_state = type(rule.init([]))(*[cut(state[f]) if f in kept else [] for f in fields])
+            cls, kept = self._shape[rule]  # (at() made it)
+            rule_state = cls(*[cut(state[f]) if f in kept else [] for f in cls._fields])
             rule.update(cut(params), cut(grads), rule_state, step)
 
     def _views(self, piece: torch.Tensor, rank: int, b: int, start: int) -> list[torch.Tensor]:
