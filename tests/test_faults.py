@@ -54,8 +54,9 @@ def test_sigkill_at_each_phase_costs_no_step_and_no_bit(clean, stage, phase):
 
 @pytest.mark.parametrize("phase", ["shard_update", "param_gather"])
 def test_sigkill_on_the_across_hosts_path_costs_no_bit_either(clean, phase):
-    """shared_memory=False: the gradients go with a ring shift and each rank keeps a
-    snapshot, as between hosts; a rank killed after the updates began is undone from it."""
+    """shared_memory=False: the gradients go with a ring shift and each rank keeps copies of
+    its own shard and a gradient log, as between hosts; a rank killed after the updates began
+    is undone from them."""
     result = _fit(1, faults=(Fault(rank=1, step=4, phase=phase), Fault(rank=0, step=6, phase=phase)),
                   shared_memory=False)
     assert _same(result, clean[1]), "recovery changed the final weights"
@@ -63,10 +64,11 @@ def test_sigkill_on_the_across_hosts_path_costs_no_bit_either(clean, phase):
 
 
 def test_sigkill_with_a_short_gradient_log_costs_no_bit_either(clean):
-    """replica_log_depth=2: each chunk is copied every other step and only two gradient
-    shards are logged, so the rebuilds after these kills replay across the log's wrap."""
+    """Across hosts, replica_log_depth=2: each rank copies a chunk of its own shard every other
+    step and logs only two gradient shards, so the undos after these kills replay across the
+    log's wrap."""
     result = _fit(1, faults=(Fault(rank=1, step=4, phase="param_gather"), Fault(rank=0, step=6, phase="shard_update")),
-                  replica_log_depth=2)
+                  replica_log_depth=2, shared_memory=False)
     assert _same(result, clean[1]), "recovery changed the final weights"
     assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (0, 7, "replace")]
 

@@ -276,17 +276,17 @@ def test_clipped_steps_replay_to_the_owners_bits(transport):
         assert _same_shard(rep.params, rep.state, kept[(r - 1) % 3][0])
 
 
-def test_on_one_host_an_uncommitted_update_is_undone_from_the_holders_copy_and_the_log():
-    """No snapshot on one host: rank 0 rebuilds its last committed shard from the chunks rank 1
-    copied and the gradients rank 0 logged, and refuses when a step it needs is no longer logged."""
+def test_on_one_host_an_uncommitted_update_is_undone_from_the_replica_in_its_own_window():
+    """No copy of its own on one host: rank 0 takes back the replica rank 1 keeps of it in rank
+    0's window (at the commit), and refuses when that replica is not at the commit."""
     two, three = _run(2, "adamw", 1, 2, True), _run(2, "adamw", 1, 3, True)  # update 3 never committed
     _, opt, red = three[0]
-    assert red.shared and red.snapshot is None
-    logged = red.log.own.steps.clone()
-    red.log.own.steps[1 % (red.log.depth + 1)] = -1  # update 1's slot reused: a chunk copied at 0 needs it
-    with pytest.raises(RecoveryError, match="gradients of update 1 are no longer logged"):
+    assert red.shared and red.snapshot is None and red.own_log is None
+    assert red.window.own.replica_step == 2
+    red.window.own.steps[0] = 1  # as if its holder had not replayed update 2
+    with pytest.raises(RecoveryError, match="replica holds update 1, not the commit 2"):
         red.rollback(2)
-    red.log.own.steps.copy_(logged)
+    red.window.own.steps[0] = 2
     red.rollback(2)
     assert _same_shard(opt.shard_params, opt.shard_state, two[0][1])
 

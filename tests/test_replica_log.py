@@ -1,4 +1,5 @@
-"""The one-host redundancy: a replica copied a chunk per step, rebuilt with logged gradients."""
+"""The undo across hosts on CPU: copies of a rank's own shard, a chunk per step, and a log
+of its gradients, from which the shard at the last commit is rebuilt."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,12 @@ from distopt.ft.replica_log import ALIGN, chunk_pieces
 from distopt.optim import ShardedOptimizer, adam, muon, sgd
 
 from odd_params import grads_of as _grads, init_params as _init
+
+
+@pytest.fixture(autouse=True)
+def across_hosts(monkeypatch):
+    """No shared memory: the path between hosts, where a rank undoes its update by itself."""
+    monkeypatch.setenv("DISTOPT_SHM", "0")
 
 
 def _run(world, steps, depth, rule=lambda: adam(1e-2, weight_decay=0.05), replicate=True, clip=None, stage=1):
@@ -46,39 +53,36 @@ def test_chunks_cover_the_shard_once_with_aligned_cuts(sizes, depth):
 
 @pytest.mark.parametrize("depth", [1, 2, 5])
 @pytest.mark.parametrize("rule", ["adamw_clipped", "sgd_momentum"])
-def test_replica_rebuilt_from_copies_and_log_equals_its_owner(depth, rule):
+def test_own_shard_rebuilt_from_copies_and_log_equals_the_commit(depth, rule):
     make = {"adamw_clipped": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
             "sgd_momentum": lambda: sgd(0.05, momentum=0.9, weight_decay=0.01)}[rule]
-    plain = _run(3, 9, depth, make, replicate=False, clip=0.01)
-    kept = _run(3, 9, depth, make, clip=0.01)
-    for (p1, _, _), (p2, _, red) in zip(plain, kept):
-        assert red.shared
-        assert all(torch.equal(p1[n], p2[n]) for n in p1), "the redundancy changed a bit"
-    for r, (_, _, red) in enumerate(kept):
-        rep = red.replica_at_commit()
-        assert rep.step == 9 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
+    nine = _run(3, 9, depth, make, replicate=False, clip=0.01)
+    kept = _run(3, 10, depth, make, clip=0.01)  # update 10 never committed
+    for (_, want, _), (_, opt, red) in zip(nine, kept):
+        assert not red.shared and red.own_log is not None and red.snapshot is None
+        red.rollback(9)
+        assert _same_shard(opt.shard_params, opt.shard_state, want)
 
 
-def test_a_rank_killed_mid_copy_leaves_every_chunk_whole():
+def test_a_copy_cut_short_leaves_every_chunk_whole():
     """A copy goes to the spare slot and the table moves only after it: garbage in the spare
-    slot (what a copy cut short leaves) never reaches a rebuilt replica."""
-    kept = _run(2, 6, 3)
-    for _, _, red in kept:
-        log = red.log
+    slot (what a copy cut short leaves) never reaches a rebuilt shard."""
+    kept, five = _run(2, 6, 3), _run(2, 5, 3, replicate=False)
+    for (_, opt, red), (_, want, _) in zip(kept, five):
+        log = red.own_log
         log.settle()  # (the copy of update 6, made ahead, is dropped: 6 has not committed)
         for flat in log.own.chunks[log._spare]:
             flat.fill_(float("nan"))
-    for r, (_, _, red) in enumerate(kept):
-        rep = red.replica_at_commit()
-        assert _same_shard(rep.params, rep.state, kept[1 - r][1])
+        red.rollback(5)
+        assert _same_shard(opt.shard_params, opt.shard_state, want)
 
 
 def test_the_next_chunk_is_copied_ahead_and_pointed_at_once_its_update_committed():
     """A rank starts copying update 5's chunk in the background as soon as its gather is
     done; the table moves to that copy only once update 5 has committed and the copy is done."""
     kept = _run(2, 5, 4)
-    for _, _, red in kept:
-        log = red.log
+    for _, opt, red in kept:
+        log = red.own_log
         assert log._ahead is not None and log._ahead[0] == 5
         before = int(log.own.table[1])
         assert before // 1024 == 1  # chunk 1's copy is still update 1's
@@ -86,81 +90,43 @@ def test_the_next_chunk_is_copied_ahead_and_pointed_at_once_its_update_committed
         assert int(log.own.table[1]) == before
         red.settle()  # as the next step does before its gradient-norm allreduce
         assert int(log.own.table[1]) // 1024 == 5 and log._ahead is None
-    for r, (_, _, red) in enumerate(kept):
-        rep = red.replica_at_commit()
-        assert _same_shard(rep.params, rep.state, kept[1 - r][1])
+        live = [t.clone() for t in opt.shard_params]
+        log.undo(5)  # rebuilt from the copies (one of them update 5's) and the log
+        assert all(torch.equal(a, b) for a, b in zip(live, opt.shard_params))
 
 
 def test_a_copy_ahead_of_an_update_that_never_committed_is_dropped():
     """Update 5 is undone everywhere: its chunk's copy, made ahead, never becomes the chunk's
-    copy, and the shards and replicas rebuild update 4 from the older copies and the log."""
+    copy, and the shards rebuild update 4 from the older copies and the log."""
     kept, four = _run(2, 5, 4), _run(2, 4, 4)
     for _, _, red in kept:
         red.rollback(4)
     for r, (_, opt, red) in enumerate(kept):
-        log = red.log
+        log = red.own_log
         assert log._ahead is None and int(log.own.table[1]) // 1024 == 1
         assert _same_shard(opt.shard_params, opt.shard_state, four[r][1])
-        rep = red.replica_at_commit()
-        assert _same_shard(rep.params, rep.state, four[1 - r][1])
 
 
 def test_a_chunk_copied_past_the_commit_is_refused():
     _, _, red = _run(2, 3, 4)[0]
-    log = red.log
-    log.left.table[0] = 9 * 1024 + int(log.left.table[0]) % 1024
-    with pytest.raises(RecoveryError, match="chunk 0 was copied at update 9, past the commit 3"):
-        red.replica_at_commit()
+    table = red.own_log.own.table
+    table[0] = 9 * 1024 + int(table[0]) % 1024
+    with pytest.raises(RecoveryError, match="chunk 0 was copied at update 9, past the commit 2"):
+        red.rollback(2)
 
 
-def test_a_chunk_its_owner_was_resetting_is_refused():
+def test_a_chunk_the_rank_was_resetting_is_refused():
     _, _, red = _run(2, 3, 4)[0]
-    red.log.left.table[2] = -1  # what a rank killed in the middle of a reset leaves
+    red.own_log.own.table[2] = -1  # what a rank stopped in the middle of a reset leaves
     with pytest.raises(RecoveryError, match="chunk 2 has no complete copy"):
-        red.replica_at_commit()
+        red.rollback(2)
 
 
-def test_the_state_stays_private_and_the_holder_maps_the_copies_and_the_log():
-    """The live state is the rank's own memory (an update on a shared mapping was slower);
-    its copies, table and logged gradients are in the window its holder maps."""
-    kept = _run(2, 4, 4)
-    for r, (_, opt, red) in enumerate(kept):
-        own, seen = red.log.own, kept[1 - r][2].log.left
-        window = own.table.untyped_storage()
-        assert all(t.untyped_storage().data_ptr() != window.data_ptr() for f in opt.shard_state.values() for t in f)
-        assert torch.equal(own.table, seen.table) and own.table.data_ptr() != seen.table.data_ptr()
-        assert all(torch.equal(a, b) for a, b in zip(own.flats, seen.flats))
-        assert opt.grad_flat.untyped_storage().data_ptr() == window.data_ptr()  # reduced straight into a slot
-
-
-def test_a_shard_state_dict_is_refused_and_a_full_state_dict_rebuilds_the_replicas():
-    """A rank's own shard cannot rebuild what its holder keeps of it, so the redundancy
-    refuses a shard state dict (through the optimizer's load hook) before anything changes;
-    the full state dict, loaded on every rank, rebuilds every copy bit for bit."""
-    kept = _run(2, 3, 4)
-    opts = [opt for _, opt, _ in kept]
-    for _, opt, red in kept:
-        red.commit(opt.step_count)
-    for opt in opts:  # a state that is not the one in memory (another run's, say)
-        sd = opt.state_dict()
-        before = {k: t.clone() for k, t in sd["state"].items()}
-        for t in sd["state"].values():
-            t.add_(1.0)
-        with pytest.raises(ValueError, match="load_full_state_dict"):
-            opt.load_state_dict(sd)
-        assert all(torch.equal(before[k], t) for k, t in opt.state_dict()["state"].items()), "a refused load changed state"
-    fulls = run_ranks(opts, lambda opt: opt.full_state_dict())
-    for full in fulls:
-        for fields in full["state"].values():
-            for t in fields.values():
-                t.add_(1.0)
-    for (_, opt, red), full in zip(kept, fulls):
-        opt.load_full_state_dict(full)
-    for r, (_, opt, red) in enumerate(kept):
-        rep = red.replica_at_commit()
-        assert rep.step == 3 and _same_shard(rep.params, rep.state, opts[1 - r])
-    for got, want in zip(run_ranks(opts, lambda opt: opt.full_state_dict()), fulls):
-        assert all(torch.equal(t, want["state"][n][f]) for n, fields in got["state"].items() for f, t in fields.items())
+def test_a_step_no_longer_logged_is_refused():
+    _, _, red = _run(2, 3, 4)[0]
+    red.own_log.own.steps[1 % 5] = -1  # update 1's slot reused: a chunk copied at 0 needs it
+    with pytest.raises(RecoveryError, match="gradients of update 1 are no longer logged"):
+        red.rollback(2)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 65, 2.0, True])
@@ -200,11 +166,8 @@ def test_muon_matrices_are_copied_and_replayed_whole_to_the_owners_bits(depth):
     for (p1, _, _), (p2, opt, red) in zip(plain, kept):
         assert all(torch.equal(p1[n], p2[n]) for n in p1), "the redundancy changed a bit"
         cuts = [opt.rules.cuts(b) for b in range(len(opt.shard_params))]
-        for chunk in red.log.chunks:  # a chunk never cuts a matrix
+        for chunk in red.own_log.chunks:  # a chunk never cuts a matrix
             assert all(cuts[b] is None or (lo in cuts[b] and hi in cuts[b]) for b, lo, hi in chunk)
-    for r, (_, _, red) in enumerate(kept):
-        rep = red.replica_at_commit()
-        assert rep.step == 7 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
     six = _hybrid_run(3, 6, depth, False)
     for (_, opt, red), (_, want, _) in zip(kept, six):
         red.rollback(6)

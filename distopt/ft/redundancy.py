@@ -1,24 +1,22 @@
 """In-memory redundancy: every shard, as of the last commit, also lives on a second rank.
 
-Rank ``r`` keeps, with ``d`` the replica distance (1 unless the ranks span nodes, see
-:func:`replica_distance`), the means to rebuild
+Rank ``r + d`` (``d`` the replica distance: 1 unless the ranks span nodes, see
+:func:`replica_distance`) keeps a replica of rank ``r``'s shard as of the last commit, so
+a replacement for a lost ``r`` gets it from memory instead of a checkpoint; and each rank
+can return its own shard to the last commit, whatever point of the step a failure
+interrupted.
 
-* rank ``r - d``'s shard as of the last commit, so a replacement for a lost ``r - d`` gets
-  it from memory instead of a checkpoint;
-* its own shard as of the last commit, whatever point of the step a failure interrupted.
+On one host (CPU) the replica lives in ``r``'s shared memory, where both ranks reach it
+(:mod:`distopt.ft.shared_replica`): the holder replays ``r``'s committed update on it from
+the gradients ``r`` reduced there, and ``r`` undoes an update that never committed by
+copying it back. Per element of a shard that costs the replica (12 bytes for fp32 Adam)
+and one replay of the neighbour's update per step, beside the next forward pass.
 
-Across hosts, rank ``r`` holds a live replica: it receives ``r - d``'s averaged gradient
-shard of the step in flight with one ring shift, with its clipping factor, and replays it
-onto the replica once the step commits (clipping, L2 decay and the update, as the owner
-did them). To undo its own update, a rank on CPU keeps the copies and gradient log a
-holder keeps on one host, in its own memory (``ReplicaLog.local``: a copy of ``1/depth``
-of the shard per step); on a GPU it snapshots its shard before each update (a device copy).
-
-When a rank and its holder share a host they share memory instead
-(:mod:`distopt.ft.replica_log`): no snapshot, no shift and no replay per step. The
-owner copies a slice of its committed shard each step, and logs its last few gradient
-shards, where its holder can read them; the replica, or the owner's own shard at the last
-commit, is rebuilt from the copies and the log when a failure needs it.
+Across hosts the holder receives ``r``'s averaged gradient shard of the step in flight
+with one ring shift, with its clipping factor, and replays it onto its private replica
+once the step commits. To undo its own update a rank on CPU keeps copies of its shard and
+a log of its gradients (:mod:`distopt.ft.replica_log`, a copy of ``1/depth`` of the shard
+per step); on a GPU it snapshots its shard before each update (a device copy).
 
 Replaying the owner's exact update on the owner's exact inputs gives the owner's bits, so
 recovery changes no bit of the result. At stage 0 every rank holds everything, so only
@@ -36,22 +34,25 @@ import torch
 
 from distopt.ft.errors import RecoveryError
 from distopt.ft.replica_log import DEPTH, ReplicaLog, check_depth
+from distopt.ft.shared_replica import SharedReplica
 from distopt.optim.hooks import StepHooks
 from distopt.optim.sharded import ShardedOptimizer
 from distopt.optim.state_io import fill_shard, full_pieces
 
 
 class Redundancy(StepHooks):
-    """The snapshot, replica and in-flight gradients of one rank (see the module docstring).
+    """The replica and the means to undo of one rank (see the module docstring).
 
     Args:
         opt: the optimizer to watch; the redundancy registers its hooks on it.
         distance: rank ``r + distance`` holds rank ``r``'s replica (:func:`replica_distance`).
-        shared_memory: ranks that share a host keep the redundancy in shared memory
-            (:mod:`distopt.collectives.window`) instead of sending it; the same on every rank.
-        log_depth: the steps over which each rank copies its shard (:mod:`distopt.ft.replica_log`).
+        shared_memory: ranks that share a host keep the replicas in shared memory
+            (:mod:`distopt.collectives.window`) instead of sending gradients; the same on every rank.
+        log_depth: across hosts on CPU, the steps over which a rank copies its own shard
+            to undo its update (:mod:`distopt.ft.replica_log`).
 
-    Construction is a collective on one host (the windows are mapped by every rank).
+    Construction is a collective (the replicas start from the parameters, the windows are
+    mapped by every rank).
 
     Raises:
         ValueError: a bad ``distance`` or ``log_depth``.
@@ -71,27 +72,25 @@ class Redundancy(StepHooks):
         self.opt, self.distance = opt, distance
         self.live_step = opt.step_count  # updates applied to the live shard
         self.sharded = opt.plan.world_size > 1
-        sizes = [t.numel() for t in opt.shard_params]
         like = opt.params_flat.data
-        self.log = ReplicaLog.open(opt, distance, log_depth) \
-            if self.sharded and shared_memory and like.device.type == "cpu" else None
-        self.shared = self.log is not None
-        self.replica = Shard.like(opt.shard_params, opt) if self.sharded and not self.shared else None
-        self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) \
-            if self.replica is not None else None
-        self.pending = list(self._pending_flat.split(sizes)) if self._pending_flat is not None else []
-        if self.replica is not None:  # the shift sends the gradient shard as one flat tensor
+        cpu = like.device.type == "cpu"
+        self.window = SharedReplica.open(opt, distance) if self.sharded and shared_memory and cpu else None
+        self.shared = self.window is not None
+        across = self.sharded and not self.shared
+        self.replica = Shard.like(opt.shard_params, opt) if across else None
+        sizes = [t.numel() for t in opt.shard_params]
+        self._pending_flat = torch.empty(sum(sizes), dtype=like.dtype, device=like.device) if across else None
+        self.pending = list(self._pending_flat.split(sizes)) if across else []
+        if across:  # the shift sends the gradient shard as one flat tensor
             opt.use_grad_shards(torch.zeros(sum(sizes), dtype=like.dtype, device=like.device))
-        # Across hosts on CPU the rank keeps its own copies and log (a copy of 1/depth of the
-        # shard per step); elsewhere a snapshot of the whole shard before each update, which
-        # on a GPU is a device copy.
-        self.own_log = ReplicaLog.local(opt, log_depth) \
-            if self.sharded and not self.shared and like.device.type == "cpu" else None
+        # Across hosts on CPU the rank keeps copies of its own shard and a log (a copy of
+        # 1/depth of the shard per step); unsharded or on a GPU a snapshot of the whole
+        # shard before each update, which on a GPU is a device copy.
+        self.own_log = ReplicaLog.local(opt, log_depth) if across and cpu else None
         self.snapshot = None if self.shared or self.own_log else Shard.like(opt.shard_params, opt)
-        self._logs = [log for log in (self.log, self.own_log) if log is not None]
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
-        self.replay_s = 0.0  # seconds replaying or copying since the optimizer last reported them
+        self.replay_s = 0.0  # seconds replaying or copying on the training thread
         self._shift = None  # the in-flight send of this step's gradient shard
         self.reset_replica()
         self.remove = opt.register_hooks(self)
@@ -102,13 +101,12 @@ class Redundancy(StepHooks):
         return (self.opt.comm.rank - self.distance) % self.opt.comm.world_size
 
     def reset_replica(self) -> None:
-        """Start the redundancy afresh from the (identical everywhere) parameters: on one host
-        this rank's copies of its shard; across hosts also the left neighbour's replica, zero
-        state."""
-        if not self.sharded:
-            return
+        """Start the redundancy afresh from the (identical everywhere) parameters: the left
+        neighbour's replica is its slice of them with zero state; across hosts on CPU this
+        rank's copies of its own shard too."""
         if self.shared:
-            self.log.reset(self.opt.step_count)
+            self.window.reset(self.opt.step_count)
+        if self.replica is None:
             return
         if self.own_log is not None:
             self.own_log.reset(self.opt.step_count)
@@ -124,23 +122,29 @@ class Redundancy(StepHooks):
         self.live_step = self.opt.step_count
         self.pending_step = None
         if self.shared:
-            self.log.reset(self.opt.step_count)  # (each rank copies its own slice of ``full``, just loaded)
+            self.window.load(full, self.opt.step_count)
         elif self.sharded:
             self.reset_replica()  # (the own log's base takes the state just loaded)
             fill_shard(self.opt, full, self.left, self.replica.state)
 
     def before_load(self, full: bool) -> None:
         """Hook: refuse a shard state dict where the state is sharded: a rank's own shard
-        cannot rebuild the copies its neighbours keep of it, so a later recovery would bring
+        cannot rebuild the replica its neighbour keeps of it, so a later recovery would bring
         back the state from before the load."""
         if not full and self.sharded:
             raise ValueError("load_state_dict cannot rebuild the in-memory redundancy (fault tolerance on, "
                              "zero_stage >= 1): load a full_state_dict() with load_full_state_dict() on every rank")
 
     def after_load(self, full_state: dict | None) -> None:
-        """Hook: a full state dict was loaded: rebuild the copies from it."""
+        """Hook: a full state dict was loaded: rebuild the replicas from it."""
         if full_state is not None:
             self.load_full(full_state)
+
+    def before_reduce(self, step: int) -> None:
+        """Hook: on one host, the replay of the last commit is done before this rank sends any
+        part of this step's reduction (so before its neighbour overwrites the gradients it reads)."""
+        if self.shared:
+            self._timed(self.window.settle)
 
     def grads_reduced(self, step: int) -> None:
         """Hook: finish the background copies before the gradient-norm allreduce, so before
@@ -148,10 +152,10 @@ class Redundancy(StepHooks):
         self.settle()
 
     def before_update(self, step: int, scale: float) -> None:
-        """Snapshot the committed shard and hand this step's gradient shard (clipped by
-        ``scale`` in the update) to the replica's holder."""
+        """Log this step's gradient shard and clipping factor for the replica's holder (on one
+        host), or send them to it (across hosts); snapshot the shard where that is the undo."""
         if self.shared:
-            self.log.record(step, scale)
+            self.window.record(step, scale)
         elif self.sharded:
             if self.own_log is not None:
                 self.own_log.record(step, scale)
@@ -161,48 +165,42 @@ class Redundancy(StepHooks):
         if self.snapshot is not None:
             self.snapshot.copy_from(self.opt.shard_params, self.opt.shard_state, step - 1)
 
-    def after_gather(self, step: int) -> None:
-        """Hook: the step is not done before the neighbour has our gradients; then start
-        this rank's copies of update ``step``."""
-        self.shipped()
-        self.gathered(step)
-
-    def shipped(self) -> None:
-        """Wait until the replica's holder has this step's gradient shard (across hosts)."""
-        if self._shift is not None:
-            self._shift, shift = None, self._shift
-            shift.wait()
-
     def after_update(self, step: int) -> None:
         """Record that the live shard now holds update ``step``."""
         self.live_step = step
 
-    def gathered(self, step: int) -> None:
-        """Every rank's parameters hold update ``step``: start copying this rank's chunk of it
-        (into the window its holder maps on one host, into its own memory across hosts on
-        CPU) in the background."""
-        t0 = time.perf_counter()
-        for log in self._logs:
-            log.copy_ahead(step)
-        self.replay_s += time.perf_counter() - t0
+    def after_gather(self, step: int) -> None:
+        """Hook: the step is not done before the neighbour has our gradients; then start
+        this rank's copies of update ``step`` (across hosts on CPU)."""
+        if self._shift is not None:
+            self._shift, shift = None, self._shift
+            shift.wait()
+        if self.own_log is not None:
+            self._timed(self.own_log.copy_ahead, step)
 
     def settle(self) -> None:
-        """Finish the background copies; before the gradient-norm allreduce, so before the
-        update that changes the shard they read."""
+        """Finish the work running beside the step (copies, a replay); before anything reads
+        or changes what it uses."""
+        if self.own_log is not None:
+            self._timed(self.own_log.settle)
+        if self.shared:
+            self._timed(self.window.settle)
+
+    def _timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
-        for log in self._logs:
-            log.settle()
+        fn(*args)
         self.replay_s += time.perf_counter() - t0
 
     def commit(self, committed: int) -> None:
-        """Every rank finished update ``committed``: replay the neighbour's in-flight update (on
-        one host: keep this rank's copy of a slice of its shard, and log the next update's gradients)."""
-        for log in self._logs:
-            t0 = time.perf_counter()
-            log.refresh(committed)
-            log.bind(committed)
-            self.replay_s += time.perf_counter() - t0
-        if self.pending_step is not None and self.pending_step <= committed:  # (only across hosts)
+        """Every rank finished update ``committed``: replay the neighbour's update on its
+        replica (on one host in the background, until this rank's next reduction)."""
+        if self.shared:
+            self._timed(self.window.commit, committed)
+            return
+        if self.own_log is not None:
+            self._timed(self.own_log.refresh, committed)
+            self.own_log.bind(committed)
+        if self.pending_step is not None and self.pending_step <= committed:
             t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
@@ -225,9 +223,11 @@ class Redundancy(StepHooks):
         self._shift = None  # its group is gone; a half-received gradient is never replayed
         self.settle()
         if self.live_step == committed + 1:
-            log = self.log if self.shared else self.own_log
-            if log is not None:
-                log.undo(committed)
+            if self.shared:
+                self.window.undo(committed)
+                self.live_step = committed
+            elif self.own_log is not None:
+                self.own_log.undo(committed)
                 self.live_step = committed
             elif self.snapshot.step == committed:
                 self.snapshot.copy_to(self.opt.shard_params, self.opt.shard_state)
@@ -235,24 +235,24 @@ class Redundancy(StepHooks):
         if self.live_step != committed:
             raise RecoveryError(f"rank {self.opt.comm.rank} holds update {self.live_step} and cannot return to "
                                 f"update {committed}")
-        if not self.shared:
+        if self.replica is not None:
             self.commit(committed)
             self.pending_step = None
-            if self.sharded and self.replica.step != committed:
+            if self.replica.step != committed:
                 raise RecoveryError(f"replica of rank {self.left} holds update {self.replica.step}, not {committed}")
         self.opt.step_count = committed
 
     def replica_at_commit(self) -> "Shard":
-        """The left neighbour's shard as of the last commit (rebuilt, on one host)."""
+        """The left neighbour's shard as of the last commit."""
         if self.shared:
-            return Shard(*self.log.replica(self.opt.step_count), self.opt.step_count)
+            return Shard(*self.window.replica(self.opt.step_count), self.opt.step_count)
         self.commit(self.opt.step_count)
         return self.replica
 
     def nbytes(self) -> int:
         """Memory this redundancy costs on this rank."""
         if self.shared:
-            return self.log.nbytes()
+            return self.window.nbytes()
         total = (self.snapshot.nbytes() if self.snapshot else 0) + (self.replica.nbytes() if self.replica else 0) \
             + (self.own_log.nbytes() if self.own_log else 0)
         return total + (self._pending_flat.numel() * self._pending_flat.element_size()

@@ -1,48 +1,38 @@
-"""A replica kept by copy and a log of gradients, for ranks that share a host.
+"""Copies of a rank's own shard and a log of its gradients: the undo across hosts, on CPU.
 
-Replaying the owner's update on the holder every step costs a second Adam pass per rank
-(seven shard-sized memory streams), about as much as the update itself. On one host the
-owner can instead leave, where its holder can read them, *copies* of its committed shard,
-a slice at a time, and its recent gradients; the holder rebuilds the replica only when it
-is needed. Each rank has one window (a file in ``/dev/shm`` that its holder maps too):
+A rank whose replica lives on another host must be able to return its own shard to the
+last commit by itself (its holder may be the rank that died). A snapshot of the whole shard
+before each update does it for one full copy per step; this log does it for ``1/depth`` of
+one. In the rank's own memory it keeps
 
-* the last ``depth + 1`` averaged gradient shards with their clipping factors (the owner
-  reduces each step's gradients straight into slot ``step % (depth + 1)``);
+* the last ``depth + 1`` averaged gradient shards with their clipping factors (the
+  optimizer reduces each step's gradients straight into slot ``step % (depth + 1)``);
 * the shard cut into ``depth`` chunks, each kept as a copy of its parameters and state at
   some recent update, in ``depth + 1`` chunk slots, and a table naming each chunk's slot
-  and update. As soon as its gather of update ``c`` is done, the owner starts copying
+  and update. As soon as its gather of update ``c`` is done, the rank starts copying
   chunk ``c % depth`` of its parameters and state into the spare chunk slot, on a
   background thread, so the copy overlaps the return to the controller and the next
-  forward and backward. Once ``c`` has committed and the copy is done (before the owner
+  forward and backward. Once ``c`` has committed and the copy is done (before the rank
   joins step ``c + 1``'s gradient-norm allreduce, so before its update ``c + 1``) it
   points the chunk's table entry (update and slot, one 8-byte store) at it; the old slot
-  becomes the spare. So a rank killed mid-copy leaves every table entry on a complete
-  copy, and an update that never committed is never pointed at;
+  becomes the spare. So an update that never committed is never pointed at;
 * the shard at commit ``c`` is rebuilt chunk by chunk: the chunk's copy (at most
   ``depth - 1`` updates old, ``depth`` while the next copy runs) plus the logged steps
-  after it, replayed as the owner did them. The holder rebuilds it for a lost owner from
-  the owner's window; the owner rebuilds it from its own to undo an update that never
-  committed.
-
-The optimizer state itself stays in the owner's private memory: an update on state kept
-in a shared mapping ran about 2 ms slower per step on one of the two ranks in half the
-runs on the benchmark machine, private memory never did.
+  after it, replayed as the rank did them.
 
 Why the copies and the log are never torn:
 
-* the owner's shard is at ``c`` while its copy of ``c`` runs: it applies update ``c + 1``
-  only after waiting for the copy (and anything else that writes the shard, an undo or a
-  load, waits for it or belongs to a step that never committed, whose copy is dropped);
+* the shard is at ``c`` while its copy of ``c`` runs: update ``c + 1`` is applied only
+  after waiting for the copy (and anything else that writes the shard, an undo or a load,
+  waits for it or belongs to a step that never committed, whose copy is dropped);
 * the reduction of step ``c + 1`` overwrites slot ``(c + 1) % (depth + 1)``, which holds
   update ``c - depth``: no chunk needs it, since the oldest copy, of update ``c - depth``
   until the copy of ``c`` replaces it, needs the updates after it;
 * chunk boundaries sit on multiples of ``ALIGN`` elements from a bucket's start, so a
-  replay sees the same vector lanes as the owner's update and gives the owner's bits.
+  replay sees the same vector lanes as the rank's update and gives the same bits.
 
-Per step this costs one copy of ``1/depth`` of the shard (parameters and state), off the
-training thread where the step leaves a core or the controller's round trip time; memory is
-``depth`` gradient shards beyond the one every rank has, and ``(depth + 1) / depth`` copies
-of the shard's parameters and state.
+Memory: ``depth`` gradient shards beyond the one every rank has, and ``(depth + 1) / depth``
+copies of the shard's parameters and state.
 """
 from __future__ import annotations
 
@@ -51,7 +41,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
-from distopt.collectives.window import Window, carve, open_window
+from distopt.collectives.window import carve
 from distopt.ft.errors import RecoveryError
 from distopt.optim.sharded import ShardedOptimizer
 
@@ -66,9 +56,10 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
 
-def _copier() -> ThreadPoolExecutor:
-    """This process's thread for the ranks' chunk copies (one thread, kept: starting a
-    thread per step costs a scheduler slice; made anew in a forked child, which has none)."""
+def background() -> ThreadPoolExecutor:
+    """This process's thread for the redundancy's work beside the step (chunk copies,
+    replays; one thread, kept: starting a thread per step costs a scheduler slice; made
+    anew in a forked child, which has none)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
@@ -106,7 +97,7 @@ def chunk_pieces(sizes: list[int], depth: int,
 
 
 class _Area:
-    """One rank's window: the chunk table, the logged steps and clipping factors, ``depth + 1``
+    """The log's memory: the chunk table, the logged steps and clipping factors, ``depth + 1``
     gradient slots and ``depth + 1`` chunk slots (parameters, then each state field)."""
 
     def __init__(self, buf: torch.Tensor, lay: "_Chunking", depth: int) -> None:
@@ -142,13 +133,11 @@ class _Chunking:
 
 
 class ReplicaLog:
-    """One rank's side of the copy-and-log redundancy (see the module docstring)."""
+    """One rank's copies of its shard and log of its gradients (see the module docstring)."""
 
-    def __init__(self, opt: ShardedOptimizer, lay: _Chunking, window: Window, depth: int, distance: int = 0) -> None:
-        self._distance = distance  # the window's owner is ``distance`` ranks to the left (0: this rank)
+    def __init__(self, opt: ShardedOptimizer, lay: _Chunking, depth: int) -> None:
         self.opt, self.depth, self.names, self.kept, self.chunks = opt, depth, lay.names, lay.kept, lay.chunks
-        self.own = _Area(window.mine, lay, depth)
-        self.left = _Area(window.peer, lay, depth)  # the left neighbour's, this rank its holder
+        self.own = _Area(torch.zeros(_Area.nbytes(lay, depth), dtype=torch.uint8, device=opt.device), lay, depth)
         self.bytes = _Area.nbytes(lay, depth) - sum(lay.sizes) * lay.dtype.itemsize  # (a gradient shard it had)
         self._sources = [self._pieces_of(opt.shard_params, opt.shard_state, j)[0] for j in range(depth)]
         self._spare = depth
@@ -158,20 +147,8 @@ class ReplicaLog:
 
     @classmethod
     def local(cls, opt: ShardedOptimizer, depth: int) -> "ReplicaLog":
-        """The rank as its own holder, in private memory: the same copies and log let it undo
-        an update that never committed (:meth:`undo`) for ``1/depth`` of a shard copy per
-        step, where a snapshot before each update copies all of it. No communication."""
-        lay = _Chunking(opt, depth)
-        buf = torch.zeros(_Area.nbytes(lay, depth), dtype=torch.uint8, device=opt.device)
-        return cls(opt, lay, Window(buf, buf), depth)
-
-    @classmethod
-    def open(cls, opt: ShardedOptimizer, distance: int, depth: int) -> "ReplicaLog | None":
-        """Map this rank's window and its left neighbour's (a collective); None on every rank
-        if any rank cannot."""
-        lay = _Chunking(opt, depth)
-        window = open_window(opt.comm, _Area.nbytes(lay, depth), -distance)
-        return cls(opt, lay, window, depth, distance) if window is not None else None
+        """The log of ``opt``'s shard, in this rank's memory; no communication."""
+        return cls(opt, _Chunking(opt, depth), depth)
 
     # --- every step ----------------------------------------------------------------
     def bind(self, committed: int) -> None:
@@ -190,7 +167,7 @@ class ReplicaLog:
         committed and :meth:`settle` found the copy done."""
         self.settle()
         j = step % self.depth
-        job = _copier().submit(torch._foreach_copy_, self._pieces(self.own.chunks[self._spare], j),
+        job = background().submit(torch._foreach_copy_, self._pieces(self.own.chunks[self._spare], j),
                                self._sources[j]) if self.chunks[j] else None
         self._ahead = (step, job)
 
@@ -241,26 +218,16 @@ class ReplicaLog:
         self.own.steps.fill_(-1)
         self.bind(step)
 
-    def replica(self, committed: int):
-        """The left neighbour's shard at ``committed``, rebuilt from its window."""
-        params = [torch.empty_like(t) for t in self.opt.shard_params]
-        state = self.opt.init_state(params)
-        left = (self.opt.comm.rank - self._distance) % self.opt.comm.world_size
-        self._rebuild(committed, self.left, params, state, "replica of the left neighbour", left)
-        return params, state
-
     def undo(self, committed: int) -> None:
         """Return this rank's live shard to ``committed`` from its own copies and log."""
         self.settle()
-        self._rebuild(committed, self.own, self.opt.shard_params, self.opt.shard_state, "own shard",
-                      self.opt.shard_rank)
-
-    def _rebuild(self, committed: int, area: _Area, params, state, what: str, rank: int) -> None:
+        params, state, area, rank, what = self.opt.shard_params, self.opt.shard_state, self.own, self.opt.shard_rank, \
+            "own shard"
         slots = self.depth + 1
         for j in range(self.depth):
             entry = int(area.table[j])
             if entry == _TORN:
-                raise RecoveryError(f"{what}: chunk {j} has no complete copy (its owner was resetting it)")
+                raise RecoveryError(f"{what}: chunk {j} has no complete copy (the rank was resetting it)")
             since, slot = entry // _SLOTS, entry % _SLOTS
             if since > committed:
                 raise RecoveryError(f"{what}: chunk {j} was copied at update {since}, past the commit {committed}")

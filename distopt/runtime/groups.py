@@ -131,9 +131,10 @@ class FailureConfig(_Group):
         step_timeout_s: a step that takes longer counts its silent workers as hung.
         collective_timeout_s: seconds a collective may block before the step fails.
         grow_back: after a shrink, grow back towards num_workers when the resources return.
-        shared_memory: workers on one host keep the redundancy in /dev/shm instead of sending it.
-        replica_log_depth: with shared memory, gradient steps logged per worker: higher is faster
-            and takes more memory (distopt.ft.replica_log).
+        shared_memory: workers on one host keep each replica in /dev/shm, where both the worker
+            and its replica's holder reach it, instead of sending gradients (distopt.ft.shared_replica).
+        replica_log_depth: between hosts on CPU, gradient steps each worker logs to undo its own
+            update: higher copies less per step and takes more memory (distopt.ft.replica_log).
         faults: distopt.runtime.faults.Fault records that kill or stop workers on purpose (chaos tests).
     """
 

@@ -1,0 +1,183 @@
+"""A replica kept in its owner's shared memory, for ranks that share a host.
+
+Every rank ``r`` has one window (a file in ``/dev/shm``, :mod:`distopt.collectives.window`)
+that its holder ``r + d`` maps too. It holds
+
+* a header: the update the replica holds, the update whose gradients are logged, and that
+  update's clipping factor;
+* ``r``'s averaged gradient shard: the optimizer reduces each step's gradients straight
+  into it (no copy);
+* the replica of ``r``'s shard (parameters and each state field its rules keep) as of the
+  last commit. The holder writes it: when update ``c`` commits it replays ``c`` on it from
+  ``r``'s logged gradients and clipping factor, as ``r`` did them (same bits).
+
+So both ranks reach the replica, whichever of them dies: the holder gives a replacement
+for a lost ``r`` its shard, and ``r`` undoes an update that never committed (its holder
+alive or not) by copying the replica back, with no copy of its own. The memory per element
+of a rank's shard is the replica it writes for its left neighbour (12 bytes for fp32 Adam)
+and, below zero_stage 2, the gradient shard beside the full gradient buckets (4 bytes);
+at stage 2 that shard is the one every rank has anyway. A rank touches its own replica only
+to undo an update.
+
+Why the holder's reads are never torn: ``r`` writes its gradient shard only through the
+reduce-scatter of its next step, whose result it assembles once every peer has sent its
+part, the holder included, and the holder sends its first part of step ``c + 1`` only
+after it has replayed update ``c`` (:meth:`SharedReplica.settle` runs before the first
+reduction of a step). ``r`` reads its replica only after a failure, when it holds an
+update past the commit: it then passed that reduction, so the replica holds the commit.
+
+The replay runs on a background thread from the commit to the next step's first reduction,
+so it overlaps the data loading and the forward pass.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Callable
+
+import torch
+
+from distopt.collectives.window import Window, carve, open_window
+from distopt.ft.errors import RecoveryError
+from distopt.ft.replica_log import background
+from distopt.optim.sharded import ShardedOptimizer
+from distopt.optim.state_io import fill_shard
+
+_HEAD = 64  # bytes: replica's update, logged gradients' update (int64), their clipping factor (float64)
+
+
+class _Area:
+    """One rank's window: header, gradient shard and replica (per-bucket views)."""
+
+    def __init__(self, buf: torch.Tensor, lay: "_Layout") -> None:
+        self.steps = buf[:16].view(torch.int64)  # [update the replica holds, update of the logged gradients]
+        self.scale = buf[16:24].view(torch.float64)
+        n, item = sum(lay.sizes), lay.dtype.itemsize
+        self.grad = carve(buf, lay.dtype, [n], offset=_HEAD)[0]
+        self.grads = list(self.grad.split(lay.sizes))
+        self.params = carve(buf, lay.dtype, lay.sizes, offset=_HEAD + n * item)
+        offset, self.state = _HEAD + 2 * n * item, {}
+        for k, name in enumerate(lay.names):
+            sizes = [n_b if kept[k] else 0 for n_b, kept in zip(lay.sizes, lay.kept)]
+            self.state[name] = carve(buf, lay.dtype, sizes, offset=offset)
+            offset += sum(sizes) * item
+
+    @property
+    def replica_step(self) -> int:
+        return int(self.steps[0])
+
+
+class _Layout:
+    """One shard's bucket sizes, dtype and, per bucket, the state fields its rule keeps."""
+
+    def __init__(self, opt: ShardedOptimizer) -> None:
+        self.sizes = [t.numel() for t in opt.shard_params]
+        self.dtype = opt.params_flat.data.dtype
+        self.names = list(opt.shard_state)
+        self.kept = [[f in opt.rules.bucket_fields[b] for f in self.names] for b in range(len(self.sizes))]
+
+    def nbytes(self) -> int:
+        per_field = [sum(n for n, kept in zip(self.sizes, self.kept) if kept[k]) for k in range(len(self.names))]
+        return _HEAD + (2 * sum(self.sizes) + sum(per_field)) * self.dtype.itemsize
+
+
+class SharedReplica:
+    """This rank's side of the shared-memory redundancy (see the module docstring): its own
+    window (gradients it logs, the replica its holder keeps of it) and its left neighbour's
+    (whose replica this rank keeps)."""
+
+    def __init__(self, opt: ShardedOptimizer, window: Window, lay: _Layout, distance: int) -> None:
+        self.opt, self.lay = opt, lay
+        self.left_rank = (opt.comm.rank - distance) % opt.comm.world_size
+        self.own = _Area(window.mine, lay)
+        self.left = _Area(window.peer, lay)
+        self._replay: Future | None = None
+
+    @classmethod
+    def open(cls, opt: ShardedOptimizer, distance: int) -> "SharedReplica | None":
+        """Map this rank's window and its left neighbour's (a collective); None on every rank
+        if any rank cannot."""
+        lay = _Layout(opt)
+        window = open_window(opt.comm, lay.nbytes(), -distance)
+        return cls(opt, window, lay, distance) if window is not None else None
+
+    # --- every step ----------------------------------------------------------------
+    def bind(self) -> None:
+        """Reduce this rank's gradients into its window."""
+        self.opt.use_grad_shards(self.own.grad)
+
+    def record(self, step: int, scale: float) -> None:
+        """Log that the gradients in the window are update ``step``'s, clipped by ``scale``."""
+        self.own.scale[0], self.own.steps[1] = scale, step
+
+    def commit(self, committed: int) -> None:
+        """Update ``committed`` has committed everywhere: replay it on the left neighbour's
+        replica, in the background (:meth:`settle` waits for it)."""
+        self.settle()
+        if self.left.replica_step == committed:
+            return
+        self._check_logged(committed)
+        self._replay = background().submit(self._apply, committed)
+
+    def settle(self) -> None:
+        """Wait for the replay: before this rank's first reduction of a step, and before the
+        replica is read, reset or loaded."""
+        if self._replay is not None:
+            job, self._replay = self._replay, None
+            job.result()
+
+    def _check_logged(self, step: int) -> None:
+        have, logged = self.left.replica_step, int(self.left.steps[1])
+        if have != step - 1 or logged != step:
+            raise RecoveryError(f"replica of rank {self.left_rank} holds update {have} and its logged gradients are "
+                                f"update {logged}: cannot replay update {step}")
+
+    def _apply(self, step: int) -> None:
+        area = self.left
+        self.opt.rules.apply(step, range(len(area.params)), area.params, area.grads, area.state, float(area.scale[0]),
+                             self.left_rank)
+        area.steps[0] = step  # after the replay: a holder killed mid-replay leaves the old number
+
+    # --- set-up and recovery -------------------------------------------------------
+    def reset(self, step: int) -> None:
+        """The left neighbour's replica is its slice of the parameters (the same on every
+        rank), with zero state, at ``step``."""
+        self.settle()
+        self._fill_params(step, lambda: [t.zero_() for ts in self.left.state.values() for t in ts])
+
+    def load(self, full: dict, step: int) -> None:
+        """After every rank loaded the full state dict ``full``: the replica is the left
+        neighbour's slice of it."""
+        self.settle()
+        self._fill_params(step, lambda: fill_shard(self.opt, full, self.left_rank, self.left.state))
+
+    def _fill_params(self, step: int, fill_state: Callable[[], object]) -> None:
+        self.left.steps[0] = -1  # a rank killed below leaves no replica that looks complete
+        ranges = self.opt.plan.ranges(self.left_rank)
+        torch._foreach_copy_(self.left.params, [self.opt.params_flat.range(s, e) for s, e in ranges])
+        fill_state()
+        self.left.steps[0] = step
+        self.bind()
+
+    def replica(self, committed: int) -> tuple[list[torch.Tensor], dict]:
+        """The left neighbour's shard at ``committed`` (views of its window)."""
+        self.commit(committed)
+        self.settle()
+        return self.left.params, self.left.state
+
+    def undo(self, committed: int) -> None:
+        """Return this rank's live shard to ``committed`` from the replica its holder keeps."""
+        have = self.own.replica_step
+        if have != committed:
+            raise RecoveryError(f"rank {self.opt.comm.rank}'s replica holds update {have}, not the commit "
+                                f"{committed}: it cannot undo its update")
+        pairs = [(live, kept) for live, kept in zip(self.opt.shard_params, self.own.params)]
+        pairs += [(live, kept) for f in self.lay.names for live, kept in zip(self.opt.shard_state[f], self.own.state[f])
+                  if kept.numel()]
+        torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
+
+    def nbytes(self) -> int:
+        """Memory this rank's redundancy touches beyond what it has without: the replica it
+        writes, and below zero_stage 2 its gradient shard beside the gradient buckets."""
+        item = self.lay.dtype.itemsize
+        replica = self.lay.nbytes() - _HEAD - sum(self.lay.sizes) * item
+        return replica + (sum(self.lay.sizes) * item if self.opt.grad_buckets is not None else 0)
