@@ -33,8 +33,8 @@ from benchmarks.common import goal, goals_table, md_table, print_goals, run_alon
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD, LAYERS, BATCH = 2, 8, 8
 WIDTH, QUICK_WIDTH, TINY_WIDTH = 2048, 512, 16
-# Steps: torch's state is complete after the first; distopt's take the fault tolerance's
-# shared-memory window (the default replica_log_depth + 1 = 5 gradient and copy slots) all through.
+# Steps: torch's state is complete after the first; distopt's run past a few commits, so the
+# fault tolerance's replica has been replayed (and the neighbour's gradients read) several times.
 STEPS = {"torch": 3, "distopt": 6}
 COLLECTIVE_TIMEOUT_S = 60
 LAUNCH_TIMEOUT_S = 300.0
@@ -210,8 +210,8 @@ def markdown(result: dict) -> str:
         f"{result['layers']} x `nn.Linear({w}, {w})` with ReLU between (P = {p:,}), N = {result['world']} workers, "
         f"gloo on 127.0.0.1, Adam(lr=1e-3), {result['batch_per_worker']} random samples per worker and step; "
         f"{steps['torch']} steps for the torch peers (their state is complete after the first), {steps['distopt']} "
-        f"for distopt (the fault tolerance's shared-memory window, replica_log_depth + 1 = 5 slots, written all "
-        f"through). Each configuration runs as 2 fresh processes, one configuration after another. A rank's figure "
+        f"for distopt (past several commits, each replaying the neighbour's update onto the replica that the fault "
+        f"tolerance keeps in the neighbour's shared memory). Each configuration runs as 2 fresh processes, one configuration after another. A rank's figure "
         f"is its peak resident set (`VmHWM`, which counts the pages of `/dev/shm` files it touched: shared memory "
         f"counts in every process touching it) minus its bare worker's: the same process (torch peer: DDP + Adam; "
         f"distopt: `Worker` at stage 1, max_failures=0) on {result['layers']} x `Linear({tiny}, {tiny})`, run "
