@@ -181,21 +181,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         given = None if grads is None else match_grads(grads, self.names, self.tensors, self.arrangement.order)
         step, clock = self.step_count + 1, StepClock()
         self._call("phase", "grad_collective", step)
-        self.reducer.finish(given)  # reduce
+        self.reducer.finish(given)
         clock.lap("comm")
         self._call("grads_reduced", step)
         clock.lap("update")
-        norm = global_norm(self.grad_shards, self.comm, self.plan.world_size)  # norm
+        norm = global_norm(self.grad_shards, self.comm, self.plan.world_size)
         clock.lap("comm")
         if not math.isfinite(norm):
             log.warning("rank %d: non-finite gradient (norm %s): step %d skipped on every rank",
                         self.comm.rank, norm, step)
             self.info = StepInfo(self.step_count, norm, True, clock.comm, clock.update)
             return loss
-        self._update(step, clip_scale(norm, self.max_grad_norm))  # clip, update
+        self._update(step, clip_scale(norm, self.max_grad_norm))
         clock.lap("update")
         self._call("phase", "param_gather", step)
-        self._gather()  # gather
+        self._gather()
         self.step_count = step
         clock.lap("comm")
         self._call("after_gather", step)
