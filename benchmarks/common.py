@@ -147,13 +147,13 @@ def git_state() -> dict:
 
 
 def norm_accumulation() -> str:
-    """``"float64"`` when ``ShardedOptimizer._global_norm`` runs ``_foreach_norm`` in double
+    """``"float64"`` when ``distopt.optim.norm.global_norm`` runs ``_foreach_norm`` in double
     precision (the code as measured), else ``"float32"``."""
     import inspect
     import re
 
-    from distopt.optim import ShardedOptimizer
-    source = inspect.getsource(ShardedOptimizer._global_norm)
+    from distopt.optim.norm import global_norm
+    source = inspect.getsource(global_norm)
     return "float64" if re.search(r"_foreach_norm\([^)]*float64", source) else "float32"
 
 

@@ -135,7 +135,7 @@ def _findings(results: dict) -> list[str]:
     if "grad norm, _foreach_norm float64" in rows:
         t64, t32 = rows["grad norm, _foreach_norm float64"]["ms"], rows["grad norm, _foreach_norm float32"]["ms"]
         if norm_accumulation() == "float64":
-            out.append(f"`ShardedOptimizer._global_norm` (distopt/optim/sharded.py) takes the gradient norm with "
+            out.append(f"`global_norm` (distopt/optim/norm.py) takes the gradient norm with "
                        f"`torch._foreach_norm(..., dtype=torch.float64)`: {t64:.1f} ms per 10M parameters against "
                        f"{t32:.1f} ms in float32 (benchmark 3), about {t64 * numel / 2e7:.0f} ms of every stage-1/2 "
                        f"step of benchmark 1 ({t64 * numel / 1e7:.0f} ms at stage 0), inside `comm_s`.")

@@ -5,12 +5,10 @@ straight from a store (:mod:`distopt.collectives.rendezvous`), never torch's glo
 group, so a broken group can be closed and a new one formed in the same process (the
 recovery path), and several groups can live in one process (the in-process test bed).
 :meth:`TorchCommunicator.from_process_group` instead runs the same collectives on a group
-the caller already formed (torchrun's default group), which it never shuts down.
+the caller already formed (torchrun's default group), which it never shuts down. How a call
+is started, waited for and failed is :mod:`distopt.collectives.torch_group`.
 """
 from __future__ import annotations
-
-import datetime
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,15 +18,13 @@ from torch._C._distributed_c10d import (
 )
 
 from distopt.collectives import compression
-from distopt.collectives.pairwise import Pairwise
-from distopt.collectives.pending import Pending, completed, then
+from distopt.collectives.pending import completed, then
 from distopt.collectives.base import CollectiveError, check_op, check_wire_dtype, chunk_numel, chunk_range
 from distopt.collectives.rendezvous import connect_store, existing_group, make_group, validate
-# Low-precision sums can overflow before the division, so those are divided first.
-_PREDIVIDE = (torch.float16, torch.bfloat16)
+from distopt.collectives.torch_group import TorchGroup, check_contiguous, check_flat, deliver, first_line, padded
 
 
-class TorchCommunicator:
+class TorchCommunicator(TorchGroup):
     """One rank of a torch.distributed group (see :class:`distopt.collectives.Communicator`).
 
     Args:
@@ -67,7 +63,7 @@ class TorchCommunicator:
         except Exception as e:  # store and group constructors raise several RuntimeError kinds
             raise CollectiveError(
                 f"rank {rank} could not form a {backend} group of {world_size} at {host}:{port} "
-                f"within {self.timeout_s:g}s: {_first_line(e)}. Check that every rank started, "
+                f"within {self.timeout_s:g}s: {first_line(e)}. Check that every rank started, "
                 f"that they share host/port, and that the port is reachable") from e
 
     @classmethod
@@ -108,22 +104,6 @@ class TorchCommunicator:
         comm._pg, comm._owns_group, comm._store = group, False, store
         return comm
 
-    def _setup(self, rank: int, world_size: int, backend: str, timeout_s: float | None, local: bool) -> None:
-        self.rank, self.world_size, self.backend = rank, world_size, backend
-        self.timeout_s = None if timeout_s is None else float(timeout_s)
-        self._timeout = None if timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
-        # gloo's wait takes the deadline itself. NCCL's wait with a deadline blocks the host
-        # until the GPU is done (polling every millisecond), so NCCL waits are stream-ordered
-        # and the group's watchdog enforces the same timeout_s.
-        self._wait_timeout = self._timeout if backend == "gloo" else None
-        self._broken: str | None = None
-        self._seq = 0
-        self._pairwise = Pairwise(rank, world_size)  # gloo's reduce-scatter and allgather
-        self._store = None
-        self._pg = None
-        self._owns_group = True  # False for a wrapped group: close() must leave it to its owner
-        self._local = local
-
     @property
     def store(self) -> dist.Store | None:
         """The rendezvous store; another group may form on it.
@@ -144,7 +124,7 @@ class TorchCommunicator:
         """
         check_op(op, t.dtype)
         check_wire_dtype(wire_dtype, t.dtype)
-        _check_contiguous(t, "allreduce")
+        check_contiguous(t, "allreduce")
         if self._local:
             return completed(t, async_op)
         if self._staged(t):
@@ -174,19 +154,19 @@ class TorchCommunicator:
         """
         check_op(op, flat.dtype)
         check_wire_dtype(wire_dtype, flat.dtype)
-        _check_flat(flat, "reduce_scatter")
+        check_flat(flat, "reduce_scatter")
         n, w = flat.numel(), self.world_size
         start, end = chunk_range(n, w, self.rank)
         if self._local:
-            return completed(_deliver(flat, out), async_op)
+            return completed(deliver(flat, out), async_op)
         if self._staged(flat):
             return self._via_host(flat, lambda h: self.reduce_scatter(h, op, wire_dtype, async_op=True), out,
                                   async_op)
         if wire_dtype is not None and wire_dtype != flat.dtype:
             narrow = compression.reduce_scatter(self, flat, op, wire_dtype, async_op=True)
-            return then(lambda: _deliver(narrow.wait(), out), async_op)
+            return then(lambda: deliver(narrow.wait(), out), async_op)
         c = chunk_numel(n, w)
-        send = flat if n == c * w else _padded(flat, c * w)
+        send = flat if n == c * w else padded(flat, c * w)
         buf = out if out is not None and out.numel() == c == end - start else flat.new_empty(c)
         self._prescale(send, op)
         if self.backend == "gloo":
@@ -201,7 +181,7 @@ class TorchCommunicator:
             if total is not None:
                 total()
             self._postscale(buf, op)
-            return _deliver(buf[: end - start], out)
+            return deliver(buf[: end - start], out)
         return self._finish("reduce_scatter", works, finish, async_op)
 
     def allgather(self, shard: torch.Tensor, numel: int | None = None, out: torch.Tensor | None = None,
@@ -213,7 +193,7 @@ class TorchCommunicator:
         and the result has ``numel`` elements. ``out`` may hold this rank's shard as a view
         (an in-place gather, no copy).
         """
-        _check_flat(shard, "allgather")
+        check_flat(shard, "allgather")
         w = self.world_size
         if numel is None:
             c, n = shard.numel(), shard.numel() * w
@@ -224,21 +204,21 @@ class TorchCommunicator:
                 raise ValueError(f"allgather: rank {self.rank} holds {shard.numel()} elements but its chunk "
                                  f"of numel={numel} has {end - start}: pass the shard reduce_scatter returned")
         if self._local:
-            return completed(_deliver(shard, out), async_op)
+            return completed(deliver(shard, out), async_op)
         if self._staged(shard):
             return self._via_host(shard, lambda h: self.allgather(h, numel, async_op=True), out, async_op)
-        send = shard if shard.numel() == c else _padded(shard, c)
+        send = shard if shard.numel() == c else padded(shard, c)
         buf = out if out is not None and out.numel() == c * w else shard.new_empty(c * w)
         if self.backend == "gloo":
             begin = self._pairwise.allgather(send, buf)
             works = self._start("allgather", lambda tag: begin(self._pg, tag))
         else:
             works = self._start("allgather", lambda _: self._pg._allgather_base(buf, send, AllgatherOptions()))
-        return self._finish("allgather", works, lambda: _deliver(buf[:n], out), async_op)
+        return self._finish("allgather", works, lambda: deliver(buf[:n], out), async_op)
 
     def all_to_all(self, t: torch.Tensor, async_op: bool = False):
         """Exchange equal chunks: chunk ``j`` of the result is chunk ``rank`` of rank ``j``'s ``t``."""
-        _check_flat(t, "all_to_all")
+        check_flat(t, "all_to_all")
         if t.numel() % self.world_size:
             raise ValueError(f"all_to_all: numel={t.numel()} is not divisible by world_size={self.world_size}: pad it")
         if self._local:
@@ -255,7 +235,7 @@ class TorchCommunicator:
 
         Every rank passes a 1-D tensor of the same size and dtype, and the same ``distance``.
         """
-        _check_flat(t, "shift")
+        check_flat(t, "shift")
         if not isinstance(distance, int) or distance < 1:
             raise ValueError(f"shift: distance={distance!r} must be an int >= 1")
         if distance % self.world_size == 0:  # its own neighbour: no backend sends to itself
@@ -271,7 +251,7 @@ class TorchCommunicator:
         """Overwrite ``t`` on every rank with rank ``src``'s values; returns ``t``."""
         if not 0 <= src < self.world_size:
             raise ValueError(f"broadcast: src={src} is not a rank of a group of {self.world_size}")
-        _check_contiguous(t, "broadcast")
+        check_contiguous(t, "broadcast")
         if self._local:
             return t
         if self._staged(t):
@@ -299,85 +279,5 @@ class TorchCommunicator:
             except Exception:  # a group that already failed may refuse a clean shutdown
                 pass
 
-    # --- helpers --------------------------------------------------------------------
-    def _staged(self, t: torch.Tensor) -> bool:
-        # gloo's point-to-point calls read raw host pointers, so device tensors (several
-        # ranks sharing one GPU) cross through host memory; NCCL takes them as they are.
-        return self.backend == "gloo" and t.device.type != "cpu"
-
-    def _via_host(self, t: torch.Tensor, start: Callable[[torch.Tensor], Pending], out: torch.Tensor | None,
-                  async_op: bool):
-        """Run a collective on a host copy of ``t``; its result lands in ``out`` or on ``t``'s device."""
-        pending = start(t.cpu())  # synchronises with the stream that produced t
-
-        def finish() -> torch.Tensor:
-            result = pending.wait()
-            return out.copy_(result) if out is not None else result.to(t.device)
-        return self._finish(pending.name, [], finish, async_op)
-
-    def _run(self, name: str, start: Callable[[int], object]) -> None:
-        """Start a collective (``start(tag)`` returns one work or a list) and wait for it."""
-        self._finish(name, self._start(name, start), lambda: None, False)
-
-    def _start(self, name: str, start: Callable[[int], object]) -> list:
-        if self._broken is not None or self._pg is None:
-            raise CollectiveError(f"{name} on rank {self.rank}: this group is unusable ({self._broken}); "
-                                  f"close() it and form a new communicator")
-        self._seq += 1  # every rank calls collectives in the same order: the same tag everywhere
-        try:
-            works = start(self._seq)
-        except Exception as e:
-            raise self._failed(name, e) from e
-        return works if isinstance(works, list) else [works]
-
-    def _finish(self, name: str, works: list, finish: Callable[[], object], async_op: bool):
-        pending = Pending(self, name, works, finish)
-        return pending if async_op else pending.wait()
-
-    def _failed(self, name: str, e: BaseException) -> CollectiveError:
-        self._broken = f"{name} failed: {_first_line(e)}"
-        return CollectiveError(
-            f"{name} failed on rank {self.rank} of {self.world_size} ({self.backend}, timeout "
-            f"{'unknown' if self.timeout_s is None else f'{self.timeout_s:g}s'}): {_first_line(e)}. "
-            f"A peer died, stalled or left; form a new group")
-
-    def _prescale(self, t: torch.Tensor, op: str) -> None:
-        if op == "mean" and t.dtype in _PREDIVIDE:
-            t.div_(self.world_size)
-
-    def _postscale(self, t: torch.Tensor, op: str) -> None:
-        if op == "mean" and t.dtype not in _PREDIVIDE:
-            t.div_(self.world_size)
-
     def __repr__(self) -> str:
         return f"TorchCommunicator(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"
-
-
-def _check_contiguous(t: torch.Tensor, name: str) -> None:
-    if not t.is_contiguous():
-        raise ValueError(f"{name} needs a contiguous tensor: call .contiguous() first")
-
-
-def _check_flat(t: torch.Tensor, name: str) -> None:
-    _check_contiguous(t, name)
-    if t.dim() != 1:
-        raise ValueError(f"{name} takes a 1-D tensor, got shape {tuple(t.shape)}: pass t.view(-1)")
-
-
-def _padded(t: torch.Tensor, numel: int) -> torch.Tensor:
-    out = t.new_zeros(numel)
-    out[: t.numel()].copy_(t)
-    return out
-
-
-def _deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    if out is None or out.data_ptr() == result.data_ptr() and out.numel() == result.numel():
-        return result if out is None else out
-    if out.numel() != result.numel():
-        raise ValueError(f"out has {out.numel()} elements, the result has {result.numel()}")
-    return out.copy_(result)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

@@ -4,7 +4,8 @@ from distopt.optim.plan import ALIGN, Arrangement, ShardPlan, arrange, plan
 from distopt.optim.recipes import decay_groups, hidden_matrices, muon_groups
 from distopt.optim.rules import SGD, Adam, AdamState, Muon, MuonState, SGDState, adam, muon, sgd
 from distopt.optim.schedules import Constant, WarmupCosine, constant, make_schedule, warmup_cosine
-from distopt.optim.sharded import ShardedOptimizer, StepInfo
+from distopt.optim.sharded import ShardedOptimizer
+from distopt.optim.step_info import StepInfo
 
 __all__ = ["sgd", "adam", "muon", "SGD", "Adam", "Muon", "SGDState", "AdamState", "MuonState", "decay_groups",
            "muon_groups", "hidden_matrices", "plan", "arrange", "ShardPlan", "Arrangement", "ALIGN",

@@ -74,3 +74,25 @@ def shard_views(ranges: Sequence[tuple[int, int]], dtypes: Sequence[torch.dtype]
         shards.append(flats[d][used[d]:used[d] + e - s])
         used[d] += e - s
     return (next(iter(flats.values())) if len(flats) == 1 else None), shards
+
+
+def adopt_params(tensors: Sequence[torch.Tensor], plan: ShardPlan, arr: Arrangement, device: torch.device) -> Flat:
+    """A :class:`Flat` holding copies of ``tensors``, each re-pointed at its view: the same
+    tensor objects, so the model sees every update made in the flat buffer."""
+    buf = Flat(plan, arr, [t.shape for t in tensors], device)
+    with torch.no_grad():
+        torch._foreach_copy_(buf.views, [t.detach() for t in tensors])
+    for t, view in zip(tensors, buf.views):
+        t.data = view
+    return buf
+
+
+def adopt_grads(tensors: Sequence[torch.Tensor], plan: ShardPlan, arr: Arrangement, device: torch.device) -> Flat:
+    """A :class:`Flat` of gradient buckets holding ``tensors``' gradients so far, each
+    ``.grad`` re-pointed at its view: backward accumulates straight into the bucket."""
+    buf = Flat(plan, arr, [t.shape for t in tensors], device)
+    for t, view in zip(tensors, buf.views):
+        if t.grad is not None:
+            view.copy_(t.grad)
+        t.grad = view
+    return buf

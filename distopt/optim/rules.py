@@ -3,7 +3,10 @@
 A rule is plain hyperparameters plus ``init(params) -> state`` and
 ``update(params, grads, state, step) -> state``, which is ``apply(prepare(grads))``:
 ``prepare`` folds L2 decay into the gradients the state sees, ``apply`` changes state and
-parameters. The split lets a replica replay an update from the prepared gradients alone. The arithmetic is the gradient API's
+parameters. The split lets a replica replay an update from the prepared gradients alone;
+``update`` itself, the learning rate at a step and ``config()`` are shared
+(:mod:`distopt.optim.rule_base`), and Muon lives in :mod:`distopt.optim.muon`. The
+arithmetic is the gradient API's
 (:func:`distopt.gradients.gradient_descent_update`, :func:`distopt.gradients.adam_update`),
 composed with weight decay and momentum; nothing here repeats it. ``params`` are lists of
 tensors (flat shards in the sharded optimizer) updated in place; ``step`` is the 1-based
@@ -13,14 +16,17 @@ number of the update being made. A rule with ``whole_matrices = True`` (Muon) is
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, NamedTuple, Union
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Union
 
 import torch
 
 from distopt.gradients import adam_update, gradient_descent_update
+from distopt.optim.muon import Muon, MuonState, orthogonalize
+from distopt.optim.rule_base import LR, UpdateRule, lr_at
 
-LR = Union[float, Callable[[int], float]]
+__all__ = ["LR", "lr_at", "UpdateRule", "SGD", "SGDState", "Adam", "AdamState", "Muon", "MuonState", "orthogonalize",
+           "Rule", "hyperparameters", "with_hyperparameters", "sgd", "adam", "muon", "check_rule", "clipped"]
 
 
 class SGDState(NamedTuple):
@@ -32,20 +38,8 @@ class AdamState(NamedTuple):
     exp_avg_sq: list
 
 
-class MuonState(NamedTuple):
-    momentum_buffer: list
-
-
-def lr_at(lr: LR, step: int) -> float:
-    """The learning rate for update ``step`` (1-based), from a constant or a schedule."""
-    value = lr(step) if callable(lr) else lr
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"learning rate at step {step} is {value!r}: a schedule must return a finite float >= 0")
-    return float(value)
-
-
 @dataclass(frozen=True)
-class SGD:
+class SGD(UpdateRule):
     """SGD as ``torch.optim.SGD`` (no dampening): decay, then momentum, then the step."""
 
     lr: LR
@@ -83,17 +77,9 @@ class SGD:
         gradient_descent_update(params, grads, lr, inplace=True, f="torch")
         return state
 
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: SGDState, step: int) -> SGDState:
-        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
-        return self.apply(params, self.prepare(params, grads, step), state, step)
-
-    def config(self) -> dict:
-        """Hyperparameters as plain data (a schedule is recorded by name)."""
-        return _config(self)
-
 
 @dataclass(frozen=True)
-class Adam:
+class Adam(UpdateRule):
     """Adam as ``torch.optim.Adam``; ``decoupled=True`` is AdamW (``torch.optim.AdamW``)."""
 
     lr: LR
@@ -123,84 +109,6 @@ class Adam:
                     beta1=self.betas[0], beta2=self.betas[1], epsilon=self.eps, inplace=True, f="torch")
         return state
 
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: AdamState, step: int) -> AdamState:
-        """Apply one step in place to ``params`` and ``state``; ``grads`` are not modified."""
-        return self.apply(params, self.prepare(params, grads, step), state, step)
-
-    def config(self) -> dict:
-        """Hyperparameters as plain data (a schedule is recorded by name)."""
-        return _config(self)
-
-
-@dataclass(frozen=True)
-class Muon:
-    """Muon as ``torch.optim.Muon``: momentum, Newton-Schulz orthogonalisation of the
-    (Nesterov) momentum in bfloat16, decoupled weight decay, and a step scaled by the shape."""
-
-    lr: LR
-    weight_decay: float = 0.1
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)
-    eps: float = 1e-7
-    adjust_lr_fn: str | None = None
-    name = "muon"
-    whole_matrices = True
-
-    def init(self, params: list[torch.Tensor]) -> MuonState:
-        """Zero momentum buffers shaped like ``params``."""
-        return MuonState([torch.zeros_like(p) for p in params])
-
-    def prepare(self, params: list[torch.Tensor], grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-        """Muon's decay is decoupled: the state sees the gradients as they are."""
-        return grads
-
-    def apply(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: MuonState, step: int) -> MuonState:
-        """Momentum, orthogonalisation, decay and the step, matrix by matrix, in place."""
-        lr = lr_at(self.lr, step)
-        for p, g, buf in zip(params, grads, state.momentum_buffer):
-            if p.ndim != 2:
-                raise ValueError(f"muon updates 2-D matrices only, got a tensor of shape {tuple(p.shape)}")
-            buf.lerp_(g, 1.0 - self.momentum)
-            direction = g.lerp(buf, self.momentum) if self.nesterov else buf
-            ortho = orthogonalize(direction, self.ns_coefficients, self.ns_steps, self.eps)
-            p.mul_(1.0 - lr * self.weight_decay)
-            p.add_(ortho, alpha=-lr * _shape_factor(self.adjust_lr_fn, p.shape))
-        return state
-
-    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], state: MuonState, step: int) -> MuonState:
-        """Apply one step in place to ``params`` (2-D) and ``state``; ``grads`` are not modified."""
-        return self.apply(params, grads, state, step)
-
-    def config(self) -> dict:
-        """Hyperparameters as plain data (a schedule is recorded by name)."""
-        return _config(self)
-
-
-def orthogonalize(m: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
-    """An approximately orthogonal matrix with ``m``'s singular vectors: ``steps`` quintic
-    Newton-Schulz iterations ``x <- a x + (b A + c A^2) x`` with ``A = x x^T``, in bfloat16
-    (as ``torch.optim.Muon``), on the wide orientation so ``A`` is the smaller Gram matrix."""
-    a, b, c = coefficients
-    tall = m.size(0) > m.size(1)
-    x = m.bfloat16()
-    if tall:
-        x = x.T
-    x.div_(x.norm().clamp(min=eps))
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
-    return x.T if tall else x
-
-
-def _shape_factor(adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    # Keeps the update's RMS comparable across rectangular shapes (torch.optim.Muon's choices).
-    rows, cols = shape[0], shape[1]
-    if adjust_lr_fn in (None, "original"):
-        return math.sqrt(max(1.0, rows / cols))
-    return 0.2 * math.sqrt(max(rows, cols))  # "match_rms_adamw"
 
 
 Rule = Union[SGD, Adam, Muon]
@@ -312,16 +220,6 @@ def _check_nonneg(**values: float) -> None:
     for name, v in values.items():
         if not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"{name}={v!r} must be >= 0")
-
-
-def _config(rule: Rule) -> dict:
-    out = {"rule": rule.name, **asdict(rule)}
-    if callable(rule.lr):
-        out["lr"] = f"schedule:{getattr(rule.lr, '__qualname__', type(rule.lr).__name__)}"
-    for key in ("betas", "ns_coefficients"):
-        if key in out:
-            out[key] = list(out[key])
-    return out
 
 
 def clipped(grads: list[torch.Tensor], scale: float) -> list[torch.Tensor]:

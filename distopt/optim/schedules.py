@@ -1,7 +1,7 @@
 """Learning-rate schedules: picklable callables ``step -> lr`` for the update rules.
 
 A rule's ``lr`` may be a float or a callable of the 1-based update number (see
-:func:`distopt.optim.rules.lr_at`). Schedules are small frozen dataclasses with
+:func:`distopt.optim.rule_base.lr_at`). Schedules are small frozen dataclasses with
 ``__call__``, not lambdas or closures, because the Trainer ships the rule to every worker
 and a lambda defined in a user's ``__main__`` does not always survive the trip.
 

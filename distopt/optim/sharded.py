@@ -7,7 +7,7 @@ their identity is kept, so the model sees every update. Each step reads top to b
              at zero_stage 0 the plan has one shard, which is the whole bucket: allreduce),
              mostly while backward still runs (:mod:`distopt.optim.reducer`)
     norm     the global gradient norm; a non-finite one skips the step on every rank, a
-             large one is clipped to ``max_grad_norm``
+             large one is clipped to ``max_grad_norm`` (:mod:`distopt.optim.norm`)
     update   every group's rule on this rank's shard, with the group's hyperparameters now
     gather   the new parameter shards to every rank (nothing to do with one shard)
 
@@ -19,33 +19,24 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from distopt.collectives.base import Communicator, check_wire_dtype
 from distopt.collectives.buckets import DEFAULT_BUCKET_BYTES
 from distopt.optim import state_io
-from distopt.optim.flat import Flat, shard_views
+from distopt.optim.flat import adopt_grads, adopt_params, shard_views
 from distopt.optim.group_rules import GroupRules, state_bytes
 from distopt.optim.hooks import StepHooks
+from distopt.optim.norm import clip_scale, global_norm
 from distopt.optim.params import check_args, check_comm, check_devices, match_grads, normalize, plan_params
 from distopt.optim.reducer import Reducer
 from distopt.optim.rules import Rule, hyperparameters
+from distopt.optim.step_info import StepClock, StepInfo
 
 log = logging.getLogger("distopt")
-
-
-class StepInfo(NamedTuple):
-    """What one :meth:`ShardedOptimizer.step` did, identical on every rank."""
-
-    step: int  # updates applied so far
-    grad_norm: float  # L2 norm of the averaged gradient, before clipping
-    skipped: bool  # a non-finite gradient somewhere: no rank updated
-    comm_s: float  # seconds waiting for gradient reduction and parameter gather
-    update_s: float  # seconds in the update rule and the hooks around it
 
 
 class ShardedOptimizer(torch.optim.Optimizer):
@@ -96,14 +87,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.rules = GroupRules(rule, self.param_groups, self.arrangement.bucket_group,
                                 self.arrangement.bucket_dtype, self.plan, [t.shape for t in self.tensors])
         log.debug("rank %d: %s", comm.rank, self.plan.describe())
-        self.params_flat = self._adopt_params()
+        self.params_flat = adopt_params(self.tensors, self.plan, self.arrangement, self.device)
         if sync_params:
             for flat in self.params_flat.flats():
                 comm.broadcast(flat, src=0)
         self.shard_rank = comm.rank if self.plan.world_size > 1 else 0  # whose slice of each bucket this rank updates
         ranges = self.plan.ranges(self.shard_rank)
         self.shard_params = [self.params_flat.range(s, e) for s, e in ranges]
-        self.grad_buckets = self._grad_buffer() if zero_stage <= 1 else None
+        self.grad_buckets = adopt_grads(self.tensors, self.plan, self.arrangement, self.device) \
+            if zero_stage <= 1 else None
         # Kept buckets are reduced in place: this rank's shard of a bucket is its own slice of it.
         self.grad_flat, self.grad_shards = (None, [self.grad_buckets.range(s, e) for s, e in ranges]) \
             if self.grad_buckets is not None else shard_views(ranges, self.arrangement.bucket_dtype, self.device)
@@ -115,22 +107,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.reducer.narrow_blocks = zero_stage == 0 and wire_dtype is not None
 
     # --- set-up ---------------------------------------------------------------------
-    def _adopt_params(self) -> Flat:
-        buf = Flat(self.plan, self.arrangement, [t.shape for t in self.tensors], self.device)
-        with torch.no_grad():
-            torch._foreach_copy_(buf.views, [t.detach() for t in self.tensors])
-        for t, view in zip(self.tensors, buf.views):
-            t.data = view  # same tensor object, storage now in the flat buffer
-        return buf
-
-    def _grad_buffer(self) -> Flat:
-        buf = Flat(self.plan, self.arrangement, [t.shape for t in self.tensors], self.device)
-        for t, view in zip(self.tensors, buf.views):
-            if t.grad is not None:
-                view.copy_(t.grad)
-            t.grad = view  # backward accumulates straight into the bucket
-        return buf
-
     def add_param_group(self, param_group: dict) -> None:
         """Groups are fixed once the plan is made; torch calls this while constructing."""
         if getattr(self, "plan", None) is not None:
@@ -203,31 +179,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         given = None if grads is None else match_grads(grads, self.names, self.tensors, self.arrangement.order)
-        step = self.step_count + 1
-        t0 = time.perf_counter()
+        step, clock = self.step_count + 1, StepClock()
         self._call("phase", "grad_collective", step)
         self.reducer.finish(given)
-        t1 = time.perf_counter()
+        clock.lap("comm")
         self._call("grads_reduced", step)
-        t2 = time.perf_counter()
-        norm = self._global_norm()
-        t3 = time.perf_counter()
+        clock.lap("update")
+        norm = global_norm(self.grad_shards, self.comm, self.plan.world_size)
+        clock.lap("comm")
         if not math.isfinite(norm):
             log.warning("rank %d: non-finite gradient (norm %s): step %d skipped on every rank",
                         self.comm.rank, norm, step)
-            self.info = StepInfo(self.step_count, norm, True, (t1 - t0) + (t3 - t2), t2 - t1)
+            self.info = StepInfo(self.step_count, norm, True, clock.comm, clock.update)
             return loss
-        scale = self.max_grad_norm / (norm + 1e-6) if self.max_grad_norm is not None and norm > self.max_grad_norm \
-            else 1.0
-        self._update(step, scale)
-        t4 = time.perf_counter()
+        self._update(step, clip_scale(norm, self.max_grad_norm))
+        clock.lap("update")
         self._call("phase", "param_gather", step)
         self._gather()
         self.step_count = step
-        t5 = time.perf_counter()
+        clock.lap("comm")
         self._call("after_gather", step)
-        t6 = time.perf_counter()
-        self.info = StepInfo(step, norm, False, (t1 - t0) + (t3 - t2) + (t5 - t4), (t2 - t1) + (t4 - t3) + (t6 - t5))
+        clock.lap("update")
+        self.info = StepInfo(step, norm, False, clock.comm, clock.update)
         return loss
 
     def reduce_bucket(self, b: int, flat: torch.Tensor):
@@ -252,21 +225,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                    for b, shard in enumerate(self.shard_params)]
         for g in gathers:
             g.wait()
-
-    def _global_norm(self) -> float:
-        # Per-bucket norms in the gradients' dtype (one fused pass per dtype, as
-        # clip_grad_norm_ does), combined in double precision on the device: one host
-        # synchronisation per step, not one per bucket.
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in self.grad_shards:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        parts = [torch.stack(torch._foreach_norm(gs, 2.0)).double() for gs in by_dtype.values()]
-        total = torch.cat(parts).square().sum().reshape(1)
-        if self.plan.world_size > 1:
-            # Every rank must see the same number, so the skip/clip decision is unanimous.
-            self.comm.allreduce(total, "sum")
-        sumsq = float(total[0])
-        return math.sqrt(sumsq) if sumsq >= 0 else float("nan")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients. At zero_stage 0/1 ``.grad`` stays a view of the gradient
@@ -296,13 +254,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         slices of those buckets (stage 2),
         the state shard, and the stage-2 packing buffers. ``.grad`` tensors autograd
         allocates outside bucket memory (stage 2, between hooks) are not counted."""
-        def size(ts) -> int:
-            return sum(t.numel() * t.element_size() for t in ts)
-        in_buckets = {f.untyped_storage().data_ptr() for f in self.grad_buckets.flats()} if self.grad_buckets else set()
-        return {"params": size(self.params_flat.flats()),
-                "grads": size(self.grad_buckets.flats()) if self.grad_buckets is not None else 0,
-                "grad_shards": size([g for g in self.grad_shards if g.untyped_storage().data_ptr() not in in_buckets]),
-                "state": self.state_bytes(), "packing": self.reducer.packing_bytes()}
+        return state_io.memory_bytes(self)
 
     def state_dict(self) -> dict:
         """This rank's state shard, the step, the groups' hyperparameters and the plan (copies)."""
@@ -315,10 +267,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ValueError: the plan, rank, rule or groups differ (load a full state dict instead).
         """
         state_io.check_shard_state_dict(self, state_dict)  # before anything changes
-        self._call("before_load", False)
-        self._call("before_write")
-        state_io.load_shard_state_dict(self, state_dict)
-        self._call("after_load", None)
+        self._load(state_io.load_shard_state_dict, state_dict, full=False)
 
     def full_state_dict(self) -> dict:
         """Gather the whole state, per parameter name; a collective, bucket by bucket."""
@@ -328,7 +277,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Take this rank's shard of a :meth:`full_state_dict` (any world size or stage); with
         a fault-tolerance layer on the hooks every rank calls it (its copies are rebuilt)."""
         state_io.check_full_state_dict(self, full)
-        self._call("before_load", True)
+        self._load(state_io.load_full_state_dict, full, full=True)
+
+    def _load(self, load: Callable[[Any, dict], None], sd: dict, full: bool) -> None:
+        # The hooks see a load coming (and may refuse it), then the state it left.
+        self._call("before_load", full)
         self._call("before_write")
-        state_io.load_full_state_dict(self, full)
-        self._call("after_load", full)
+        load(self, sd)
+        self._call("after_load", sd if full else None)

@@ -1,4 +1,4 @@
-"""Saving and restoring a ShardedOptimizer's state: per shard, or whole and per parameter.
+"""Saving, restoring and counting a ShardedOptimizer's state: per shard, or whole and per parameter.
 
 A shard state dict only fits the rank and plan that wrote it; the full state dict is
 keyed by parameter name and can be loaded by any world size or stage (the reshard path).
@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from distopt.optim.group_rules import state_bytes
 
 ShardedOptimizer = Any  # (the optimizer imports this module; naming its class here would be a cycle)
 
@@ -51,6 +53,17 @@ def full_pieces(pieces: list[torch.Tensor], like: list[torch.Tensor]) -> list[to
     """``pieces`` with each empty one (a field its bucket's rule does not keep) replaced by a
     zero view as long as the matching tensor of ``like``; no memory is allocated for it."""
     return [t if t.numel() == p.numel() else p.new_zeros(()).expand(p.numel()) for t, p in zip(pieces, like)]
+
+
+def memory_bytes(opt: ShardedOptimizer) -> dict[str, int]:
+    """Bytes ``opt`` holds, by what they are (see :meth:`ShardedOptimizer.memory_bytes`)."""
+    def size(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+    buckets = opt.grad_buckets.flats() if opt.grad_buckets is not None else []
+    in_buckets = {f.untyped_storage().data_ptr() for f in buckets}
+    return {"params": size(opt.params_flat.flats()), "grads": size(buckets),
+            "grad_shards": size([g for g in opt.grad_shards if g.untyped_storage().data_ptr() not in in_buckets]),
+            "state": state_bytes(opt.shard_state), "packing": opt.reducer.packing_bytes()}
 
 
 def shard_params(opt: ShardedOptimizer) -> torch.Tensor:

@@ -30,3 +30,11 @@ class WorkerLost(TrainingError):
 
 class PlacementError(TrainingError):
     """The cluster cannot hold the requested workers. Ask for fewer or add capacity."""
+
+
+class RunFailed(TrainingError):
+    """The run gave up: past ``max_failures``, or no way to go on. ``failures`` has every record."""
+
+    def __init__(self, message: str, failures: list[dict]) -> None:
+        super().__init__(message)
+        self.failures = failures

@@ -1,8 +1,8 @@
 """The Ray side: worker actors in a placement group, rendezvous through Ray.
 
-The actors (:mod:`distopt.runtime.actor`) sit one per placement-group bundle; this module
-owns who is in the group: spawning, replacing, shrinking, growing back and re-forming
-it. What the actors return is collected against deadlines (:mod:`distopt.runtime.results`),
+The actors (:mod:`distopt.runtime.actor`) sit one per placement-group bundle (reserved by
+:mod:`distopt.runtime.placement`); this module owns who is in the group: spawning,
+replacing, shrinking, growing back and re-forming it. What the actors return is collected against deadlines (:mod:`distopt.runtime.results`),
 so a dead, stopped or failing worker is seen in seconds and never waited on forever.
 """
 from __future__ import annotations
@@ -11,15 +11,15 @@ import logging
 import uuid
 
 import ray
-from ray.exceptions import GetTimeoutError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distopt.ft.redundancy import replica_distance
 from distopt.optim.plan import shard_count
 from distopt.runtime.actor import WorkerActor
 from distopt.runtime.config import TrainConfig
-from distopt.runtime.errors import PlacementError, WorkerLost
+from distopt.runtime.errors import WorkerLost
+from distopt.runtime.placement import reserve
 from distopt.runtime.policy import Outcome, WorkerStatus
 from distopt.runtime.results import gather, get, outcomes
 
@@ -31,7 +31,7 @@ class RayWorkerGroup:
 
     def __init__(self, config: TrainConfig, loopback: bool) -> None:
         self.config, self.loopback = config, loopback
-        self.pg = _place(config)
+        self.pg = reserve(config)
         self.actors: list = []
         self.bundles: list[int] = []  # placement-group bundle of each rank's actor
         self.incarnations = 0
@@ -291,32 +291,3 @@ class RayWorkerGroup:
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
-
-
-
-def _place(config: TrainConfig):
-    bundle = {"CPU": float(config.num_cpus_per_worker)}
-    if config.use_gpu:
-        bundle["GPU"] = 1.0
-    total = ray.cluster_resources()
-    count = config.num_workers + config.spare_workers
-    for key, need in bundle.items():
-        if need * count > total.get(key, 0):
-            raise PlacementError(
-                f"num_workers={config.num_workers} (+ {config.spare_workers} spare) x {bundle} needs "
-                f"{need * count:g} {key}, the cluster has {total.get(key, 0):g}: lower num_workers, spare_workers "
-                f"or the per-worker resources, or add nodes")
-    pg = placement_group([dict(bundle) for _ in range(count)], strategy=config.placement_strategy)
-    try:
-        ray.get(pg.ready(), timeout=config.placement_timeout_s)
-    except GetTimeoutError:
-        remove_placement_group(pg)
-        raise PlacementError(
-            f"{config.num_workers} workers x {bundle} with strategy {config.placement_strategy} could not be placed "
-            f"within {config.placement_timeout_s:g}s (cluster resources {_short(total)}): free resources, use "
-            f"placement_strategy='PACK', or ask for fewer workers") from None
-    return pg
-
-
-def _short(resources: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items() if k in ("CPU", "GPU")) + "}"

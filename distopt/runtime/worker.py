@@ -14,20 +14,20 @@ from typing import Any
 import torch
 
 from distopt.collectives.base import Communicator
-from distopt.collectives.torch_dist import TorchCommunicator
 from distopt.data import Feed
 from distopt.data.feed import to_device
 from distopt.data.sampling import fetch
-from distopt.ft import Redundancy, recovery
+from distopt.ft import Redundancy
 from distopt.optim.hooks import StepHooks
-from distopt.optim.params import plan_params
 from distopt.optim.sharded import ShardedOptimizer
 from distopt.runtime.param_groups import model_groups
 from distopt.runtime.evaluation import EvalReport, eval_batches
 from distopt.runtime.snapshots import Buffers, RunFields, shard_parts, snapshot
 from distopt.runtime.faults import maybe_fire
+from distopt.runtime.outputs import add_metrics, scalar, split_output
 from distopt.runtime.writer_process import make_writer
 from distopt.runtime.config import TrainConfig
+from distopt.runtime.worker_recovery import RankRecovery, join_group
 
 
 @dataclass
@@ -50,11 +50,12 @@ class StepReport:
     position: dict | None = None  # read position after the step (streams; None for map-style data)
 
 
-class Worker:
+class Worker(RankRecovery):
     """One data-parallel rank: model, optimizer shard and the step loop body.
 
     Call order: ``Worker(config, rank, world_size)``, then ``attach(comm)`` (or
     ``connect(host, port)``), then ``run_step(k)`` for each step, identically on every rank.
+    After a failure, ``recover`` or ``rejoin`` (:mod:`distopt.runtime.worker_recovery`).
     """
 
     def __init__(self, config: TrainConfig, rank: int, world_size: int | None = None, incarnation: int = 0,
@@ -78,10 +79,7 @@ class Worker:
         self.optimizer: ShardedOptimizer | None = None
         self.ft: Redundancy | None = None  # the fault-tolerance layer on the optimizer's hooks
         self.replica_distance = 1  # rank r + d holds rank r's replica (chosen by node, see connect)
-        # What this rank held at the last commit (old shard index -> packet), kept through the
-        # attempts of one recovery (its ``episode``), so a recovery cut short by another
-        # failure can be attempted again with the same offer.
-        self._offer: dict[int, torch.Tensor] | None = None
+        self._offer: dict[int, torch.Tensor] | None = None  # what this rank held at the last commit (RankRecovery)
         self._episode: int | None = None
         self._writer = make_writer(self.device, bool(config.checkpoint_dir))
         self._buffers = Buffers()
@@ -95,9 +93,7 @@ class Worker:
         ``local_host`` is the address this rank's transport binds to (its node's IP);
         ``replica_distance`` the group's (:func:`distopt.ft.redundancy.replica_distance`).
         """
-        c = self.config
-        self.attach(TorchCommunicator(self.rank, self.world_size, host, port, c.backend, c.collective_timeout_s,
-                                      group_name=group_name, local_host=local_host or _local_host(host)),
+        self.attach(join_group(self.config, self.rank, self.world_size, host, port, group_name, local_host),
                     replica_distance)
 
     def attach(self, comm: Communicator, replica_distance: int = 1) -> None:
@@ -139,76 +135,6 @@ class Worker:
     def _inject(self, phase: str) -> None:
         maybe_fire(self.config.faults, self.rank, self.incarnation, self._step, phase)
 
-    def recover(self, host: str, port: int, group_name: str, rank: int, world_size: int, committed: int,
-                holder_of: list[int], old_world: int, keep: int | None = None, local_host: str | None = None,
-                episode: int = 0, replica_distance: int = 1) -> None:
-        """Rejoin a re-formed group and return to update ``committed``; a collective.
-
-        Survivors roll back their shard and offer it (and their neighbour's replica); a
-        fresh replacement offers nothing. Every rank then rebuilds the committed parameters
-        and state. The first ``keep`` ranks (all by default) go on in a group of their own
-        and take their shard of the new plan; the others are left idle, to be dropped.
-
-        If another rank fails meanwhile, this raises and may be called again with the same
-        ``episode`` (and a new group and holders): it offers again what it held at the
-        commit, whatever the first attempt got through. A new ``episode`` starts from what
-        the rank holds now. ``holder_of`` names shards by their rank at the commit;
-        ``replica_distance`` is the one the group that goes on uses.
-        """
-        self._inject("recovery")
-        self._writer.freeze()  # the parameters are rewritten below, whatever the optimizer does
-        if self._offer is None or self._episode != episode:  # the first attempt of this recovery
-            self._offer, self._episode = {}, episode
-            if self.optimizer is not None:
-                if self.ft is None:
-                    raise recovery.RecoveryError("a rank without fault tolerance cannot roll back: train with "
-                                                 "max_failures > 0, or restore a checkpoint")
-                self.ft.rollback(committed)
-                self._offer = recovery.packets(self.optimizer, self.ft, self.rank)
-        self._leave_group()
-        self.rank, self.world_size = rank, world_size
-        c = self.config
-        comm = TorchCommunicator(rank, world_size, host, port, c.backend, c.collective_timeout_s,
-                                 group_name=group_name, local_host=local_host or _local_host(host))
-        old = plan_params(self.opt_params(), c.optimizer, old_world, c.zero_stage, c.bucket_bytes, c.last_bucket_bytes)
-        tensors = old.tensors
-        try:
-            params, full = recovery.assemble(comm, old.plan, c.optimizer, old.fields, old.names,
-                                             [t.shape for t in tensors], holder_of, self._offer, committed,
-                                             tensors[0].dtype, tensors[0].device)
-        except Exception:
-            comm.close()  # a peer failed: the group is useless, and its threads and sockets must go
-            raise
-        with torch.no_grad():
-            for name, t in self.params.items():
-                t.copy_(params[name])
-        keep = world_size if keep is None else keep
-        if keep < world_size:
-            # The kept ranks need a group of their own size; rank 0's store serves it too.
-            try:
-                kept = TorchCommunicator(rank, keep, host, port, c.backend, c.collective_timeout_s, store=comm.store,
-                                         group_name=group_name + "/kept") if rank < keep else None
-            finally:
-                comm.close()
-            comm, self.world_size = kept, keep
-        self._drop_optimizer()
-        self.comm, self.replica_distance = comm, replica_distance
-        if comm is not None:
-            self.optimizer = self._optimizer(comm, sync_params=False)
-            self._load_state(full)
-
-    def rejoin(self, host: str, port: int, group_name: str, rank: int, world_size: int,
-               local_host: str | None = None, replica_distance: int = 1) -> None:
-        """Join a re-formed group as ``rank`` of ``world_size`` with nothing to restore from
-        memory; a collective. The caller loads a checkpoint next (:meth:`load`)."""
-        self._inject("recovery")
-        self._writer.freeze()
-        self._offer = None
-        self._leave_group()
-        self._drop_optimizer()
-        self.rank, self.world_size = rank, world_size
-        self.connect(host, port, group_name, local_host, replica_distance)
-
     def run_step(self, step: int, position: dict | None = None) -> StepReport:
         """Compute this rank's gradients for 0-based ``step``, then the sharded update.
 
@@ -232,7 +158,7 @@ class Worker:
             with contextlib.nullcontext() if reduce_now else self.optimizer.no_sync():
                 loss, extra = self._backward(batch, len(chunks))
             losses.append(loss)
-            metrics = _add_metrics(metrics, extra)
+            metrics = add_metrics(metrics, extra)
         compute_s = time.perf_counter() - start - data_s
         self.optimizer.step()
         info = self.optimizer.info
@@ -262,11 +188,10 @@ class Worker:
             self.model.eval()
             try:
                 for index, lo, hi in eval_batches(len(c.eval_data), c.eval_chunk, self.rank, self.world_size):
-                    result = fn(self.model, to_device(fetch(c.eval_data, list(range(lo, hi))), self.device))
-                    y, extra = (result[0], result[1] if len(result) > 1 else {}) if isinstance(result, tuple) \
-                        else (result, {})
-                    out.append((index, hi - lo, {"loss": _scalar(y, "eval loss"),
-                                                 **{k: _scalar(v, f"eval metric {k!r}") for k, v in extra.items()}}))
+                    batch = to_device(fetch(c.eval_data, list(range(lo, hi))), self.device)
+                    y, extra = split_output(fn(self.model, batch))
+                    out.append((index, hi - lo, {"loss": scalar(y, "eval loss"),
+                                                 **{k: scalar(v, f"eval metric {k!r}") for k, v in extra.items()}}))
             finally:
                 self.model.train(was_training)
         batches = [(i, n, {k: float(v) for k, v in values.items()}) for i, n, values in out]  # one device wait
@@ -278,14 +203,14 @@ class Worker:
         # bf16 autocast computes in bf16 from the fp32 master weights; gradients come back fp32.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
             out = self.config.loss(self.model, batch)
-        y, extra = (out[0], out[1] if len(out) > 1 else {}) if isinstance(out, tuple) else (out, {})
+        y, extra = split_output(out)
         if not isinstance(extra, dict):
             raise TypeError(f"loss returned (loss, {type(extra).__name__}): the second item must be a metrics dict")
         if not isinstance(y, torch.Tensor) or not y.requires_grad:
             raise TypeError("the loss must be a tensor computed from the model's parameters (it does not require grad)")
-        loss = _scalar(y, "loss")
+        loss = scalar(y, "loss")
         (y.reshape(()) / micro_batches if micro_batches > 1 else y.reshape(())).backward()
-        return loss, {k: _scalar(v, f"metric {k!r}") for k, v in extra.items()}
+        return loss, {k: scalar(v, f"metric {k!r}") for k, v in extra.items()}
 
     def _write_deadline(self, step: int) -> int:
         # A background write may overlap half a checkpoint interval, then the step waits for
@@ -368,21 +293,4 @@ def device_for(use_gpu: bool, index: int = 0) -> torch.device:
         raise RuntimeError("use_gpu=True but this worker sees no CUDA device: check the node's GPUs and drivers")
     # On Ray, CUDA_VISIBLE_DEVICES holds this worker's one GPU, so index 0 is it.
     return torch.device("cuda", index % torch.cuda.device_count())
-
-
-def _local_host(host: str) -> str | None:
-    return "127.0.0.1" if host in ("127.0.0.1", "localhost") else None
-
-
-def _add_metrics(into: dict, extra: dict) -> dict:
-    return {**into, **{k: into[k] + v if k in into else v for k, v in extra.items()}}
-
-
-def _scalar(v: Any, what: str) -> Any:
-    """A one-element value, left where it is (a device tensor is read once, after the update)."""
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"the {what} has shape {tuple(v.shape)}: return a scalar (e.g. .mean())")
-        return v.detach().reshape(())
-    return float(v)
 

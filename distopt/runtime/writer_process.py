@@ -18,7 +18,8 @@ The shared memory (a memfd both processes map; no /dev/shm size limit applies) h
 snapshot and is kept from one checkpoint to the next: a checkpoint that starts while the
 last one is still being written first waits for it; where each tensor goes in it is
 :mod:`distopt.runtime.host_snapshot`. The writer process's side is
-:mod:`distopt.runtime.writer_main`.
+:mod:`distopt.runtime.writer_main`; starting it and talking to it,
+:mod:`distopt.runtime.writer_channel`.
 """
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ import torch
 
 from distopt.runtime.checkpointing import ShardWriter
 from distopt.runtime.host_snapshot import Placement, SharedMemory, bytes_of, join_runs
+from distopt.runtime.writer_channel import WriterChannel
 from distopt.runtime.writer_main import MESSAGE_BYTES
 
 FIRST_PIECE = 8 * 2**20  # before any piece has measured the rate
 MIN_PIECE, MAX_PIECE = 2**20, 512 * 2**20
 RESERVE_SLACK = 4 * 2**20  # alignment and rank 0's model buffers, beyond the shard
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def available() -> bool:
@@ -68,7 +69,7 @@ class _Lane(NamedTuple):
     end: torch.cuda.Event  # and have landed
 
 
-class ProcessWriter:
+class ProcessWriter(WriterChannel):
     """One rank's background checkpoint writes, done in order by a writer process.
 
     The same calls as :class:`distopt.runtime.checkpointing.ShardWriter`. ``start`` takes
@@ -96,20 +97,6 @@ class ProcessWriter:
         self._layout: Placement | None = None  # the last snapshot's, which the next one is like
         self._inbox = bytearray(MESSAGE_BYTES)
         self._spawn()
-
-    def _spawn(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",  # it must never make a CUDA context
-               "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
-        self._proc = subprocess.Popen([sys.executable, "-m", "distopt.runtime.writer_main", str(theirs.fileno())],
-                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
-        theirs.close()
-        self._sock, self._mapped = ours, False
-
-    @property
-    def pid(self) -> int | None:
-        """The writer process's pid (None once closed)."""
-        return self._proc.pid if self._proc is not None else None
 
     def start(self, root: str, step: int, rank: int, shard: dict | None, model: dict | None,
               fields: dict | None, live: object = None) -> None:
@@ -210,29 +197,6 @@ class ProcessWriter:
     def _landed(self, job: _Job) -> bool:
         return not job.todo and (job.piece is None or job.piece[1].query())
 
-    def _shared(self, size: int, pin: bool) -> SharedMemory:
-        if self._memory is None or self._memory.size < size:
-            if self._memory is not None:
-                self._memory.close()
-            self._memory, self._mapped = SharedMemory(size), False
-        if pin:
-            self._memory.pin()
-        if not self._mapped:
-            self._send(self._packer.pack({"map": self._memory.size}), [self._memory.fd])
-            self._mapped = True
-        return self._memory
-
-    def _send(self, message: bytes, fds: list[int] | None = None) -> bool:
-        try:
-            if fds:
-                socket.send_fds(self._sock, [message], fds)
-            else:
-                self._sock.send(message)
-            return True
-        except OSError:  # the writer process is gone: its jobs fail below
-            self._lost()
-            return False
-
     def _pump(self) -> None:
         """Send the jobs whose copy has landed; collect the records that came back."""
         while self._copying and self._landed(self._copying[0]):
@@ -247,47 +211,6 @@ class ProcessWriter:
             self._writing.append(job)
         else:
             self._fail([job])
-
-    def _receive(self, block: bool) -> bool:
-        # Into memory kept for it: recv(n) allocates n bytes on every call, and a step's check
-        # for a finished write (nothing there) then cost tens of microseconds.
-        try:
-            if block:
-                self._sock.settimeout(1.0)  # wakes to see whether the process still lives
-                n = self._sock.recv_into(self._inbox)
-            else:
-                n = self._sock.recv_into(self._inbox, 0, socket.MSG_DONTWAIT)
-        except (BlockingIOError, socket.timeout):
-            if block and self._proc.poll() is not None:
-                self._lost()
-            return False
-        except OSError:
-            n = 0
-        finally:
-            if block and self._sock is not None:
-                self._sock.settimeout(None)
-        if not n:
-            self._lost()
-            return False
-        data = memoryview(self._inbox)[:n]
-        record = msgpack.unpackb(data)
-        job = self._writing.pop(0)
-        if "model" in record:
-            record["fields"] = job.fields
-        self._done.append(record)
-        return True
-
-    def _lost(self) -> None:
-        code = self._proc.poll() if self._proc is not None else None
-        self._fail(self._writing, f"the checkpoint writer process exited (code {code})")
-        self._writing = []
-        if self._sock is not None:
-            self._sock.close()
-        self._proc, self._sock, self._mapped = None, None, False
-
-    def _fail(self, jobs: list[_Job], why: str = "the checkpoint writer process exited") -> None:
-        for job in jobs:
-            self._done.append({"step": job.step, "rank": job.rank, "error": f"RuntimeError: {why}"})
 
     def _finish(self, which: Callable[[int], bool]) -> None:
         """Wait for the writes of the steps ``which`` picks (and those before them)."""
