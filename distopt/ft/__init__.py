@@ -8,7 +8,8 @@ rebuilds the last commit on a re-formed group.
 """
 from distopt.ft.errors import RecoveryError
 from distopt.ft.recovery import assemble, holders, packets
-from distopt.ft.redundancy import Redundancy, Shard, replica_distance
+from distopt.ft.redundancy import Redundancy, replica_distance
+from distopt.ft.shard import Shard
 from distopt.ft.replica_log import DEPTH, ReplicaLog, check_depth
 from distopt.ft.shared_replica import SharedReplica
 

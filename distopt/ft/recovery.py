@@ -16,7 +16,8 @@ import torch
 from distopt.collectives.base import Communicator
 from distopt.optim.plan import ShardPlan
 from distopt.ft.errors import RecoveryError
-from distopt.ft.redundancy import Redundancy, Shard
+from distopt.ft.redundancy import Redundancy
+from distopt.ft.shard import Shard
 from distopt.optim.rules import Rule
 from distopt.optim.sharded import ShardedOptimizer
 from distopt.optim.state_io import FORMAT

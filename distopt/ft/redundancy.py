@@ -34,10 +34,11 @@ import torch
 
 from distopt.ft.errors import RecoveryError
 from distopt.ft.replica_log import DEPTH, ReplicaLog, check_depth
+from distopt.ft.shard import Shard
 from distopt.ft.shared_replica import SharedReplica
 from distopt.optim.hooks import StepHooks
 from distopt.optim.sharded import ShardedOptimizer
-from distopt.optim.state_io import fill_shard, full_pieces
+from distopt.optim.state_io import fill_shard
 
 
 class Redundancy(StepHooks):
@@ -276,35 +277,3 @@ def replica_distance(nodes: Sequence[Hashable]) -> tuple[int, list[int]]:
         return [r for r in range(world) if nodes[r] == nodes[(r + d) % world]]
     best = min(range(1, world), key=lambda d: (len(shared(d)), d))
     return best, shared(best)
-
-
-class Shard:
-    """Parameters and state of one shard, as lists of per-bucket tensors, at update ``step``."""
-
-    def __init__(self, params: list[torch.Tensor], state, step: int) -> None:
-        self.params, self.state, self.step = params, state, step
-
-    @classmethod
-    def like(cls, params: list[torch.Tensor], opt: ShardedOptimizer) -> "Shard":
-        return cls([torch.empty_like(p) for p in params], opt.init_state(params), -1)
-
-    def copy_from(self, params: list[torch.Tensor], state: dict, step: int) -> None:
-        torch._foreach_copy_(self.params + _kept(self.state), params + _kept(state))
-        self.step = step
-
-    def copy_to(self, params: list[torch.Tensor], state: dict) -> None:
-        torch._foreach_copy_(params + _kept(state), self.params + _kept(self.state))
-
-    def packet(self) -> torch.Tensor:
-        """Parameters then each state field, each as long as the parameters (zeros where a
-        bucket's rule keeps no such field), flattened into one tensor (for a broadcast)."""
-        parts = self.params + [t for ts in self.state.values() for t in full_pieces(ts, self.params)]
-        return torch.cat([t.reshape(-1) for t in parts])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.params + _kept(self.state))
-
-
-def _kept(state: dict) -> list[torch.Tensor]:
-    # Empty tensors stand for fields a bucket's rule does not keep: nothing to copy.
-    return [t for ts in state.values() for t in ts if t.numel()]
