@@ -6,9 +6,9 @@ step benchmark's 6.3M-parameter MLP, Adam:
 * optimizer-state bytes per worker (``ShardedOptimizer.state_bytes()``) against the ideal
   ``8 x P / N`` at zero_stage >= 1; the excess is the plan's zero padding. The in-memory
   redundancy that fault tolerance keeps is reported beside it (``Redundancy.nbytes()``), as
-  across hosts (``shared_memory=False``: snapshot, replica, received gradients) and as on one
-  host (shared memory, ``replica_log_depth`` 4: the copies of the neighbour's shard and the
-  logged gradient shards).
+  across hosts (``shared_memory=False``: the replica, the received gradients, and the copies
+  and gradient log that undo a rank's own update) and as on one host (shared memory: the
+  neighbour's replica, and below stage 2 the gradient shard beside the gradient buckets).
 * bytes each worker sends per step, counted by :class:`CountingComm`, a thin proxy around
   the TorchCommunicator that adds up what each collective sends under the ring algorithm,
   against DDP's ``2(N-1)/N x 4 x P`` (ZeroRedundancyOptimizer's is about 1.5x that).
@@ -89,23 +89,33 @@ def _params(seed: int = 0) -> dict[str, torch.Tensor]:
     """The MLP's parameters by name, as the runtime's Worker passes them (names shape the buckets)."""
     from benchmarks.step_ranks import make_model
     torch.manual_seed(seed)
-    return {n: p.detach().clone() for n, p in make_model().named_parameters()}
+    return {n: p.detach().clone().requires_grad_() for n, p in make_model().named_parameters()}
 
 
 def _one_rank(comm, stage: int, replicate: bool, steps: int, shm: bool) -> dict:
+    import os
+
     import distopt
+    from distopt.ft import Redundancy
     from distopt.optim import ShardedOptimizer
     params = _params()
     counting = CountingComm(comm)
-    opt = ShardedOptimizer(params, distopt.optim.adam(lr=1e-3), counting, zero_stage=stage, replicate=replicate,
-                           shared_memory=shm)
+    opt = ShardedOptimizer(params, distopt.optim.adam(lr=1e-3), counting, zero_stage=stage)
+    red = Redundancy(opt, shared_memory=shm) if replicate else None
+    if replicate and shm and os.environ.get("DISTOPT_SHM", "1") != "0" and stage >= 1 and comm.world_size > 1:
+        assert red.shared, "the in-process ranks share a host: the shared-memory path must have formed"
     g = torch.Generator().manual_seed(comm.rank)
     grads = {n: torch.randn(p.shape, generator=g) * 1e-3 for n, p in params.items()}
-    opt.step(grads)  # not counted: the first step, and the construction's broadcast
+
+    def step() -> None:
+        if red is not None:
+            red.commit(opt.step_count)  # as the worker does before each step
+        opt.step(grads=grads)
+    step()  # not counted: the first step, and the construction's broadcast
     counting.sent.clear()
     for _ in range(steps):
-        opt.step(grads)
-    return {"state_bytes": opt.state_bytes(), "redundancy_bytes": opt.redundancy.nbytes() if replicate else 0,
+        step()
+    return {"state_bytes": opt.state_bytes(), "redundancy_bytes": red.nbytes() if red is not None else 0,
             "sent": {k: v / steps for k, v in counting.sent.items()}, "shard_numel": opt.plan.shard_numel(),
             "buckets": len(opt.plan.layout.buckets)}
 
@@ -137,7 +147,7 @@ def _odd_state(world: int) -> dict:
     comms = in_process(world, timeout_s=60.0)
     try:
         def build(c) -> tuple[int, int]:
-            opt = ShardedOptimizer([torch.zeros(n) for n in ODD_NUMELS], distopt.optim.adam(lr=1e-3), c, zero_stage=1)
+            opt = ShardedOptimizer([torch.zeros(n, requires_grad=True) for n in ODD_NUMELS], distopt.optim.adam(lr=1e-3), c, zero_stage=1)
             return opt.state_bytes(), len(opt.plan.layout.buckets)
         per_rank = run_ranks(comms, build)
     finally:
@@ -227,9 +237,10 @@ def markdown(result: dict) -> str:
         f"(ring accounting; `shift` counts its whole tensor, it goes to one neighbour). DDP sends "
         f"2(N-1)/N x 4P bytes per step. Without redundancy stages 1/2 send DDP's bytes plus the 8-byte "
         f"allreduce of the gradient norm (8 x 2(N-1)/N B); the redundancy's ring `shift` adds 4P/N B. The "
-        f"redundancy is measured as across hosts (`shared_memory=False`); ranks on one host share memory instead "
-        f"(no shift, no snapshot: the last column, which holds (depth + 1)/depth copies of the neighbour's "
-        f"parameters and state and depth - 1 logged gradient shards, depth = `replica_log_depth` = 4).",
+        f"redundancy is measured as across hosts (`shared_memory=False`: the replica, the received gradient shard, "
+        f"and the copies and gradient log that undo a rank's own update, `replica_log_depth` = 4; at stage 0 or "
+        f"N = 1 a snapshot of the shard); ranks on one host share memory instead (no shift: the last column, the "
+        f"neighbour's replica and below stage 2 the gradient shard beside the gradient buckets).",
         md_table(STATE_HEADERS, state_rows(result)),
         f"The plan pads every bucket to a multiple of N x 32 elements, so each rank's shard exceeds P/N by less "
         f"than 32 elements per bucket: less than 8 x 32 = 256 B of Adam state per bucket (the MLP has "
