@@ -53,7 +53,7 @@ def _trainer_trial(name: str, steps: int, warmup: int) -> list[dict]:
 def _start_ray() -> None:
     import ray
     # What Trainer(scaling=ScalingConfig(ray_address=None)) would start, once for every fit instead of once per fit.
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     time.sleep(3.0)  # let the prestarted idle workers finish importing
 

@@ -70,7 +70,7 @@ def run(steps: int, kill_at: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"steps": steps, "kill_at": kill_at, "marker": os.path.join(tmp, "killed"),
                "log": os.path.join(tmp, "steps.jsonl")}
-        ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
         try:
             TorchTrainer(_loop, train_loop_config=cfg,

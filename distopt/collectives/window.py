@@ -1,11 +1,11 @@
 """Buffers ring neighbours on one host map from each other: shared memory instead of sends.
 
-The in-memory redundancy (:mod:`distopt.ft.redundancy`) moves a shard's gradients to
-the rank holding its replica every step, and needs the replica back only after a failure.
-When the two processes run on one host, a file in ``/dev/shm`` that both map replaces the
-transfer: one rank writes its buffer, the other reads it in place, with no copy and no
-socket. A mapping outlives a SIGKILLed process, so what a dead rank wrote stays readable
-to the neighbour that mapped it.
+The in-memory redundancy (:mod:`distopt.ft.redundancy`) needs a shard's gradients on the
+rank holding its replica every step, and the replica on whichever of the two survives a
+failure. When the two processes run on one host, a file in ``/dev/shm`` that both map
+replaces the transfer: one rank writes, the other reads in place, with no copy and no
+socket. A mapping outlives a SIGKILLed process, so what a dead rank wrote (or what was
+written for it) stays readable to the neighbour that mapped it.
 
 Opening is a collective and all-or-nothing: if any rank cannot map its peer's file
 (another host, no ``/dev/shm``, too little room there) every rank gets ``None`` and the

@@ -186,7 +186,9 @@ class _Cluster:
         if self.address is None:
             c = self.config
             workers = c.num_workers + c.spare_workers
-            ray.init(num_cpus=max(1, int(workers * c.num_cpus_per_worker + 0.999)),
+            # address="local": a cluster of its own even where another one (`ray start`, another
+            # job's) already runs on this machine, which a plain init would join.
+            ray.init(address="local", num_cpus=max(1, int(workers * c.num_cpus_per_worker + 0.999)),
                      num_gpus=workers if c.use_gpu else 0, include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
