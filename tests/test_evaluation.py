@@ -84,7 +84,7 @@ def _eval_fn(model, batch):
 
 
 def test_a_worker_killed_during_evaluation_is_recovered_like_in_a_step(ray_cluster):
-    clean = _fit(address=None, eval_data=HELD_OUT, eval_every=4, eval_batch_size=10)
+    clean = _fit(eval_data=HELD_OUT, eval_every=4, eval_batch_size=10)  # in-process: the Ray runtime's bits
     seen = []
 
     class OnFailure(distopt.Callback):
