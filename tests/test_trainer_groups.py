@@ -22,7 +22,7 @@ def _fit(groups, address="local", optimizer=None, steps=STEPS, workers=2, zero_s
         model=make_model, loss=loss, data=make_data(),
         optimizer=optimizer or adam(1e-2, weight_decay=0.1, decoupled=True), global_batch_size=BATCH, param_groups=groups, seed=0, zero_stage=zero_stage,
         scaling=ScalingConfig(num_workers=workers, ray_address=address),
-        failure=FailureConfig(collective_timeout_s=4 if faults else 10, replace_timeout_s=20, faults=faults),
+        failure=FailureConfig(collective_timeout_s=4 if faults else 10, replace_timeout_s=60, faults=faults),
         checkpoint=CheckpointConfig(dir=checkpoint_dir, every=4 if checkpoint_dir else 0, resume_from=resume_from),
         run=RunConfig(log_every=0))
     return trainer.fit(steps=steps)
