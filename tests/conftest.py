@@ -35,7 +35,7 @@ def init_local_ray():
     """Connect to (or start) the session's embedded 2-CPU Ray cluster."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
                  log_to_driver=False, runtime_env=RAY_ENV)
     return ray
 

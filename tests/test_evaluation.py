@@ -32,7 +32,7 @@ def _fit(address="local", workers=2, steps=STEPS, faults=(), callbacks=(), **kw)
     return distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
                            global_batch_size=BATCH, seed=0, **kw,
                            scaling=ScalingConfig(num_workers=workers, ray_address=address),
-                           failure=FailureConfig(collective_timeout_s=5, replace_timeout_s=20, faults=faults),
+                           failure=FailureConfig(collective_timeout_s=5, replace_timeout_s=60, faults=faults),
                            run=RunConfig(log_every=0, callbacks=callbacks)).fit(steps=steps)
 
 
@@ -84,7 +84,7 @@ def _eval_fn(model, batch):
 
 
 def test_a_worker_killed_during_evaluation_is_recovered_like_in_a_step(ray_cluster):
-    clean = _fit(address=None, eval_data=HELD_OUT, eval_every=4, eval_batch_size=10)
+    clean = _fit(eval_data=HELD_OUT, eval_every=4, eval_batch_size=10)  # in-process: the Ray runtime's bits
     seen = []
 
     class OnFailure(distopt.Callback):

@@ -15,13 +15,15 @@ from trainer_task import loss, make_data, make_model
 STEPS = 8
 
 
-def _fit(stage, faults=(), workers=2, cpus=1.0, ckpt=None, out=None, **failure):
+def _fit(stage, faults=(), workers=2, cpus=1.0, ckpt=None, out=None, address=None, **failure):
     """``ckpt``: a checkpoint folder, written every 2 steps; ``failure``: more FailureConfig fields."""
     trainer = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2, weight_decay=0.01),
                               global_batch_size=16, zero_stage=stage, seed=0,
-                              scaling=ScalingConfig(num_workers=workers, cpus_per_worker=cpus),
-                              failure=FailureConfig(collective_timeout_s=4, replace_timeout_s=20, faults=faults,
-                                                    **failure),
+                              scaling=ScalingConfig(num_workers=workers, cpus_per_worker=cpus, ray_address=address),
+                              # A replacement may start slowly on a loaded machine (a timeout here is a
+                              # shrink, not a pass); a hung step fails in a minute, not the 300 s default.
+                              failure=FailureConfig(collective_timeout_s=4, replace_timeout_s=60, step_timeout_s=60,
+                                                    faults=faults, **failure),
                               checkpoint=CheckpointConfig(dir=ckpt, every=2 if ckpt else 0),
                               run=RunConfig(out_dir=out, log_every=0))
     return trainer.fit(steps=STEPS)
@@ -29,55 +31,41 @@ def _fit(stage, faults=(), workers=2, cpus=1.0, ckpt=None, out=None, **failure):
 
 @pytest.fixture(scope="module")
 def clean(ray_cluster):
-    return {stage: _fit(stage) for stage in (1, 2)}
+    # The uninterrupted runs in-process: the same Worker code and the same bits as on Ray
+    # (test_trainer.py::test_ray_runtime_gives_the_in_process_bits), without four actor starts.
+    return {stage: _fit(stage, address="local") for stage in (1, 2)}
 
 
 def _same(a, b):
     return all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-# Each phase once, the stages taking turns: every phase at every stage is killed in-process,
-# bit for bit, by tests/test_recovery.py; these are the same kills as real SIGKILLs on Ray.
-@pytest.mark.parametrize("stage, phase", [(1, "data"), (2, "compute"), (1, "grad_collective"), (2, "shard_update"),
-                                          (1, "param_gather"), (2, "param_gather")])
-def test_sigkill_at_each_phase_costs_no_step_and_no_bit(clean, stage, phase):
+# Each phase killed on Ray, two kills per run (a fault fires in a rank's first process only,
+# so one per rank), ``first`` dying early and the other rank once the group has re-formed.
+# Every phase at every stage is killed in-process, bit for bit, by tests/test_recovery.py.
+@pytest.mark.parametrize("stage, early, late, first", [
+    (1, "data", "param_gather", 1), (2, "compute", "shard_update", 1),
+    (1, "grad_collective", "shard_update", 0), (2, "param_gather", "grad_collective", 0)])
+def test_sigkill_at_each_phase_costs_no_step_and_no_bit(clean, stage, early, late, first):
     t0 = time.monotonic()
-    result = _fit(stage, faults=(Fault(rank=1, step=4, phase=phase),))
+    result = _fit(stage, faults=(Fault(rank=first, step=2, phase=early), Fault(rank=1 - first, step=5, phase=late)))
     assert _same(result, clean[stage]), "recovery changed the final weights"
     assert [h["step"] for h in result.history] == list(range(1, STEPS + 1))
     assert [h["loss"] for h in result.history] == [h["loss"] for h in clean[stage].history]
-    (failure,) = result.failures
-    assert failure["rank"] == 1 and failure["step"] == 5 and failure["action"] == "replace"
-    assert failure["cause"] == "process died"
-    assert time.monotonic() - t0 < 90
+    assert [(f["rank"], f["step"], f["action"], f["cause"]) for f in result.failures] == [
+        (first, 3, "replace", "process died"), (1 - first, 6, "replace", "process died")]
+    assert time.monotonic() - t0 < 120
 
 
-@pytest.mark.parametrize("phase", ["shard_update", "param_gather"])
-def test_sigkill_on_the_across_hosts_path_costs_no_bit_either(clean, phase):
+def test_sigkill_on_the_across_hosts_path_costs_no_bit_either(clean):
     """shared_memory=False: the gradients go with a ring shift and each rank keeps copies of
     its own shard and a gradient log, as between hosts; a rank killed after the updates began
-    is undone from them."""
-    result = _fit(1, faults=(Fault(rank=1, step=4, phase=phase), Fault(rank=0, step=6, phase=phase)),
-                  shared_memory=False)
+    is undone from them. replica_log_depth=2 (a chunk copied every other step, two gradient
+    shards logged), so these undos replay across the log's wrap."""
+    faults = (Fault(rank=1, step=4, phase="shard_update"), Fault(rank=0, step=6, phase="param_gather"))
+    result = _fit(1, faults=faults, shared_memory=False, replica_log_depth=2)
     assert _same(result, clean[1]), "recovery changed the final weights"
     assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (0, 7, "replace")]
-
-
-def test_sigkill_with_a_short_gradient_log_costs_no_bit_either(clean):
-    """Across hosts, replica_log_depth=2: each rank copies a chunk of its own shard every other
-    step and logs only two gradient shards, so the undos after these kills replay across the
-    log's wrap."""
-    result = _fit(1, faults=(Fault(rank=1, step=4, phase="param_gather"), Fault(rank=0, step=6, phase="shard_update")),
-                  replica_log_depth=2, shared_memory=False)
-    assert _same(result, clean[1]), "recovery changed the final weights"
-    assert [(f["rank"], f["step"], f["action"]) for f in result.failures] == [(1, 5, "replace"), (0, 7, "replace")]
-
-
-def test_two_failures_in_one_run(clean):
-    faults = (Fault(rank=0, step=2, phase="grad_collective"), Fault(rank=1, step=5, phase="param_gather"))
-    result = _fit(1, faults=faults)
-    assert _same(result, clean[1])
-    assert [(f["rank"], f["step"]) for f in result.failures] == [(0, 3), (1, 6)]
 
 
 def test_replacement_that_dies_while_starting_means_a_shrink(clean):
@@ -144,7 +132,7 @@ def test_every_worker_lost_without_a_checkpoint_fails_naming_the_fix(ray_cluster
 
 @pytest.fixture(scope="module")
 def clean4(ray_cluster):
-    return _fit(1, workers=4, cpus=0.5)
+    return _fit(1, workers=4, address="local")
 
 
 def test_rank_lost_during_the_recovery_is_recovered_from_memory_too(clean4):
