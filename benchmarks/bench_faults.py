@@ -67,8 +67,9 @@ def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
 
     Per batch size: the median over rounds of (median step on) / (median step off), the
     trials of a round back to back, and the median extra milliseconds; "on" both as here
-    (shared memory between the two ranks, ``replica_log_depth`` 4 and 8) and as across hosts
-    (``shared_memory=False``: a ring shift of the gradients, a snapshot and a replay per step).
+    (shared memory between the two ranks; ``replica_log_depth`` 8 there changes nothing, a repeat)
+    and as across hosts (``shared_memory=False``: a ring shift of the gradients, a replay and a
+    copy of 1/depth of the own shard per step).
     """
     from distopt.collectives import free_port
     variants = ("f0", "f3", "f3-d8", "f3-noshm")
@@ -191,9 +192,9 @@ def markdown(result: dict) -> str:
         f"each per round, back to back: {o['on_ms']:.1f} ms vs {o['off_ms']:.1f} ms median step; the median of the "
         f"rounds' ratios is {o['ratio']:.3f}x (rounds: "
         f"{', '.join(f'{x:.3f}' for x in o.get('round_ratios', [])) or 'not recorded'}). The redundancy's own "
-        f"work shows in `update_s` (the update, and any wait for the copy of a quarter of the worker's shard into "
-        f"the file its holder maps, which a background thread makes between the end of one step and the next "
-        f"step's gradient-norm allreduce, overlapping the return to the controller): "
+        f"work shows in `update_s` and `comm_s` (the replay of the neighbour's committed update onto its replica, "
+        f"which a background thread runs from the commit, at the start of a step, to the step's first gradient "
+        f"reduction, which waits for it): "
         f"{o.get('extra_update_ms', float('nan')):.2f} ms more per step with it on (median over rounds), while whole "
         f"steps move by several ms from run to run on this shared machine. Rank 1 killed "
         f"(SIGKILL) at step {KILL_AT + 1}; the gap is the time between the commits around the failure, a normal "
@@ -217,11 +218,11 @@ def markdown(result: dict) -> str:
             "The redundancy's cost as the step computes more: the same MLP on the runtime (2 rank processes, no "
             "Ray), stage 1, redundancy off, on, and on as across hosts, back to back in each round; per batch "
             "size the median over rounds of the ratio and of the extra milliseconds. Here the two ranks share a "
-            "host, so the redundancy goes through shared memory (distopt/ft/replica_log.py): what is left "
-            "per step is each rank's copy of 1/depth of its shard where its holder reads it (`replica_log_depth`, 4 by "
-            "default; the depth-8 column logs twice the gradient shards to copy half as much), on a background "
-            "thread since 29fdfb5: here the steps follow each other with no round trip to a controller, so it "
-            "runs beside the next forward pass. Across hosts "
+            "host, so the redundancy goes through shared memory (distopt/ft/shared_replica.py): each rank "
+            "replays its neighbour's committed update onto the replica in the neighbour's window, on a background "
+            "thread that runs beside the next forward pass (here the steps follow each other with no round trip to "
+            "a controller); `replica_log_depth` does not apply on one host, so the depth-8 column repeats the "
+            "default one (a measure of the noise). Across hosts "
             "(`DISTOPT_SHM=0` gives that path on one host) each step ships the shard's gradients with a ring "
             "shift and replays the neighbour's update, and each rank copies 1/depth of its own shard (to undo "
             "its own update, also on the background thread; a snapshot of the whole shard before each update "
