@@ -3,7 +3,6 @@ refused callbacks, and the built-in TensorBoard and MLflow loggers read back wit
 from __future__ import annotations
 
 import pytest
-import torch
 
 import distopt
 from distopt import CheckpointConfig, RunConfig, ScalingConfig

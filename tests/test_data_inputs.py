@@ -7,7 +7,7 @@ import torch
 
 import distopt
 from grouped import grouped
-from distopt.data import DataError, Feed, kind_of, record_order, shards
+from distopt.data import Feed, kind_of, record_order, shards
 from distopt.data.sources import ShardSource
 from distopt.optim import adam
 from distopt.runtime.errors import WorkerError
