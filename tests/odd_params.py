@@ -21,6 +21,31 @@ def grads_of(step: int, rank: int) -> dict[str, torch.Tensor]:
     return {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
 
 
+def run_committed(world: int, steps: int, rule, stage: int = 1, clip: float | None = None, redundancy=None):
+    """Each rank's parameters, optimizer and redundancy (``redundancy(opt)``, or None) after
+    ``steps`` steps of ``grads_of`` on ``world`` in-process ranks, each but the last committed
+    (as the worker commits before a step)."""
+    from distopt.collectives import in_process, run_ranks
+    from distopt.optim import ShardedOptimizer
+
+    def body(comm):
+        params = init_params()
+        opt = ShardedOptimizer(params, rule(), comm, zero_stage=stage, bucket_bytes=512, max_grad_norm=clip)
+        red = redundancy(opt) if redundancy is not None else None
+        for k in range(steps):
+            if red is not None:
+                red.commit(opt.step_count)
+            opt.step(grads=grads_of(k, comm.rank))
+        return params, opt, red
+    return run_ranks(in_process(world, timeout_s=10), body)
+
+
+def same_shard(params, state, opt) -> bool:
+    """``params`` and ``state`` (per-bucket lists) equal ``opt``'s live shard, bit for bit."""
+    return all(torch.equal(x, y) for x, y in zip(params, opt.shard_params)) and \
+        all(torch.equal(x, y) for mine, theirs in zip(state.values(), opt.shard_state.values()) for x, y in zip(mine, theirs))
+
+
 class TiedModel(torch.nn.Module):
     """Buffers, a frozen parameter and a weight shared by two layers: state-dict keys that
     are not one-to-one with the optimizer's parameters."""

@@ -10,7 +10,7 @@ from distopt.ft import RecoveryError, Redundancy
 from distopt.ft.replica_log import ALIGN, chunk_pieces
 from distopt.optim import ShardedOptimizer, adam, muon, sgd
 
-from odd_params import grads_of as _grads, init_params as _init
+from odd_params import init_params as _init, run_committed, same_shard as _same_shard
 
 
 @pytest.fixture(autouse=True)
@@ -22,21 +22,7 @@ def across_hosts(monkeypatch):
 def _run(world, steps, depth, rule=lambda: adam(1e-2, weight_decay=0.05), replicate=True, clip=None, stage=1):
     """Each rank's parameters, optimizer and redundancy (None without ``replicate``) after
     ``steps`` steps, each but the last committed (as the worker commits before a step)."""
-    def body(comm):
-        params = _init()
-        opt = ShardedOptimizer(params, rule(), comm, zero_stage=stage, bucket_bytes=512, max_grad_norm=clip)
-        red = Redundancy(opt, log_depth=depth) if replicate else None
-        for k in range(steps):
-            if red is not None:
-                red.commit(opt.step_count)
-            opt.step(grads=_grads(k, comm.rank))
-        return params, opt, red
-    return run_ranks(in_process(world, timeout_s=10), body)
-
-
-def _same_shard(a_params, a_state, opt) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a_params, opt.shard_params)) and \
-        all(torch.equal(x, y) for mine, theirs in zip(a_state.values(), opt.shard_state.values()) for x, y in zip(mine, theirs))
+    return run_committed(world, steps, rule, stage, clip, (lambda opt: Redundancy(opt, log_depth=depth)) if replicate else None)
 
 
 @pytest.mark.parametrize("sizes,depth", [([1000], 4), ([130, 7, 4096, 64], 3), ([10, 20], 8), ([5000], 1)])

@@ -9,7 +9,7 @@ from distopt.collectives import in_process, run_ranks
 from distopt.ft import RecoveryError, Redundancy
 from distopt.optim import ShardedOptimizer, adam, muon, sgd
 
-from odd_params import grads_of as _grads, init_params as _init
+from odd_params import grads_of as _grads, init_params as _init, run_committed, same_shard as _same_shard
 
 RULES = {"adamw_clipped": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
          "adam_l2": lambda: adam(1e-2, weight_decay=0.05),
@@ -19,21 +19,7 @@ RULES = {"adamw_clipped": lambda: adam(1e-2, weight_decay=0.05, decoupled=True),
 def _run(world, steps, rule="adam_l2", replicate=True, stage=1, clip=0.01):
     """Each rank's parameters, optimizer and redundancy (None without ``replicate``) after
     ``steps`` steps, each but the last committed (as the worker commits before a step)."""
-    def body(comm):
-        params = _init()
-        opt = ShardedOptimizer(params, RULES[rule](), comm, zero_stage=stage, bucket_bytes=512, max_grad_norm=clip)
-        red = Redundancy(opt) if replicate else None
-        for k in range(steps):
-            if red is not None:
-                red.commit(opt.step_count)
-            opt.step(grads=_grads(k, comm.rank))
-        return params, opt, red
-    return run_ranks(in_process(world, timeout_s=10), body)
-
-
-def _same_shard(params, state, opt) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(params, opt.shard_params)) and \
-        all(torch.equal(x, y) for mine, theirs in zip(state.values(), opt.shard_state.values()) for x, y in zip(mine, theirs))
+    return run_committed(world, steps, RULES[rule], stage, clip, Redundancy if replicate else None)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -50,7 +36,7 @@ def test_the_replica_in_the_owners_window_is_the_owner_at_the_commit(rule, stage
         assert rep.step == 9 and _same_shard(rep.params, rep.state, kept[(r - 1) % 3][1])
         # The owner sees the same memory: its window holds what its holder wrote.
         own = kept[(r - 1) % 3][2].window.own
-        assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(own.params, rep.params))
+        assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(own.replica.params, rep.params))
 
 
 def test_the_replay_runs_beside_the_next_step_and_ends_before_its_first_reduction():

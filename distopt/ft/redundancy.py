@@ -38,7 +38,6 @@ from distopt.ft.shard import Shard
 from distopt.ft.shared_replica import SharedReplica
 from distopt.optim.hooks import StepHooks
 from distopt.optim.sharded import ShardedOptimizer
-from distopt.optim.state_io import fill_shard
 
 
 class Redundancy(StepHooks):
@@ -101,32 +100,24 @@ class Redundancy(StepHooks):
         """The rank whose shard this rank replicates."""
         return (self.opt.comm.rank - self.distance) % self.opt.comm.world_size
 
-    def reset_replica(self) -> None:
-        """Start the redundancy afresh from the (identical everywhere) parameters: the left
-        neighbour's replica is its slice of them with zero state; across hosts on CPU this
-        rank's copies of its own shard too."""
+    def reset_replica(self, full: dict | None = None) -> None:
+        """Start the redundancy afresh: the left neighbour's replica is its slice of the
+        parameters (identical everywhere) with zero state, or with its slice of the full
+        state dict ``full`` just loaded; across hosts on CPU this rank's copies of its own shard too."""
         if self.shared:
-            self.window.reset(self.opt.step_count)
+            self.window.reset(self.opt.step_count, full)
         if self.replica is None:
             return
         if self.own_log is not None:
             self.own_log.reset(self.opt.step_count)
-        ranges = self.opt.plan.ranges(self.left)
-        torch._foreach_copy_(self.replica.params, [self.opt.params_flat.range(s, e) for s, e in ranges])
-        for field in self.replica.state.values():
-            for t in field:
-                t.zero_()
+        self.replica.fill(self.opt, self.left, full)
         self.replica.step = self.opt.step_count
 
     def load_full(self, full: dict) -> None:
         """After a full-state load: the replica is the left neighbour's slice of it, committed."""
         self.live_step = self.opt.step_count
         self.pending_step = None
-        if self.shared:
-            self.window.load(full, self.opt.step_count)
-        elif self.sharded:
-            self.reset_replica()  # (the own log's base takes the state just loaded)
-            fill_shard(self.opt, full, self.left, self.replica.state)
+        self.reset_replica(full)
 
     def before_load(self, full: bool) -> None:
         """Hook: refuse a shard state dict where the state is sharded: a rank's own shard
@@ -202,15 +193,11 @@ class Redundancy(StepHooks):
             self._timed(self.own_log.refresh, committed)
             self.own_log.bind(committed)
         if self.pending_step is not None and self.pending_step <= committed:
-            t0 = time.perf_counter()
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
-            step, rep = self.pending_step, self.replica
-            self.opt.rules.apply(step, range(len(rep.params)), rep.params, self.pending, rep.state, self.pending_scale,
-                                 self.left)
-            self.replica.step, self.pending_step = step, None
-            self.replay_s += time.perf_counter() - t0
+            self._timed(self.replica.replay, self.opt, self.pending_step, self.pending, self.pending_scale, self.left)
+            self.pending_step = None
 
     def rollback(self, committed: int) -> None:
         """Return the live shard and the replica to update ``committed`` (a failed step is
@@ -246,7 +233,7 @@ class Redundancy(StepHooks):
     def replica_at_commit(self) -> "Shard":
         """The left neighbour's shard as of the last commit."""
         if self.shared:
-            return Shard(*self.window.replica(self.opt.step_count), self.opt.step_count)
+            return self.window.replica(self.opt.step_count)
         self.commit(self.opt.step_count)
         return self.replica
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from distopt.optim.sharded import ShardedOptimizer
-from distopt.optim.state_io import full_pieces
+from distopt.optim.state_io import fill_shard, full_pieces
 
 
 class Shard:
@@ -23,6 +23,22 @@ class Shard:
 
     def copy_to(self, params: list[torch.Tensor], state: dict) -> None:
         torch._foreach_copy_(params + _kept(state), self.params + _kept(self.state))
+
+    def fill(self, opt: ShardedOptimizer, rank: int, full: dict | None = None) -> None:
+        """Become shard ``rank``'s slice of ``opt``'s parameters (the same on every rank), with
+        zero state, or with ``rank``'s slice of the full state dict ``full``."""
+        torch._foreach_copy_(self.params, [opt.params_flat.range(s, e) for s, e in opt.plan.ranges(rank)])
+        if full is None:
+            for t in _kept(self.state):
+                t.zero_()
+        else:
+            fill_shard(opt, full, rank, self.state)
+
+    def replay(self, opt: ShardedOptimizer, step: int, grads: list[torch.Tensor], scale: float, rank: int) -> None:
+        """Apply update ``step`` as shard ``rank``'s owner did: same gradients, clipping
+        factor and hyperparameters, so the same bits."""
+        opt.rules.apply(step, range(len(self.params)), self.params, grads, self.state, scale, rank)
+        self.step = step
 
     def packet(self) -> torch.Tensor:
         """Parameters then each state field, each as long as the parameters (zeros where a

@@ -32,15 +32,13 @@ so it overlaps the data loading and the forward pass.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Callable
-
 import torch
 
 from distopt.collectives.window import Window, carve, open_window
 from distopt.ft.errors import RecoveryError
 from distopt.ft.replica_log import background
+from distopt.ft.shard import Shard
 from distopt.optim.sharded import ShardedOptimizer
-from distopt.optim.state_io import fill_shard
 
 _HEAD = 64  # bytes: replica's update, logged gradients' update (int64), their clipping factor (float64)
 
@@ -54,12 +52,13 @@ class _Area:
         n, item = sum(lay.sizes), lay.dtype.itemsize
         self.grad = carve(buf, lay.dtype, [n], offset=_HEAD)[0]
         self.grads = list(self.grad.split(lay.sizes))
-        self.params = carve(buf, lay.dtype, lay.sizes, offset=_HEAD + n * item)
-        offset, self.state = _HEAD + 2 * n * item, {}
+        offset, state = _HEAD + 2 * n * item, {}
         for k, name in enumerate(lay.names):
             sizes = [n_b if kept[k] else 0 for n_b, kept in zip(lay.sizes, lay.kept)]
-            self.state[name] = carve(buf, lay.dtype, sizes, offset=offset)
+            state[name] = carve(buf, lay.dtype, sizes, offset=offset)
             offset += sum(sizes) * item
+        # (Its ``step`` is this process's; the one both ranks trust is ``steps[0]``.)
+        self.replica = Shard(carve(buf, lay.dtype, lay.sizes, offset=_HEAD + n * item), state, -1)
 
     @property
     def replica_step(self) -> int:
@@ -133,36 +132,26 @@ class SharedReplica:
 
     def _apply(self, step: int) -> None:
         area = self.left
-        self.opt.rules.apply(step, range(len(area.params)), area.params, area.grads, area.state, float(area.scale[0]),
-                             self.left_rank)
+        area.replica.replay(self.opt, step, area.grads, float(area.scale[0]), self.left_rank)
         area.steps[0] = step  # after the replay: a holder killed mid-replay leaves the old number
 
     # --- set-up and recovery -------------------------------------------------------
-    def reset(self, step: int) -> None:
-        """The left neighbour's replica is its slice of the parameters (the same on every
-        rank), with zero state, at ``step``."""
+    def reset(self, step: int, full: dict | None = None) -> None:
+        """The left neighbour's replica at ``step``: its slice of the parameters (the same on
+        every rank) with zero state, or with its slice of the full state dict ``full`` that
+        every rank just loaded."""
         self.settle()
-        self._fill_params(step, lambda: [t.zero_() for ts in self.left.state.values() for t in ts])
-
-    def load(self, full: dict, step: int) -> None:
-        """After every rank loaded the full state dict ``full``: the replica is the left
-        neighbour's slice of it."""
-        self.settle()
-        self._fill_params(step, lambda: fill_shard(self.opt, full, self.left_rank, self.left.state))
-
-    def _fill_params(self, step: int, fill_state: Callable[[], object]) -> None:
         self.left.steps[0] = -1  # a rank killed below leaves no replica that looks complete
-        ranges = self.opt.plan.ranges(self.left_rank)
-        torch._foreach_copy_(self.left.params, [self.opt.params_flat.range(s, e) for s, e in ranges])
-        fill_state()
-        self.left.steps[0] = step
+        self.left.replica.fill(self.opt, self.left_rank, full)
+        self.left.steps[0] = self.left.replica.step = step
         self.bind()
 
-    def replica(self, committed: int) -> tuple[list[torch.Tensor], dict]:
+    def replica(self, committed: int) -> Shard:
         """The left neighbour's shard at ``committed`` (views of its window)."""
         self.commit(committed)
         self.settle()
-        return self.left.params, self.left.state
+        self.left.replica.step = committed
+        return self.left.replica
 
     def undo(self, committed: int) -> None:
         """Return this rank's live shard to ``committed`` from the replica its holder keeps."""
@@ -170,10 +159,7 @@ class SharedReplica:
         if have != committed:
             raise RecoveryError(f"rank {self.opt.comm.rank}'s replica holds update {have}, not the commit "
                                 f"{committed}: it cannot undo its update")
-        pairs = [(live, kept) for live, kept in zip(self.opt.shard_params, self.own.params)]
-        pairs += [(live, kept) for f in self.lay.names for live, kept in zip(self.opt.shard_state[f], self.own.state[f])
-                  if kept.numel()]
-        torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
+        self.own.replica.copy_to(self.opt.shard_params, self.opt.shard_state)
 
     def nbytes(self) -> int:
         """Memory this rank's redundancy touches beyond what it has without: the replica it
