@@ -114,6 +114,45 @@ def recovery(steps: int, spare: int) -> dict:
             "steps_redone": 1}
 
 
+class _Starter:
+    """A Ray actor that only imports what a distopt worker imports: its start is the floor
+    of a cold replacement (a worker process, then torch, Ray and distopt)."""
+
+    def __init__(self) -> None:
+        import importlib
+        importlib.import_module("distopt.runtime.actor")  # what a WorkerActor's process imports
+
+    def ready(self) -> bool:
+        return True
+
+
+def actor_start(rounds: int) -> float:
+    """Median seconds from asking Ray for a fresh 1-CPU actor to its first answer, on a
+    cluster started as the Trainer starts its own, once two actors (the group's workers)
+    have taken the worker processes Ray starts ahead."""
+    import time
+    import ray
+    from distopt.runtime.trainer import _import_paths
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
+    try:
+        starter = ray.remote(_Starter)
+        group = [starter.options(num_cpus=0.5).remote() for _ in range(2)]
+        ray.get([a.ready.remote() for a in group])
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            a = starter.options(num_cpus=1).remote()
+            ray.get(a.ready.remote())
+            times.append(time.perf_counter() - t0)
+            ray.kill(a)
+            time.sleep(0.5)  # its CPU returns to the pool
+        return median(times)
+    finally:
+        ray.shutdown()
+
+
 def checkpoint_stall(steps: int) -> dict:
     """Step time of the steps that take a checkpoint (every 10th) against the steps just
     before each (the goal row: :func:`paired_ratio`, so drift over the run cancels), and
@@ -142,6 +181,7 @@ def run(quick: bool = False) -> dict:
     result = {"overhead": overhead(1 if quick else 9, 15 if quick else 30),
               "by_batch": overhead_by_batch(2 if quick else 5, 4 if quick else 10),
               "cold": recovery(steps, 0), "warm": recovery(steps, 1),
+              "actor_start_s": actor_start(3 if quick else 5),
               # 8 or 20 checkpoint steps to compare: one slow step among 5 swung the median
               "checkpoint": checkpoint_stall(80 if quick else 200),
               "ray_train": ray_train_peer.run(steps, KILL_AT)}
@@ -155,7 +195,8 @@ def run(quick: bool = False) -> dict:
     return result
 
 
-HEADERS = ["run", "detect s", "replace s", "restore s", "redo s", "gap s", "steps redone", "checkpoint stall"]
+HEADERS = ["run", "detect s", "replace s", "a fresh actor's start s", "restore s", "redo s", "gap s", "steps redone",
+           "checkpoint stall"]
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -163,11 +204,13 @@ def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for name, key in (("distopt, cold replacement", "cold"), ("distopt, spare_workers=1", "warm")):
         r = result[key]
-        rows.append([name, f"{r['detect_s']:.2f}", f"{r['replace_s']:.2f}", f"{r['restore_s']:.2f}",
+        start = result.get("actor_start_s") if key == "cold" else None
+        rows.append([name, f"{r['detect_s']:.2f}", f"{r['replace_s']:.2f}", "" if start is None else f"{start:.2f}",
+                     f"{r['restore_s']:.2f}",
                      f"{r['redo_s']:.2f}", f"{r['gap_s']:.2f}", r["steps_redone"],
                      f"{result['checkpoint']['ratio']:.2f}x (background)"])
     t = result["ray_train"]
-    rows.append(["Ray Train TorchTrainer (DDP, checkpoint every 10)", "", "", "", "", f"{t['gap_s']:.2f}",
+    rows.append(["Ray Train TorchTrainer (DDP, checkpoint every 10)", "", "", "", "", "", f"{t['gap_s']:.2f}",
                  t["steps_redone"], f"{t['checkpoint_stall_ratio']:.2f}x (synchronous)"])
     return rows
 
@@ -198,7 +241,10 @@ def markdown(result: dict) -> str:
         f"{o.get('extra_update_ms', float('nan')):.2f} ms more per step with it on (median over rounds), while whole "
         f"steps move by several ms from run to run on this shared machine. Rank 1 killed "
         f"(SIGKILL) at step {KILL_AT + 1}; the gap is the time between the commits around the failure, a normal "
-        f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms.",
+        f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms. A cold replacement is a new Ray actor: a worker "
+        f"process that imports torch, Ray and distopt before it builds anything; the start of such an actor "
+        f"alone, on a cluster like the Trainer's, in the same run (median of 5, `actor_start`) is the column "
+        f"beside `replace s`, the floor of a cold recovery on this machine; a warm spare has it behind it.",
         f"Checkpoint every 10 steps ({c.get('checkpoints', 11)} of them): the step that takes one starts a thread "
         f"that reads each worker's state shard and slice of the weights (about 38 MB) in place; only what it has "
         f"not read when the next update comes is copied (distopt/runtime/live_shard.py). That step "

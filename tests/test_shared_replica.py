@@ -39,33 +39,30 @@ def test_the_replica_in_the_owners_window_is_the_owner_at_the_commit(rule, stage
         assert all(a.data_ptr() != b.data_ptr() and torch.equal(a, b) for a, b in zip(own.replica.params, rep.params))
 
 
-def test_the_replay_runs_beside_the_next_step_and_ends_before_its_first_reduction():
-    """Committing starts the replay on the background thread; the next step's first
-    reduction waits for it, so the holder never sends a part of that step before its
-    neighbour's gradients were read."""
-    seen = {}
+def test_the_commit_is_replayed_before_the_owner_can_overwrite_its_gradients():
+    """The holder replays update 3 when it commits, before it sends any part of step 4's
+    reduction; so its replica is the owner at 3 even when the owner commits and starts
+    step 4 first (its reduce-scatter into the window then waits for the holder)."""
+    import time
 
     def body(comm):
-        params = _init()
-        opt = ShardedOptimizer(params, RULES["adam_l2"](), comm, zero_stage=2, bucket_bytes=512)
+        opt = ShardedOptimizer(_init(), RULES["adam_l2"](), comm, zero_stage=2, bucket_bytes=512)
         red = Redundancy(opt)
         for k in range(3):
             red.commit(opt.step_count)
             opt.step(grads=_grads(k, comm.rank))
+        at_3 = [t.clone() for t in opt.shard_params + [t for ts in opt.shard_state.values() for t in ts]]
+        if comm.rank == 1:
+            time.sleep(0.3)  # rank 0 commits, and reduces step 4 as far as it can, first
         red.commit(3)
-        seen[comm.rank, "replaying"] = red.window._replay is not None
-        original = red.window.settle
-
-        def settle():
-            seen[comm.rank, "settled at"] = red.window.left.replica_step if red.window._replay is not None else None
-            original()
-        red.window.settle = settle
         opt.step(grads=_grads(3, comm.rank))
-        return red
-    reds = run_ranks(in_process(2, timeout_s=10), body)
-    for r, red in enumerate(reds):
-        assert seen[r, "replaying"] and (r, "settled at") in seen
-        assert red.window.left.replica_step == 3 and red.window._replay is None
+        return red, at_3
+    (red0, at_3), (red1, _) = run_ranks(in_process(2, timeout_s=10), body)
+    replica = red1.window.left.replica  # rank 1 holds rank 0's replica
+    assert red1.window.left.replica_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(at_3, replica.params + [t for ts in replica.state.values()
+                                                                      for t in ts]))
+    assert red0.window.own.replica_step == 3 and int(red0.window.own.steps[1]) == 4
 
 
 def test_gradients_are_reduced_into_the_window_and_the_state_stays_private():

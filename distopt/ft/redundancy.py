@@ -10,7 +10,7 @@ On one host (CPU) the replica lives in ``r``'s shared memory, where both ranks r
 (:mod:`distopt.ft.shared_replica`): the holder replays ``r``'s committed update on it from
 the gradients ``r`` reduced there, and ``r`` undoes an update that never committed by
 copying it back. Per element of a shard that costs the replica (12 bytes for fp32 Adam)
-and one replay of the neighbour's update per step, beside the next forward pass.
+and one replay of the neighbour's update per step, when the commit arrives.
 
 Across hosts the holder receives ``r``'s averaged gradient shard of the step in flight
 with one ring shift, with its clipping factor, and replays it onto its private replica
@@ -132,12 +132,6 @@ class Redundancy(StepHooks):
         if full_state is not None:
             self.load_full(full_state)
 
-    def before_reduce(self, step: int) -> None:
-        """Hook: on one host, the replay of the last commit is done before this rank sends any
-        part of this step's reduction (so before its neighbour overwrites the gradients it reads)."""
-        if self.shared:
-            self._timed(self.window.settle)
-
     def grads_reduced(self, step: int) -> None:
         """Hook: finish the background copies before the gradient-norm allreduce, so before
         the update that changes the shard they read (see :meth:`settle`)."""
@@ -171,12 +165,10 @@ class Redundancy(StepHooks):
             self._timed(self.own_log.copy_ahead, step)
 
     def settle(self) -> None:
-        """Finish the work running beside the step (copies, a replay); before anything reads
-        or changes what it uses."""
+        """Finish the copies running beside the step (across hosts on CPU); before anything
+        reads or changes what they use."""
         if self.own_log is not None:
             self._timed(self.own_log.settle)
-        if self.shared:
-            self._timed(self.window.settle)
 
     def _timed(self, fn, *args) -> None:
         t0 = time.perf_counter()
@@ -185,7 +177,7 @@ class Redundancy(StepHooks):
 
     def commit(self, committed: int) -> None:
         """Every rank finished update ``committed``: replay the neighbour's update on its
-        replica (on one host in the background, until this rank's next reduction)."""
+        replica."""
         if self.shared:
             self._timed(self.window.commit, committed)
             return

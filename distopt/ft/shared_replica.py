@@ -21,22 +21,21 @@ to undo an update.
 
 Why the holder's reads are never torn: ``r`` writes its gradient shard only through the
 reduce-scatter of its next step, whose result it assembles once every peer has sent its
-part, the holder included, and the holder sends its first part of step ``c + 1`` only
-after it has replayed update ``c`` (:meth:`SharedReplica.settle` runs before the first
-reduction of a step). ``r`` reads its replica only after a failure, when it holds an
-update past the commit: it then passed that reduction, so the replica holds the commit.
+part, the holder included; the holder replays update ``c`` when it learns that ``c``
+committed, at the start of its step ``c + 1``, before it sends any part of that step's
+reduction. ``r`` reads its replica only after a failure, when it holds an update past the
+commit: it then passed that reduction, so the replica holds the commit.
 
-The replay runs on a background thread from the commit to the next step's first reduction,
-so it overlaps the data loading and the forward pass.
+The replay runs on the training thread, when the commit arrives: with the thread pool the
+step has (a background thread beside the forward pass measured no faster on CPUs the ranks
+keep busy, and made two thread teams share the cores; ``benchmarks/NOTES.md``).
 """
 from __future__ import annotations
 
-from concurrent.futures import Future
 import torch
 
 from distopt.collectives.window import Window, carve, open_window
 from distopt.ft.errors import RecoveryError
-from distopt.ft.replica_log import background
 from distopt.ft.shard import Shard
 from distopt.optim.sharded import ShardedOptimizer
 
@@ -89,7 +88,6 @@ class SharedReplica:
         self.left_rank = (opt.comm.rank - distance) % opt.comm.world_size
         self.own = _Area(window.mine, lay)
         self.left = _Area(window.peer, lay)
-        self._replay: Future | None = None
 
     @classmethod
     def open(cls, opt: ShardedOptimizer, distance: int) -> "SharedReplica | None":
@@ -110,19 +108,13 @@ class SharedReplica:
 
     def commit(self, committed: int) -> None:
         """Update ``committed`` has committed everywhere: replay it on the left neighbour's
-        replica, in the background (:meth:`settle` waits for it)."""
-        self.settle()
+        replica (nothing to do when the replica already holds it)."""
         if self.left.replica_step == committed:
             return
         self._check_logged(committed)
-        self._replay = background().submit(self._apply, committed)
-
-    def settle(self) -> None:
-        """Wait for the replay: before this rank's first reduction of a step, and before the
-        replica is read, reset or loaded."""
-        if self._replay is not None:
-            job, self._replay = self._replay, None
-            job.result()
+        area = self.left
+        area.replica.replay(self.opt, committed, area.grads, float(area.scale[0]), self.left_rank)
+        area.steps[0] = committed  # after the replay: a holder killed mid-replay leaves the old number
 
     def _check_logged(self, step: int) -> None:
         have, logged = self.left.replica_step, int(self.left.steps[1])
@@ -130,17 +122,11 @@ class SharedReplica:
             raise RecoveryError(f"replica of rank {self.left_rank} holds update {have} and its logged gradients are "
                                 f"update {logged}: cannot replay update {step}")
 
-    def _apply(self, step: int) -> None:
-        area = self.left
-        area.replica.replay(self.opt, step, area.grads, float(area.scale[0]), self.left_rank)
-        area.steps[0] = step  # after the replay: a holder killed mid-replay leaves the old number
-
     # --- set-up and recovery -------------------------------------------------------
     def reset(self, step: int, full: dict | None = None) -> None:
         """The left neighbour's replica at ``step``: its slice of the parameters (the same on
         every rank) with zero state, or with its slice of the full state dict ``full`` that
         every rank just loaded."""
-        self.settle()
         self.left.steps[0] = -1  # a rank killed below leaves no replica that looks complete
         self.left.replica.fill(self.opt, self.left_rank, full)
         self.left.steps[0] = self.left.replica.step = step
@@ -149,7 +135,6 @@ class SharedReplica:
     def replica(self, committed: int) -> Shard:
         """The left neighbour's shard at ``committed`` (views of its window)."""
         self.commit(committed)
-        self.settle()
         self.left.replica.step = committed
         return self.left.replica
 

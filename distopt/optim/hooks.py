@@ -15,10 +15,6 @@ class StepHooks:
     def phase(self, name: str, step: int) -> None:
         """Entering ``"grad_collective"``, ``"shard_update"`` or ``"param_gather"``."""
 
-    def before_reduce(self, step: int) -> None:
-        """The first gradient bucket of ``step`` is about to be reduced (while the last backward
-        runs, or in ``step()``): the gradient shards are written from here on."""
-
     def grads_reduced(self, step: int) -> None:
         """The averaged gradient shards of ``step`` are in ``opt.grad_shards``; before the
         gradient-norm allreduce, so before anything changes this rank's shard."""

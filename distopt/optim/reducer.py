@@ -88,8 +88,6 @@ class Reducer:
 
     def _launch_ready(self, given: Sequence[torch.Tensor] | None) -> None:
         while self.next < len(self.order) and self.order[self.next] in self.ready:
-            if self.next == 0:
-                self.opt._call("before_reduce", self.opt.step_count + 1)
             self._launch(self.order[self.next], given)
             self.next += 1
 
