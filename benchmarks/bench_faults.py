@@ -48,18 +48,18 @@ def overhead(rounds: int, steps: int) -> dict:
     to back (order alternating); the ratio is the median over rounds of the two runs' median
     steps, so drift between rounds (this machine's neighbours) cancels."""
     times: dict[int, list[float]] = {0: [], 3: []}
-    ratios, extra_update = [], []
+    ratios, extra_compute = [], []
     for r in range(rounds):
-        run, update = {}, {}
+        run, compute = {}, {}
         for failures in ((0, 3) if r % 2 == 0 else (3, 0)):
             hist = _trainer(steps + 5, max_failures=failures).history[5:]
             run[failures] = [h["time_s"] for h in hist]
-            update[failures] = median(h["update_s"] for h in hist)
+            compute[failures] = median(h["compute_s"] for h in hist)
             times[failures] += run[failures]
         ratios.append(median(run[3]) / median(run[0]))
-        extra_update.append(update[3] - update[0])
+        extra_compute.append(compute[3] - compute[0])
     return {"off_ms": 1e3 * median(times[0]), "on_ms": 1e3 * median(times[3]), "ratio": median(ratios),
-            "round_ratios": ratios, "extra_update_ms": 1e3 * median(extra_update)}
+            "round_ratios": ratios, "extra_compute_ms": 1e3 * median(extra_compute)}
 
 
 def overhead_by_batch(rounds: int, steps: int, batches=BATCHES) -> list[dict]:
@@ -235,10 +235,11 @@ def markdown(result: dict) -> str:
         f"each per round, back to back: {o['on_ms']:.1f} ms vs {o['off_ms']:.1f} ms median step; the median of the "
         f"rounds' ratios is {o['ratio']:.3f}x (rounds: "
         f"{', '.join(f'{x:.3f}' for x in o.get('round_ratios', [])) or 'not recorded'}). The redundancy's own "
-        f"work shows in `update_s` and `comm_s` (the replay of the neighbour's committed update onto its replica, "
-        f"when the commit arrives at the start of a step): "
-        f"{o.get('extra_update_ms', float('nan')):.2f} ms more per step with it on (median over rounds), while whole "
-        f"steps move by several ms from run to run on this shared machine. Rank 1 killed "
+        f"work is the replay of the neighbour's committed update onto its replica when the commit arrives, at the "
+        f"start of a step, which the history counts in `compute_s`: "
+        f"{o.get('extra_compute_ms', float('nan')):.2f} ms more `compute_s` per step with it on (median over "
+        f"rounds; not recorded before 2026-12-05), while whole steps move by several ms from run to run on this "
+        f"shared machine. Rank 1 killed "
         f"(SIGKILL) at step {KILL_AT + 1}; the gap is the time between the commits around the failure, a normal "
         f"step is {1e3 * result['cold']['normal_step_s']:.0f} ms. A cold replacement is a new Ray actor: a worker "
         f"process that imports torch, Ray and distopt before it builds anything; the start of such an actor "

@@ -27,7 +27,6 @@ and the step hooks (:mod:`distopt.optim.hooks`).
 """
 from __future__ import annotations
 
-import time
 from typing import Hashable, Sequence
 
 import torch
@@ -90,7 +89,6 @@ class Redundancy(StepHooks):
         self.snapshot = None if self.shared or self.own_log else Shard.like(opt.shard_params, opt)
         self.pending_step: int | None = None
         self.pending_scale = 1.0  # the clipping factor of the pending step
-        self.replay_s = 0.0  # seconds replaying or copying on the training thread
         self._shift = None  # the in-flight send of this step's gradient shard
         self.reset_replica()
         self.remove = opt.register_hooks(self)
@@ -162,33 +160,28 @@ class Redundancy(StepHooks):
             self._shift, shift = None, self._shift
             shift.wait()
         if self.own_log is not None:
-            self._timed(self.own_log.copy_ahead, step)
+            self.own_log.copy_ahead(step)
 
     def settle(self) -> None:
         """Finish the copies running beside the step (across hosts on CPU); before anything
         reads or changes what they use."""
         if self.own_log is not None:
-            self._timed(self.own_log.settle)
-
-    def _timed(self, fn, *args) -> None:
-        t0 = time.perf_counter()
-        fn(*args)
-        self.replay_s += time.perf_counter() - t0
+            self.own_log.settle()
 
     def commit(self, committed: int) -> None:
         """Every rank finished update ``committed``: replay the neighbour's update on its
         replica."""
         if self.shared:
-            self._timed(self.window.commit, committed)
+            self.window.commit(committed)
             return
         if self.own_log is not None:
-            self._timed(self.own_log.refresh, committed)
+            self.own_log.refresh(committed)
             self.own_log.bind(committed)
         if self.pending_step is not None and self.pending_step <= committed:
             if self.replica.step != self.pending_step - 1:
                 raise RecoveryError(f"replica of rank {self.left} is at update {self.replica.step}, cannot replay "
                                     f"update {self.pending_step}")
-            self._timed(self.replica.replay, self.opt, self.pending_step, self.pending, self.pending_scale, self.left)
+            self.replica.replay(self.opt, self.pending_step, self.pending, self.pending_scale, self.left)
             self.pending_step = None
 
     def rollback(self, committed: int) -> None:
