@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VPY) launch/demo.py
 
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=20
 
 # Benchmarks into benchmarks/RESULTS.md (~8-10 min on 2 cores); BENCH_ARGS=--quick for a smoke run.
 BENCH_STAMP := $(VENV)/.installed-bench

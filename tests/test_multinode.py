@@ -43,6 +43,13 @@ def _slow_loss(model, batch):
     return loss(model, batch)
 
 
+def _slow_while(marker: str, model, batch):
+    """``_slow_loss`` while the file ``marker`` exists: the test deletes it once it has seen
+    what it waits for, and the run's last steps go at full speed."""
+    import os
+    return _slow_loss(model, batch) if os.path.exists(marker) else loss(model, batch)
+
+
 def test_node_removed_mid_run_shrinks_and_finishes(two_nodes, single_node_result, tmp_path):
     """Runs last in this module: it leaves the cluster with one node."""
     import json
@@ -66,11 +73,12 @@ def test_node_removed_mid_run_shrinks_and_finishes(two_nodes, single_node_result
 def test_after_a_shrink_the_group_grows_back_when_a_node_returns(two_nodes, tmp_path):
     """Runs after the removal test: it adds the nodes it needs and leaves two. The fit runs
     in a thread, since cluster_utils changes nodes from the main thread only."""
+    import functools
     import json
     import threading
     import time
 
-    steps = 160  # room for a node start, the bundle's rescheduling and an actor start
+    steps = 160  # while slow, room for a node start, the bundle's rescheduling and an actor start
     reference = distopt.Trainer(model=make_model, loss=loss, data=make_data(), optimizer=adam(1e-2),
                                 global_batch_size=16, zero_stage=2, seed=0,
                                 scaling=ScalingConfig(num_workers=2, ray_address="local"),
@@ -78,9 +86,10 @@ def test_after_a_shrink_the_group_grows_back_when_a_node_returns(two_nodes, tmp_
     while len(two_nodes.list_all_nodes()) < 2:
         two_nodes.add_node(num_cpus=1)
     two_nodes.wait_for_nodes()
-    out = tmp_path / "run"
-    trainer = distopt.Trainer(model=make_model, loss=_slow_loss, data=make_data(), optimizer=adam(1e-2),
-                              global_batch_size=16, zero_stage=2, seed=0,
+    out, slow = tmp_path / "run", tmp_path / "slow"
+    slow.touch()
+    trainer = distopt.Trainer(model=make_model, loss=functools.partial(_slow_while, str(slow)), data=make_data(),
+                              optimizer=adam(1e-2), global_batch_size=16, zero_stage=2, seed=0,
                               scaling=ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD"),
                               failure=FailureConfig(collective_timeout_s=5, replace_timeout_s=5),
                               run=RunConfig(out_dir=str(out), log_every=0))
@@ -107,6 +116,12 @@ def test_after_a_shrink_the_group_grows_back_when_a_node_returns(two_nodes, tmp_
     two_nodes.remove_node(two_nodes.list_all_nodes()[1], allow_graceful=False)
     wait_for(lambda: any(e["world_size"] == 1 for e in lines()), 60)
     two_nodes.add_node(num_cpus=1)
+
+    def grown() -> bool:
+        sizes = [e["world_size"] for e in lines()]
+        return 1 in sizes and sizes[-1] == 2
+    wait_for(grown, 240)
+    slow.unlink()  # the steps left need not wait for anything
     runner.join(timeout=240)
     if "error" in outcome:
         raise outcome["error"]
