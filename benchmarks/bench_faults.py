@@ -132,10 +132,8 @@ def actor_start(rounds: int) -> float:
     have taken the worker processes Ray starts ahead."""
     import time
     import ray
-    from distopt.runtime.trainer import _import_paths
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
+    from distopt.runtime.trainer import start_embedded_ray
+    start_embedded_ray(num_cpus=2, log_to_driver=False)
     try:
         starter = ray.remote(_Starter)
         group = [starter.options(num_cpus=0.5).remote() for _ in range(2)]

@@ -14,14 +14,12 @@ Ratios are only taken within a phase. Run alone: ``python -m benchmarks.bench_st
 """
 from __future__ import annotations
 
-import os
 import time
 
 from benchmarks import step_ranks
 from benchmarks.common import (goal, goals_table, md_table, median, print_goals, ProcessPair, rotated, run_alone,
                                text_table)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME = ["rt-s0-f0", "rt-s1-f0", "rt-s1-f0-nooverlap", "rt-s2-f0", "rt-s1-f3", "rt-s2-f3"]
 TRAINER = ["tr-s0-f0", "tr-s1-f0", "tr-s2-f0", "tr-s1-f3", "tr-s2-f3"]
 PEERS = ["ddp", "zero"]
@@ -51,10 +49,9 @@ def _trainer_trial(name: str, steps: int, warmup: int) -> list[dict]:
 
 
 def _start_ray() -> None:
-    import ray
+    from distopt.runtime.trainer import start_embedded_ray
     # What Trainer(scaling=ScalingConfig(ray_address=None)) would start, once for every fit instead of once per fit.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    start_embedded_ray(num_cpus=2, log_to_driver=False)
     time.sleep(3.0)  # let the prestarted idle workers finish importing
 
 

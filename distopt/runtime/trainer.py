@@ -186,12 +186,7 @@ class _Cluster:
         if self.address is None:
             c = self.config
             workers = c.num_workers + c.spare_workers
-            # address="local": a cluster of its own even where another one (`ray start`, another
-            # job's) already runs on this machine, which a plain init would join.
-            ray.init(address="local", num_cpus=max(1, int(workers * c.num_cpus_per_worker + 0.999)),
-                     num_gpus=workers if c.use_gpu else 0, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
+            start_embedded_ray(max(1, int(workers * c.num_cpus_per_worker + 0.999)), workers if c.use_gpu else 0)
         else:
             ray.init(address=self.address, configure_logging=False)
         self.started = True
@@ -208,6 +203,17 @@ class _Cluster:
         if self.started:
             import ray
             ray.shutdown()
+
+
+def start_embedded_ray(num_cpus: int, num_gpus: int = 0, log_to_driver: bool = True) -> None:
+    """Start the Ray cluster a Trainer without ``ray_address`` runs on: this machine only,
+    loopback, no dashboard, and workers that import the driver's modules."""
+    import ray
+    # address="local": a cluster of its own even where another one (`ray start`, another
+    # job's) already runs on this machine, which a plain init would join.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_paths())}})
 
 
 def _import_paths() -> list[str]:
