@@ -40,10 +40,12 @@ def run_committed(world: int, steps: int, rule, stage: int = 1, clip: float | No
     return run_ranks(in_process(world, timeout_s=10), body)
 
 
-def same_shard(params, state, opt) -> bool:
-    """``params`` and ``state`` (per-bucket lists) equal ``opt``'s live shard, bit for bit."""
-    return all(torch.equal(x, y) for x, y in zip(params, opt.shard_params)) and \
-        all(torch.equal(x, y) for mine, theirs in zip(state.values(), opt.shard_state.values()) for x, y in zip(mine, theirs))
+def same_shard(params, state, opt=None, other=None) -> bool:
+    """``params`` and ``state`` (per-bucket lists) equal ``opt``'s live shard, or the
+    :class:`~distopt.ft.Shard` ``other``, bit for bit."""
+    their_params, their_state = (opt.shard_params, opt.shard_state) if other is None else (other.params, other.state)
+    return all(torch.equal(x, y) for x, y in zip(params, their_params)) and \
+        all(torch.equal(x, y) for mine, theirs in zip(state.values(), their_state.values()) for x, y in zip(mine, theirs))
 
 
 class TiedModel(torch.nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distopt.collectives import in_process, run_ranks
-from distopt.ft import RecoveryError, Redundancy
+from distopt.ft import RecoveryError, Redundancy, Shard
 from distopt.optim import ShardedOptimizer, adam, muon, sgd
 
 from odd_params import grads_of as _grads, init_params as _init, run_committed, same_shard as _same_shard
@@ -51,7 +51,8 @@ def test_the_commit_is_replayed_before_the_owner_can_overwrite_its_gradients():
         for k in range(3):
             red.commit(opt.step_count)
             opt.step(grads=_grads(k, comm.rank))
-        at_3 = [t.clone() for t in opt.shard_params + [t for ts in opt.shard_state.values() for t in ts]]
+        at_3 = Shard.like(opt.shard_params, opt)
+        at_3.copy_from(opt.shard_params, opt.shard_state, 3)
         if comm.rank == 1:
             time.sleep(0.3)  # rank 0 commits, and reduces step 4 as far as it can, first
         red.commit(3)
@@ -60,8 +61,7 @@ def test_the_commit_is_replayed_before_the_owner_can_overwrite_its_gradients():
     (red0, at_3), (red1, _) = run_ranks(in_process(2, timeout_s=10), body)
     replica = red1.window.left.replica  # rank 1 holds rank 0's replica
     assert red1.window.left.replica_step == 3
-    assert all(torch.equal(a, b) for a, b in zip(at_3, replica.params + [t for ts in replica.state.values()
-                                                                      for t in ts]))
+    assert _same_shard(replica.params, replica.state, other=at_3)
     assert red0.window.own.replica_step == 3 and int(red0.window.own.steps[1]) == 4
 
 
